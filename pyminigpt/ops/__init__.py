@@ -1,0 +1,109 @@
+"""The five operations of pyminigpt, dispatched to the fastest available backend.
+
+    layer_norm(x, weight, bias, eps=1e-5)                       x (..., C) -> (..., C)
+    softmax(x, temperature=1.0)                                 x (..., V) -> (..., V)
+    top_k_top_p_filter(logits, top_k=0, top_p=1.0, min_tokens_to_keep=1)   (B, V) -> (B, V)
+    sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None)     (B, V) -> (B,) int64
+    causal_attention(q, k, v, scale=None)                       (B, H, Tq, D) -> (B, H, Tq, D)
+
+Backends: 'reference' (plain PyTorch, the oracle), 'cpu' (C++ kernels), 'triton',
+'cuda' (CUDA C++ kernels). See `dispatch` for how one is chosen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import dispatch, reference, validate
+from .dispatch import available_backends, backend_status, use_backend
+
+__all__ = [
+    "layer_norm",
+    "softmax",
+    "top_k_top_p_filter",
+    "sample",
+    "causal_attention",
+    "use_backend",
+    "available_backends",
+    "backend_status",
+    "reference",
+]
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Layer norm over the last dim of x (..., C) with weight and bias (C,)."""
+    validate.tensor("x", x, min_ndim=1)
+    validate.tensor("weight", weight, ndim=1)
+    validate.tensor("bias", bias, ndim=1)
+    if weight.device != x.device or bias.device != x.device:
+        raise ValueError(f"weight ({weight.device}) and bias ({bias.device}) must be on x's device {x.device}")
+    if weight.shape[0] != x.shape[-1] or bias.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"weight and bias must have shape ({x.shape[-1]},) to match x {tuple(x.shape)}, "
+            f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    eps = validate.positive_float("eps", eps)
+    return dispatch.call("layer_norm", x, weight, bias, eps)
+
+
+def softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(x / temperature) over the last dim of x (..., V), in one pass."""
+    validate.tensor("x", x, min_ndim=1)
+    temperature = validate.positive_float("temperature", temperature)
+    return dispatch.call("softmax", x, temperature)
+
+
+def top_k_top_p_filter(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_tokens_to_keep: int = 1
+) -> torch.Tensor:
+    """Logits (B, V) with the entries transformers' top-k then top-p warpers remove set to -inf.
+
+    top_k=0 (or >= V) disables top-k, top_p=1.0 disables top-p; NaN counts as -inf.
+    """
+    validate.logits(logits)
+    top_k = validate.top_k(top_k)
+    top_p = validate.top_p(top_p)
+    min_tokens_to_keep = validate.min_tokens_to_keep(min_tokens_to_keep)
+    return dispatch.call("top_k_top_p_filter", logits, top_k, top_p, min_tokens_to_keep)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token per row of logits (B, V) after temperature, top-k and top-p. Returns (B,) int64.
+
+    Raises ValueError for a row with no finite logit (nothing to draw from).
+    """
+    validate.logits(logits)
+    temperature = validate.positive_float("temperature", temperature)
+    top_k = validate.top_k(top_k)
+    top_p = validate.top_p(top_p)
+    if not bool(torch.isfinite(logits).any(dim=-1).all()):
+        raise ValueError("logits has a row with no finite value (all -inf or NaN): nothing to sample from")
+    return sample_unchecked(logits, temperature, top_k, top_p, generator)
+
+
+def sample_unchecked(logits, temperature, top_k, top_p, generator=None) -> torch.Tensor:
+    """`sample` without the argument checks and the host-synchronising finiteness check.
+
+    For hot loops (generation) whose arguments were validated once up front.
+    """
+    uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=torch.float32)
+    return dispatch.call("sample", logits, temperature, top_k, top_p, uniform)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D), Tk >= Tq.
+
+    Query i sees keys j <= i + (Tk - Tq); scale defaults to 1/sqrt(D). No T x T matrix is
+    kept by the kernels.
+    """
+    validate.attention_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else validate.positive_float("scale", scale)
+    return dispatch.call("causal_attention", q, k, v, scale)
