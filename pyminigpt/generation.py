@@ -1,0 +1,201 @@
+"""Text generation with transformers' `generate` names, defaults and semantics (greedy and sampling).
+
+Each step turns the logits of the last position into the next token the way transformers'
+logits processors do, in their order:
+
+    repetition penalty -> temperature -> top-k -> top-p -> argmax (greedy) or draw (sampling)
+
+Greedy uses only the repetition penalty. The draw is `ops.sample` (temperature, filter and
+draw fused in one kernel); the processed scores themselves are computed only when asked for
+(`output_scores=True`), by `ops.top_k_top_p_filter`.
+
+The prompt runs once, filling a KV cache preallocated for prompt + max_new_tokens; each new
+token then costs one position, with the LM head computed for the last position only.
+Prompts of different lengths are LEFT-padded and marked by attention_mask, and positions
+count from each row's first real token, as in transformers.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from .ops import validate
+
+
+@dataclass
+class GenerateOutput:
+    """What `generate(..., return_dict_in_generate=True)` returns."""
+
+    sequences: torch.Tensor  # (B * num_return_sequences, T + new) int64
+    scores: tuple[torch.Tensor, ...] | None = None  # per step (B', V): the processed scores (output_scores=True)
+    logits: tuple[torch.Tensor, ...] | None = None  # per step (B', V): the raw logits (output_logits=True)
+
+
+def seen_tokens(input_ids: torch.Tensor, vocab_size: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, vocab_size) bool: which tokens occur in each row of input_ids (B, T).
+
+    Left padding (the positions before a row's first attention_mask 1) does not count, as in
+    transformers' repetition penalty.
+    """
+    seen = torch.zeros(input_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    ids = input_ids
+    if attention_mask is not None:
+        ids = input_ids.masked_fill(attention_mask.cumsum(-1) == 0, vocab_size)  # padding -> the spare column
+    return seen.scatter_(1, ids, True)[:, :vocab_size]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide the positive logits of seen tokens by penalty, multiply the negative ones (CTRL's rule)."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def process_scores(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    min_tokens_to_keep: int = 1,
+) -> torch.Tensor:
+    """The scores (B, V) that transformers' logits processors make of logits (B, V).
+
+    seen (B, V) bool marks the tokens the repetition penalty applies to (`seen_tokens`).
+    Removed entries are -inf.
+    """
+    scores = apply_repetition_penalty(logits, seen, repetition_penalty)
+    return warp_scores(scores, temperature, top_k, top_p, min_tokens_to_keep) if do_sample else scores
+
+
+def warp_scores(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, min_tokens_to_keep: int = 1):
+    """Temperature, then top-k, then top-p (the sampling-only processors); removed entries are -inf."""
+    return ops.top_k_top_p_filter(scores / temperature, top_k, top_p, min_tokens_to_keep)
+
+
+def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                         repetition_penalty, num_return_sequences, generator):  # fmt: skip
+    model._check_inputs(input_ids, attention_mask)
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_return_sequences", num_return_sequences)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(
+            f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
+            f"n_positions={model.config.n_positions}"
+        )
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise ValueError("attention_mask has padding at the end of a row: pad prompts on the LEFT for generation")
+    validate.top_k(top_k)
+    validate.top_p(top_p)
+    validate.positive_float("repetition_penalty", repetition_penalty)
+    if do_sample:
+        validate.positive_float("temperature", temperature)
+    if generator is not None and generator.device.type != input_ids.device.type:
+        raise ValueError(f"generator is on {generator.device} but input_ids is on {input_ids.device}")
+
+
+def _token_ids(name: str, value) -> list[int]:
+    ids = [value] if isinstance(value, numbers.Integral) else list(value)
+    if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in ids):
+        raise ValueError(f"{name} must be a non-negative int or a list of them, got {value!r}")
+    return [int(i) for i in ids]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    output_scores: bool = False,
+    output_logits: bool = False,
+    return_dict_in_generate: bool = False,
+) -> torch.Tensor | GenerateOutput:
+    """Continue input_ids (B, T) by up to max_new_tokens tokens; returns (B * num_return_sequences, T + new).
+
+    Like transformers' `generate`: greedy unless do_sample; temperature, top_k and top_p only
+    apply when sampling; repetition_penalty applies to every token of the row, prompt included.
+    A row stops at eos_token_id (default: the config's), and is filled with pad_token_id
+    (default: the first eos id) while the other rows go on; generation ends when every row has
+    stopped. Draws use `generator` (a torch.Generator on the model's device) when given.
+    """
+    _check_generate_args(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                         repetition_penalty, num_return_sequences, generator)  # fmt: skip
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    eos = torch.tensor(_token_ids("eos_token_id", eos_token_id) if eos_token_id is not None else [], device=input_ids.device)
+    if pad_token_id is None and len(eos):
+        pad_token_id = int(eos[0])
+    vocab = model.config.vocab_size
+
+    input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+    B, T = input_ids.shape
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded:
+        attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+        full_mask = torch.ones(B, T + max_new_tokens, dtype=attention_mask.dtype, device=input_ids.device)
+        full_mask[:, :T] = attention_mask
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    else:
+        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
+
+    seen = seen_tokens(input_ids, vocab, attention_mask if padded else None) if repetition_penalty != 1.0 else None
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    cache = model.new_cache(B, T + max_new_tokens)
+    new_tokens, scores, raw_logits = [], [], []
+
+    tokens = input_ids
+    for step in range(max_new_tokens):
+        out = model._forward(
+            tokens, full_mask[:, : T + step] if padded else None, cache=cache, use_cache=True,
+            position_ids=position_ids, logits_to_keep=1,
+        )  # fmt: skip
+        logits = out.logits[:, -1].float()
+        penalized = apply_repetition_penalty(logits, seen, repetition_penalty)
+        if do_sample:
+            next_token = ops.sample_unchecked(penalized, temperature, top_k, top_p, generator)
+        else:
+            next_token = penalized.argmax(dim=-1)
+        if output_logits:
+            raw_logits.append(logits)
+        if output_scores:
+            scores.append(warp_scores(penalized, temperature, top_k, top_p) if do_sample else penalized)
+        if len(eos):
+            next_token = torch.where(unfinished, next_token, pad_token_id)
+            unfinished &= ~torch.isin(next_token, eos)
+        new_tokens.append(next_token)
+        if seen is not None:
+            seen.scatter_(1, next_token.unsqueeze(1), True)
+        if len(eos) and not bool(unfinished.any()):
+            break
+        tokens = next_token.unsqueeze(1)
+        position_ids = position_ids[:, -1:] + 1
+
+    sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    if not return_dict_in_generate:
+        return sequences
+    return GenerateOutput(
+        sequences=sequences,
+        scores=tuple(scores) if output_scores else None,
+        logits=tuple(raw_logits) if output_logits else None,
+    )

@@ -1,0 +1,417 @@
+"""The GPT-2 model, built on the five operations of `pyminigpt.ops`.
+
+    tokens (B, T) -> wte + wpe -> n_layer x [x += attn(ln_1(x)); x += mlp(ln_2(x))] -> ln_f -> lm_head -> logits (B, T, V)
+
+Parameter names and shapes follow transformers' `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, ...)
+except that the projections are `nn.Linear` (HF stores them transposed, as `Conv1D`); `pyminigpt.hf`
+converts. Layer norm and causal attention go through `pyminigpt.ops`, so the kernels of the active
+backend run them; attention falls back to plain PyTorch only where the kernel's contract does not
+reach: padding in `attention_mask`, attention dropout while training, or `output_attentions=True`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .generation import generate
+
+# The HF `ACT2FN` names this model supports for `activation_function`.
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+@dataclass
+class GPTConfig:
+    """GPT-2 hyperparameters, with transformers' `GPT2Config` names and defaults (GPT-2 small)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_inner is not None and (isinstance(self.n_inner, bool) or not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise ValueError(f"GPTConfig.n_inner must be None or a positive int, got {self.n_inner!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"GPTConfig.activation_function must be one of {sorted(ACTIVATIONS)}, got {self.activation_function!r}"
+            )
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {value!r}")
+        for name in ("layer_norm_epsilon", "initializer_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GPTConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class GPTOutput:
+    """What `GPT.forward` returns. Optional fields are None unless asked for."""
+
+    logits: torch.Tensor  # (B, T, V), or (B, logits_to_keep, V)
+    loss: torch.Tensor | None = None  # mean next-token cross entropy over labels != -100
+    past_key_values: KVCache | None = None  # with use_cache=True
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layer + 1 of (B, T, C); the last after ln_f
+    attentions: tuple[torch.Tensor, ...] | None = None  # n_layer of (B, H, T, Tk)
+
+
+class KVCache:
+    """Keys and values of every layer, in buffers of `capacity` positions written in place.
+
+    Layer i's keys are `keys[i][:, :, :length]` (B, H, length, D). `generate` preallocates the
+    whole prompt + new tokens, so decoding writes one position per step and never copies; a
+    forward that runs past the capacity grows the buffers (doubling).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device=None, dtype=None):
+        shape = (batch_size, config.n_head, capacity, config.head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, D) at positions [length, length + T) of `layer`; return all keys and values so far.
+
+        `length` itself moves on in `advance`, once every layer has written.
+        """
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            self._grow(max(end, 2 * self.capacity))
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def _grow(self, capacity: int) -> None:
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_empty(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                buffers[i] = new
+
+
+class LayerNorm(nn.Module):
+    """nn.LayerNorm's parameters, computed by `ops.layer_norm`."""
+
+    def __init__(self, n_embd: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def causal_mask(tq: int, tk: int, device) -> torch.Tensor:
+    """(Tq, Tk) bool, True where query i may see key j: j <= i + (Tk - Tq)."""
+    query_pos = torch.arange(tq, device=device).unsqueeze(-1) + (tk - tq)
+    return torch.arange(tk, device=device) <= query_pos
+
+
+def padded_causal_mask(attention_mask: torch.Tensor, tq: int) -> torch.Tensor:
+    """(B, 1, Tq, Tk) bool: causal, minus the keys where attention_mask (B, Tk) is 0.
+
+    A padded query would see no key at all (a NaN softmax row), so every query also sees
+    itself; that changes only the (meaningless) outputs at padded positions.
+    """
+    tk = attention_mask.shape[1]
+    allowed = causal_mask(tq, tk, attention_mask.device) & attention_mask[:, None, None, :].bool()
+    itself = torch.arange(tk, device=attention_mask.device) == torch.arange(tq, device=attention_mask.device).unsqueeze(-1) + (tk - tq)
+    return allowed | itself
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, allowed=None, cache=None, layer=0, need_weights=False):
+        """x (B, T, C) -> (out (B, T, C), weights (B, H, T, Tk) or None).
+
+        allowed: None for plain causal attention, else the (B, 1, T, Tk) mask of `padded_causal_mask`.
+        """
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        weights = None
+        if allowed is None and dropout_p == 0.0 and not need_weights:
+            y = ops.causal_attention(q, k, v)
+        else:
+            if allowed is None:
+                allowed = causal_mask(T, k.shape[2], x.device)
+            if need_weights:
+                scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+                weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+                y = F.dropout(weights, dropout_p, self.training) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, allowed=None, cache=None, layer=0, need_weights=False):
+        attn_out, weights = self.attn(self.ln_1(x), allowed, cache, layer, need_weights)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, weights
+
+
+class GPT(nn.Module):
+    """GPT-2 language model. `forward`, `generate`, `from_pretrained`, `from_hf` and `save_pretrained`
+    follow transformers' `GPT2LMHeadModel` names and semantics."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_positions, config.n_embd),
+                drop=nn.Dropout(config.embd_pdrop),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, config.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections into the residual stream by 1/sqrt(number of residual layers)
+        for block in self.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (tied weights counted once), optionally without wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """An empty KV cache for `batch_size` rows and up to `capacity` positions, on the model's device and dtype."""
+        return KVCache(self.config, batch_size, capacity, self.device, self.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> GPTOutput:
+        """Logits (B, T, V) for input_ids (B, T); like `GPT2LMHeadModel.forward`.
+
+        attention_mask (B, past + T): 1 for tokens, 0 for padding. labels (B, T): the loss is the
+        mean cross entropy of logits[:, :-1] against labels[:, 1:], ignoring -100.
+        past_key_values: a `KVCache` to continue from (written in place); `use_cache=True` returns
+        the cache (a new one if none was given). position_ids (B or 1, T) default to
+        past + arange(T). logits_to_keep > 0 computes the LM head for the last that many positions only.
+        """
+        self._check_inputs(input_ids, attention_mask, labels, past_key_values, position_ids, logits_to_keep)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the causal kernel path
+        return self._forward(
+            input_ids, attention_mask, labels, past_key_values, use_cache,
+            output_attentions, output_hidden_states, position_ids, logits_to_keep,
+        )  # fmt: skip
+
+    def _check_inputs(self, input_ids, attention_mask=None, labels=None, cache=None, position_ids=None, logits_to_keep=0):
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"past_key_values must be a KVCache (see GPT.new_cache), got {type(cache).__name__}")
+        past = cache.length if cache is not None else 0
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape (batch, seq_len) with seq_len >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
+        B, T = input_ids.shape
+        if past + T > self.config.n_positions:
+            raise ValueError(
+                f"sequence length {past + T} (past {past} + input_ids {T}) exceeds n_positions={self.config.n_positions}"
+            )
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype.is_floating_point:
+                raise TypeError(f"attention_mask must be an integer or bool torch.Tensor, got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)}")
+            if tuple(attention_mask.shape) != (B, past + T):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, past + seq_len) = {(B, past + T)}, got {tuple(attention_mask.shape)}"
+                )
+            if attention_mask.device != input_ids.device:
+                raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+        if labels is not None and tuple(labels.shape) != (B, T):
+            raise ValueError(f"labels must have the shape of input_ids {(B, T)}, got {tuple(labels.shape)}")
+        if labels is not None and logits_to_keep:
+            raise ValueError(f"labels need the logits of every position, but logits_to_keep={logits_to_keep}")
+        if cache is not None and cache.keys[0].shape[0] != B:
+            raise ValueError(f"past_key_values holds batch {cache.keys[0].shape[0]} but input_ids has batch {B}")
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
+                raise ValueError(f"position_ids must have shape ({B} or 1, {T}), got {tuple(position_ids.shape)}")
+            if int(position_ids.min()) < 0 or int(position_ids.max()) >= self.config.n_positions:
+                raise ValueError(f"position_ids must be in [0, n_positions={self.config.n_positions})")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps all), got {logits_to_keep!r}")
+
+    def _forward(
+        self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=False,
+        output_attentions=False, output_hidden_states=False, position_ids=None, logits_to_keep=0,
+    ) -> GPTOutput:  # fmt: skip
+        """`forward` without the argument checks; attention_mask, if given, is taken to have padding."""
+        B, T = input_ids.shape
+        if use_cache and cache is None:
+            cache = self.new_cache(B, T)
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
+        allowed = padded_causal_mask(attention_mask, T) if attention_mask is not None else None
+
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+        hidden_states, attentions = [], []
+        for layer, block in enumerate(self.transformer.h):
+            hidden_states.append(x)
+            x, weights = block(x, allowed, cache, layer, output_attentions)
+            attentions.append(weights)
+        x = self.transformer.ln_f(x)
+        hidden_states.append(x)
+        if cache is not None:
+            cache.advance(T)
+
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return GPTOutput(
+            logits=logits,
+            loss=loss,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    generate = generate
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs) -> GPT:
+        """Load a GPT-2 checkpoint: a local directory (config.json + model.safetensors) or a hub name."""
+        from .hf import from_pretrained
+
+        return from_pretrained(cls, name_or_path, **kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_model) -> GPT:
+        """Convert a live transformers `GPT2LMHeadModel` (weights and config)."""
+        from .hf import from_hf
+
+        return from_hf(cls, hf_model)
+
+    def save_pretrained(self, directory) -> None:
+        """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
+        from .hf import save_pretrained
+
+        save_pretrained(self, directory)
