@@ -1,0 +1,173 @@
+"""Training checkpoints: one directory per checkpoint, written atomically, never unpickled.
+
+    <name>/config.json                 the model config (GPT.from_pretrained reads the directory,
+    <name>/model.safetensors           and so does transformers.GPT2LMHeadModel)
+    <name>/trainer_state.json          step, data position, best loss, history, optimizer
+                                       hyper-parameters, Python/NumPy RNG states, file checksums
+    <name>/trainer_state.safetensors   optimizer moments, torch RNG states
+
+Atomicity: everything is written into `<name>.tmp/` and fsynced; then an existing `<name>`
+is renamed to `<name>.old`, `<name>.tmp` to `<name>`, and `<name>.old` removed. At every
+instant `<name>` or `<name>.old` is a complete checkpoint, and `resolve_checkpoint` finds
+it, so a crash (or an exception) mid-save never damages what was saved before.
+
+Loading checks that every file is present, that its size and SHA-256 match the ones
+recorded at save time, and that the model config matches; any failure raises a
+ValueError / FileNotFoundError naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "CheckpointError", "ARCH_FIELDS"]
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+FORMAT_VERSION = 1
+# Config fields that fix the shape or meaning of the weights (dropout rates may change between runs).
+ARCH_FIELDS = (
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+    "activation_function", "layer_norm_epsilon", "tie_word_embeddings",
+)  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, corrupt or made for another model."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "posix":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The complete checkpoint directory for `path`: `path` itself, or `path.old` left by a crash mid-swap."""
+    path = Path(path)
+    if (path / STATE_JSON).is_file():
+        return path
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and (old / STATE_JSON).is_file():
+        return old
+    raise FileNotFoundError(f"no checkpoint at {str(path)!r} (missing {STATE_JSON})")
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model, state: dict, tensors: dict[str, torch.Tensor], write_tensors=None
+) -> Path:
+    """Write model weights + config, `state` (JSON-able) and `tensors` as checkpoint directory `path`.
+
+    `write_tensors(tensors, filename)` writes the safetensors file (default
+    `safetensors.torch.save_file`; tests replace it to simulate a crash mid-save).
+    """
+    from safetensors.torch import save_file
+
+    write_tensors = write_tensors or save_file
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp)
+        write_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                 for name in (CONFIG, WEIGHTS, STATE_TENSORS)}  # fmt: skip
+        record = {"format_version": FORMAT_VERSION, "files": files, **state}
+        (tmp / STATE_JSON).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        for name in (CONFIG, WEIGHTS, STATE_TENSORS, STATE_JSON):
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        if old.exists() and path.joinpath(STATE_JSON).is_file():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _read_state(path: Path) -> dict:
+    file = path / STATE_JSON
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint file {str(file)!r} is truncated or corrupt: {err}") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "files" not in state:
+        raise CheckpointError(f"checkpoint file {str(file)!r} is not a pyminigpt trainer state (format {FORMAT_VERSION})")
+    return state
+
+
+def _verify_files(path: Path, files: dict) -> None:
+    for name, expect in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {str(file)!r} is missing")
+        size = file.stat().st_size
+        if size != expect["bytes"]:
+            raise CheckpointError(f"checkpoint file {str(file)!r} is truncated or corrupt: {size} bytes, expected {expect['bytes']}")
+        if _sha256(file) != expect["sha256"]:
+            raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt: its SHA-256 does not match the one saved")
+
+
+def _check_config(path: Path, model) -> None:
+    file = path / CONFIG
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt: {err}") from None
+    ours = model.config.to_dict()
+    diff = [f"{k}={saved.get(k)!r} (model has {ours[k]!r})" for k in ARCH_FIELDS if k in ours and saved.get(k) != ours[k]]
+    if diff:
+        raise CheckpointError(f"checkpoint {str(file)!r} was saved for another model config: {', '.join(diff)}")
+
+
+def load_checkpoint(path: str | os.PathLike, model, check=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Verify checkpoint `path`, load its weights into `model` in place; return (state, tensors).
+
+    `check(path, state)` may raise to refuse the checkpoint. Nothing is modified unless
+    every file checks out.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .hf import load_hf_state_dict
+
+    path = resolve_checkpoint(path)
+    state = _read_state(path)
+    _verify_files(path, state["files"])
+    _check_config(path, model)
+    if check is not None:
+        check(path, state)
+    try:
+        weights = load_file(path / WEIGHTS)
+        tensors = load_file(path / STATE_TENSORS)
+    except SafetensorError as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable safetensors file: {err}") from None
+    try:
+        load_hf_state_dict(model, weights)
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint file {str(path / WEIGHTS)!r} does not fit the model: {err}") from None
+    return state, tensors

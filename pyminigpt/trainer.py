@@ -1,0 +1,516 @@
+"""Trainer: AdamW, warm-up + cosine schedule, clipping, accumulation, AMP, checkpoints, DDP.
+
+    config = TrainerConfig(max_steps=2000, batch_size=32, learning_rate=1e-3, out_dir="runs/names")
+    trainer = Trainer(model, train_dataset, eval_dataset, config)
+    history = trainer.train()                    # list of {"step", "loss", "lr", ...} per optimizer step
+    history = trainer.train(resume_from="auto")  # continue from the newest checkpoint in out_dir
+
+Datasets yield dicts with `input_ids` (T,), `labels` (T,) already aligned (labels[t] is the
+token after position t, -100 = no loss), and optionally `attention_mask` (see `data.py`).
+The loss is the mean cross entropy over labels != -100 of each micro-batch.
+
+One optimizer step = `grad_accum_steps` micro-batches of `batch_size` sequences on each of
+`world_size` processes, so the global batch is `batch_size * grad_accum_steps * world_size`.
+
+Checkpoints (in `out_dir`, see `checkpoint.py` for the format and atomicity):
+`step-NNNNNNN` every `save_interval` steps (the newest `keep_checkpoints` kept), `best` at
+every new best eval loss, `last` at the end of `train()` and on Ctrl-C. Each holds the
+model (loadable with `GPT.from_pretrained`) and the full trainer state: optimizer, step,
+data position, best loss, history, and every RNG state (Python, NumPy, torch CPU and CUDA,
+per process), so a resumed fp32 run reproduces the losses of an uninterrupted one.
+
+Ctrl-C: the first SIGINT finishes the current step, saves `last` and returns the history
+(`trainer.interrupted` is then True); a second one aborts at once without saving.
+`trainer.request_stop()` does the same as the first from code (e.g. from a callback).
+
+Distributed data parallel: launch with `torchrun --nproc_per_node N script.py`; the
+Trainer joins the process group from the environment (nccl on GPU, gloo on CPU) unless
+one is already initialized, wraps the model in DistributedDataParallel and shards the data
+with DistributedSampler. Rank 0 alone prints and writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+
+__all__ = ["TrainerConfig", "Trainer", "plot_history"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainerConfig:
+    """Training hyper-parameters. Sizes are per process; see the module docstring."""
+
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 3e-4  # peak learning rate, reached after the warm-up
+    min_lr_ratio: float = 0.1  # the cosine decays to learning_rate * min_lr_ratio at max_steps
+    warmup_steps: int = 100  # linear warm-up from learning_rate / warmup_steps
+    weight_decay: float = 0.1  # on 2-D weights only (not biases, layer norms)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or GPU), "fp16" (autocast + GradScaler, GPU)
+    eval_interval: int = 100  # evaluate every this many steps (and at the last step); 0 = never
+    eval_batches: int | None = None  # evaluate on this many batches per process; None = the whole eval set
+    save_interval: int = 0  # write step-NNNNNNN every this many steps; 0 = never
+    keep_checkpoints: int = 2  # how many step-NNNNNNN checkpoints to keep
+    out_dir: str | None = None  # where checkpoints and loss.png go; None = write nothing
+    seed: int = 0  # seeds the data order and (offset by rank) every RNG
+    shuffle: bool = True
+    num_workers: int = 0  # DataLoader workers
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def __post_init__(self):
+        def check(name, ok, what):
+            if not ok:
+                raise ValueError(f"TrainerConfig.{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("max_steps", "batch_size", "grad_accum_steps"):
+            value = getattr(self, name)
+            check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "a positive int")
+        for name in ("warmup_steps", "eval_interval", "save_interval", "keep_checkpoints", "num_workers"):
+            value = getattr(self, name)
+            check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an int >= 0")
+        check("learning_rate", self.learning_rate > 0, "> 0")
+        check("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        check("weight_decay", self.weight_decay >= 0, ">= 0")
+        check("grad_clip", self.grad_clip >= 0, ">= 0")
+        check("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two floats in [0, 1)")
+        check("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+        check("eval_batches", self.eval_batches is None or self.eval_batches >= 1, "None or >= 1")
+        self.betas = tuple(self.betas)
+
+
+def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
+    """Write the training (and eval) loss curve of `history` as a PNG (matplotlib, Agg backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1, label="train loss")
+    evals = [r for r in history if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _join_process_group() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank), joining the torchrun process group when WORLD_SIZE > 1."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return rank, world, int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count() or 1)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """This process's RNG states: JSON-able (Python, NumPy) and tensors (torch CPU, CUDA)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    json_state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    return json_state, tensors
+
+
+def _set_rng_state(json_state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = json_state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = json_state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Train `model` (a `pyminigpt.GPT`) on `train_dataset`; see the module docstring.
+
+    Attributes: `model` (the unwrapped model), `optimizer`, `step` (optimizer steps done),
+    `history`, `best_eval_loss`, `rank`, `world_size`, `device`, `interrupted`.
+    """
+
+    def __init__(self, model, train_dataset: Dataset, eval_dataset: Dataset | None = None, config: TrainerConfig | None = None):
+        self.config = cfg = config if config is not None else TrainerConfig()
+        if not isinstance(cfg, TrainerConfig):
+            raise TypeError(f"config must be a TrainerConfig, got {type(cfg).__name__}")
+        if len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty")
+        self.rank, self.world_size, local_rank = _join_process_group()
+        self.is_main = self.rank == 0
+        if cfg.device == "auto":
+            self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"TrainerConfig.precision='fp16' needs a CUDA device (got {self.device}); use 'bf16' on CPU")
+        per_epoch = len(train_dataset) // (cfg.batch_size * self.world_size)
+        if per_epoch == 0:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} items, fewer than one batch of "
+                f"batch_size={cfg.batch_size} x world_size={self.world_size}"
+            )
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.model = model.to(self.device)
+        self.ddp_model = (
+            DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.world_size > 1
+            else model
+        )
+        self.optimizer = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # current pass over train_dataset
+        self.batch_in_epoch = 0  # micro-batches of this epoch already consumed (per process)
+        self.best_eval_loss = math.inf
+        self.history: list[dict] = []
+        self.interrupted = False
+        self._stop_requested = False
+        _seed_everything(cfg.seed + self.rank)
+
+    # ------------------------------------------------------------------ setup
+
+    def _make_optimizer(self) -> torch.optim.AdamW:
+        """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; tied weights appear once."""
+        params = [p for p in self.model.parameters() if p.requires_grad]  # deduplicates tied weights
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(
+            groups,
+            lr=self.config.learning_rate,
+            betas=self.config.betas,
+            eps=self.config.eps,
+            fused=self.device.type == "cuda",
+        )
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine to the minimum."""
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        min_lr = cfg.learning_rate * cfg.min_lr_ratio
+        return min_lr + 0.5 * (cfg.learning_rate - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def _loader(self, dataset: Dataset, indices: list[int], shuffle_seed: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            sampler=indices,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(shuffle_seed),  # keeps the global RNG untouched
+        )
+
+    def _train_batches(self):
+        """Micro-batches forever, starting at (epoch, batch_in_epoch); the caller advances batch_in_epoch."""
+        cfg = self.config
+        while True:
+            sampler = DistributedSampler(
+                self.train_dataset, self.world_size, self.rank, shuffle=cfg.shuffle, seed=cfg.seed, drop_last=True
+            )
+            sampler.set_epoch(self.epoch)
+            indices = list(sampler)
+            full = len(indices) // cfg.batch_size * cfg.batch_size
+            yield from self._loader(self.train_dataset, indices[self.batch_in_epoch * cfg.batch_size : full], cfg.seed + self.epoch)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _batch_loss(self, model, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, int]:
+        """(cross entropy over labels != -100, number of such labels) for one batch."""
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        mask = batch.get("attention_mask")
+        with self._autocast():
+            logits = model(input_ids, attention_mask=None if mask is None else mask.to(self.device)).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
+        return loss, int((labels != -100).sum())
+
+    # ------------------------------------------------------------------ training
+
+    def _train_step(self, batches) -> dict:
+        cfg = self.config
+        self.ddp_model.train()
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(cfg.grad_accum_steps):
+            batch = next(batches)
+            self.batch_in_epoch += 1
+            last = micro == cfg.grad_accum_steps - 1
+            sync = nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
+            with sync:
+                loss, _ = self._batch_loss(self.ddp_model, batch)
+                self.scaler.scale(loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+            tokens += batch["input_ids"].numel()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+        # one host sync per step: the global mean loss, the grad norm, and whether any rank wants to stop
+        stats = torch.stack([
+            loss_sum / cfg.grad_accum_steps,
+            grad_norm.float() if grad_norm is not None else torch.zeros((), device=self.device),
+            torch.tensor(float(self._stop_requested), device=self.device),
+        ])  # fmt: skip
+        if self.world_size > 1:
+            dist.all_reduce(stats)
+            stats[:2] /= self.world_size
+        loss_value, norm_value, stop = stats.tolist()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the training loss is {loss_value} at step {self.step}")
+        self._stop_requested = stop > 0
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "tokens": tokens * self.world_size}
+        if grad_norm is not None:
+            record["grad_norm"] = norm_value
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean cross entropy per token over the eval set (all processes) and its perplexity."""
+        if self.eval_dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset")
+        was_training = self.model.training
+        self.model.eval()
+        sampler = DistributedSampler(self.eval_dataset, self.world_size, self.rank, shuffle=False, drop_last=False)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, label count
+        for i, batch in enumerate(self._loader(self.eval_dataset, list(sampler), self.config.seed)):
+            if self.config.eval_batches is not None and i >= self.config.eval_batches:
+                break
+            loss, count = self._batch_loss(self.model, batch, reduction="sum")
+            totals += torch.stack([loss.double(), torch.tensor(count, dtype=torch.float64, device=self.device)])
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        self.model.train(was_training)
+        loss_sum, count = totals.tolist()
+        if count == 0:
+            raise ValueError("eval_dataset has no labels other than -100")
+        eval_loss = loss_sum / count
+        return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 700.0))}
+
+    def request_stop(self) -> None:
+        """Stop after the current step, save `last` and return from `train()` (like Ctrl-C)."""
+        self._stop_requested = True
+
+    @contextmanager
+    def _graceful_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt  # second Ctrl-C: abort now
+            self._stop_requested = True
+            if self.is_main:
+                print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again aborts)", flush=True)
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def train(self, resume_from: str | os.PathLike | None = None, callback: Callable[[Trainer, dict], None] | None = None) -> list[dict]:
+        """Train until `config.max_steps`; return the history (one dict per optimizer step).
+
+        Records hold step, loss (mean over the global batch), lr, tokens, grad_norm, and
+        eval_loss / eval_ppl on evaluation steps. `resume_from`: a checkpoint directory, or
+        "auto" for the newest one in out_dir (none: start fresh). `callback(trainer, record)`
+        runs on every process after each step.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if resume_from == "auto":
+            resume_from = self.latest_checkpoint()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self.interrupted = self._stop_requested = False
+        batches = self._train_batches()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
+        with self._graceful_sigint(), bar:
+            while self.step < cfg.max_steps and not self._stop_requested:
+                start = time.perf_counter()
+                record = self._train_step(batches)
+                record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
+                if self.eval_dataset is not None and cfg.eval_interval and (
+                    self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps
+                ):
+                    record.update(self.evaluate())
+                    if record["eval_loss"] < self.best_eval_loss:
+                        self.best_eval_loss = record["eval_loss"]
+                        self._save_if_out_dir("best")
+                    if self.is_main and cfg.progress:
+                        bar.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}")
+                self.history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                bar.update(1)
+                if cfg.save_interval and self.step % cfg.save_interval == 0 and self.out_dir is not None:
+                    self.save_checkpoint(f"step-{self.step:07d}")
+                    self._prune_step_checkpoints()
+                if callback is not None:
+                    callback(self, record)
+        self.interrupted = self.step < cfg.max_steps
+        path = self._save_if_out_dir("last")
+        if self.out_dir is not None and self.is_main and self.history:
+            plot_history(self.history, self.out_dir / "loss.png")
+        if self.interrupted and self.is_main and cfg.progress:
+            print(f"stopped at step {self.step}" + (f"; saved {path}" if path else ""), flush=True)
+        return self.history
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_if_out_dir(self, name: str) -> Path | None:
+        return self.save_checkpoint(name) if self.out_dir is not None else None
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint in out_dir with the most steps (`last` or `step-*`), or None."""
+        import json
+
+        if self.out_dir is None or not self.out_dir.is_dir():
+            return None
+        found = []
+        for path in [self.out_dir / "last", *self.out_dir.glob("step-*")]:
+            try:
+                state_file = resolve_checkpoint(path) / "trainer_state.json"
+                found.append((json.loads(state_file.read_text())["step"], path))
+            except (FileNotFoundError, ValueError, KeyError):
+                continue
+        return max(found)[1] if found else None
+
+    def _prune_step_checkpoints(self) -> None:
+        if self.is_main:
+            steps = sorted(p for p in self.out_dir.glob("step-*") if p.is_dir() and p.suffix == "")
+            for old in steps[: max(0, len(steps) - self.config.keep_checkpoints)]:
+                shutil.rmtree(old)
+
+    def save_checkpoint(self, name_or_path: str | os.PathLike, write_tensors=None) -> Path:
+        """Save model + full trainer state as a checkpoint directory (a name inside out_dir, or a path).
+
+        Every process must call it (the RNG states of all ranks are gathered); rank 0 writes.
+        """
+        path = Path(name_or_path)
+        if self.out_dir is not None and path.parent == Path("."):
+            path = self.out_dir / path
+        rng_json, rng_tensors = _rng_state()
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, (rng_json, rng_tensors))
+        else:
+            gathered = [(rng_json, rng_tensors)]
+        if self.is_main:
+            opt = self.optimizer.state_dict()
+            tensors = {f"optimizer.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
+            for r, (_, t) in enumerate(gathered):
+                tensors.update({f"rng.rank{r}.{k}": v for k, v in t.items()})
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "world_size": self.world_size,
+                "best_eval_loss": None if math.isinf(self.best_eval_loss) else self.best_eval_loss,
+                "trainer_config": asdict(self.config),
+                "optimizer": {"param_groups": opt["param_groups"], "state": {str(i): sorted(s) for i, s in opt["state"].items()}},
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "rng": [j for j, _ in gathered],
+                "history": self.history,
+            }
+            save_checkpoint(path, self.model, state, tensors, write_tensors=write_tensors)
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def _check_resumable(self, path: Path, state: dict) -> None:
+        """The data position of a checkpoint means the same here only with the same world and batch size."""
+        saved = {"world_size": state["world_size"], "batch_size": state["trainer_config"]["batch_size"]}
+        ours = {"world_size": self.world_size, "batch_size": self.config.batch_size}
+        for key in saved:
+            if saved[key] != ours[key]:
+                raise ValueError(f"checkpoint {str(path)!r} was saved with {key}={saved[key]}, this run has {ours[key]}")
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict:
+        """Restore model weights and the full trainer state from checkpoint directory `path`."""
+        state, tensors = load_checkpoint(path, self.model, check=self._check_resumable)
+        opt = state["optimizer"]
+        self.optimizer.load_state_dict({
+            "param_groups": opt["param_groups"],
+            "state": {int(i): {k: tensors[f"optimizer.{i}.{k}"] for k in keys} for i, keys in opt["state"].items()},
+        })  # fmt: skip
+        if state["scaler"] is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best_eval_loss = math.inf if state["best_eval_loss"] is None else state["best_eval_loss"]
+        self.history = state["history"]
+        prefix = f"rng.rank{self.rank}."
+        _set_rng_state(state["rng"][self.rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        return state
+
