@@ -88,6 +88,8 @@ def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, do_sa
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError(f"greedy search gives one sequence per prompt: num_return_sequences={num_return_sequences} needs do_sample=True")
     total = input_ids.shape[1] + max_new_tokens
     if total > model.config.n_positions:
         raise ValueError(
@@ -101,6 +103,8 @@ def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, do_sa
     validate.positive_float("repetition_penalty", repetition_penalty)
     if do_sample:
         validate.positive_float("temperature", temperature)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if generator is not None and generator.device.type != input_ids.device.type:
         raise ValueError(f"generator is on {generator.device} but input_ids is on {input_ids.device}")
 
