@@ -89,7 +89,9 @@ def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, do_sa
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if num_return_sequences > 1 and not do_sample:
-        raise ValueError(f"greedy search gives one sequence per prompt: num_return_sequences={num_return_sequences} needs do_sample=True")
+        raise ValueError(
+            f"greedy search gives one sequence per prompt: num_return_sequences={num_return_sequences} needs do_sample=True"
+        )
     total = input_ids.shape[1] + max_new_tokens
     if total > model.config.n_positions:
         raise ValueError(
@@ -147,7 +149,9 @@ def generate(
                          repetition_penalty, num_return_sequences, generator)  # fmt: skip
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
-    eos = torch.tensor(_token_ids("eos_token_id", eos_token_id) if eos_token_id is not None else [], device=input_ids.device)
+    eos = torch.tensor(
+        _token_ids("eos_token_id", eos_token_id) if eos_token_id is not None else [], device=input_ids.device
+    )
     if pad_token_id is None and len(eos):
         pad_token_id = int(eos[0])
     vocab = model.config.vocab_size

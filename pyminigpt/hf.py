@@ -66,7 +66,9 @@ def state_dict_from_hf(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
 
 def state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel names and layouts (Conv1D weights transposed) for a pyminigpt state dict."""
-    return {key: tensor.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else tensor for key, tensor in state_dict.items()}
+    return {
+        key: tensor.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else tensor for key, tensor in state_dict.items()
+    }
 
 
 def load_hf_state_dict(model: GPT, hf_state_dict: Mapping[str, torch.Tensor]) -> None:

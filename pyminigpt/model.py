@@ -15,11 +15,13 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import ops
 from .generation import generate
+
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 # The HF `ACT2FN` names this model supports for `activation_function`.
 ACTIVATIONS = {
@@ -61,8 +63,9 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_inner is not None and (isinstance(self.n_inner, bool) or not isinstance(self.n_inner, int) or self.n_inner < 1):
-            raise ValueError(f"GPTConfig.n_inner must be None or a positive int, got {self.n_inner!r}")
+        n_inner = self.n_inner
+        if n_inner is not None and (isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 1):
+            raise ValueError(f"GPTConfig.n_inner must be None or a positive int, got {n_inner!r}")
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(
                 f"GPTConfig.activation_function must be one of {sorted(ACTIVATIONS)}, got {self.activation_function!r}"
@@ -154,22 +157,19 @@ class LayerNorm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def causal_mask(tq: int, tk: int, device) -> torch.Tensor:
-    """(Tq, Tk) bool, True where query i may see key j: j <= i + (Tk - Tq)."""
-    query_pos = torch.arange(tq, device=device).unsqueeze(-1) + (tk - tq)
-    return torch.arange(tk, device=device) <= query_pos
+def allowed_keys(tq: int, tk: int, device, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask, True where query i may see key j: causal (j <= i + Tk - Tq) and attention_mask[:, j] != 0.
 
-
-def padded_causal_mask(attention_mask: torch.Tensor, tq: int) -> torch.Tensor:
-    """(B, 1, Tq, Tk) bool: causal, minus the keys where attention_mask (B, Tk) is 0.
-
-    A padded query would see no key at all (a NaN softmax row), so every query also sees
-    itself; that changes only the (meaningless) outputs at padded positions.
+    (Tq, Tk) without attention_mask, else (B, 1, Tq, Tk) for attention_mask (B, Tk). A padded query
+    would see no key at all (a NaN softmax row), so with padding every query also sees itself;
+    that changes only the (meaningless) outputs at padded positions.
     """
-    tk = attention_mask.shape[1]
-    allowed = causal_mask(tq, tk, attention_mask.device) & attention_mask[:, None, None, :].bool()
-    itself = torch.arange(tk, device=attention_mask.device) == torch.arange(tq, device=attention_mask.device).unsqueeze(-1) + (tk - tq)
-    return allowed | itself
+    query_pos = torch.arange(tq, device=device).unsqueeze(-1) + (tk - tq)
+    key_pos = torch.arange(tk, device=device)
+    causal = key_pos <= query_pos
+    if attention_mask is None:
+        return causal
+    return (causal & attention_mask[:, None, None, :].bool()) | (key_pos == query_pos)
 
 
 class CausalSelfAttention(nn.Module):
@@ -184,7 +184,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, allowed=None, cache=None, layer=0, need_weights=False):
         """x (B, T, C) -> (out (B, T, C), weights (B, H, T, Tk) or None).
 
-        allowed: None for plain causal attention, else the (B, 1, T, Tk) mask of `padded_causal_mask`.
+        allowed: None for plain causal attention, else the (B, 1, T, Tk) mask of `allowed_keys`.
         """
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
@@ -196,7 +196,7 @@ class CausalSelfAttention(nn.Module):
             y = ops.causal_attention(q, k, v)
         else:
             if allowed is None:
-                allowed = causal_mask(T, k.shape[2], x.device)
+                allowed = allowed_keys(T, k.shape[2], x.device)
             if need_weights:
                 scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
                 weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
@@ -243,13 +243,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.n_positions, config.n_embd),
-                drop=nn.Dropout(config.embd_pdrop),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, config.layer_norm_epsilon),
-            )
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "wpe": nn.Embedding(config.n_positions, config.n_embd),
+                "drop": nn.Dropout(config.embd_pdrop),
+                "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                "ln_f": LayerNorm(config.n_embd, config.layer_norm_epsilon),
+            }
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -313,14 +313,20 @@ class GPT(nn.Module):
             output_attentions, output_hidden_states, position_ids, logits_to_keep,
         )  # fmt: skip
 
-    def _check_inputs(self, input_ids, attention_mask=None, labels=None, cache=None, position_ids=None, logits_to_keep=0):
+    def _check_inputs(
+        self, input_ids, attention_mask=None, labels=None, cache=None, position_ids=None, logits_to_keep=0
+    ):
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"past_key_values must be a KVCache (see GPT.new_cache), got {type(cache).__name__}")
         past = cache.length if cache is not None else 0
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in INDEX_DTYPES:
+            raise TypeError(
+                f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids).__name__)}"
+            )
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (batch, seq_len) with seq_len >= 1, got {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must have shape (batch, seq_len) with seq_len >= 1, got {tuple(input_ids.shape)}"
+            )
         if input_ids.device != self.device:
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
         B, T = input_ids.shape
@@ -334,8 +340,10 @@ class GPT(nn.Module):
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"
             )
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype.is_floating_point:
-                raise TypeError(f"attention_mask must be an integer or bool torch.Tensor, got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)}")
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype not in (*INDEX_DTYPES, torch.bool):
+                raise TypeError(
+                    f"attention_mask must be an integer or bool torch.Tensor, got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)}"
+                )
             if tuple(attention_mask.shape) != (B, past + T):
                 raise ValueError(
                     f"attention_mask must have shape (batch, past + seq_len) = {(B, past + T)}, got {tuple(attention_mask.shape)}"
@@ -367,7 +375,7 @@ class GPT(nn.Module):
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
-        allowed = padded_causal_mask(attention_mask, T) if attention_mask is not None else None
+        allowed = allowed_keys(T, past + T, input_ids.device, attention_mask) if attention_mask is not None else None
 
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
         hidden_states, attentions = [], []

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers.generation.logits_process import (  # noqa: E402
+from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -13,8 +13,8 @@ from transformers.generation.logits_process import (  # noqa: E402
     TopPLogitsWarper,
 )
 
-from pyminigpt.generation import GenerateOutput, process_scores, seen_tokens  # noqa: E402
-from pyminigpt.model import GPT  # noqa: E402
+from pyminigpt.generation import GenerateOutput, process_scores, seen_tokens
+from pyminigpt.model import GPT
 
 VOCAB = 97
 NEW = 32
@@ -178,7 +178,9 @@ def test_process_scores_top_k_ties_match_hf(top_k, min_tokens_to_keep):
     check_process_scores(logits, top_k, 1.0, min_tokens_to_keep)
 
 
-@pytest.mark.parametrize("top_k, top_p, min_tokens_to_keep", [(0, 0.6, 1), (5, 0.3, 1), (0, 0.05, 4), (8, 0.9, 2), (0, 0.999, 1)])
+@pytest.mark.parametrize(
+    "top_k, top_p, min_tokens_to_keep", [(0, 0.6, 1), (5, 0.3, 1), (0, 0.05, 4), (8, 0.9, 2), (0, 0.999, 1)]
+)
 def test_process_scores_top_p_matches_hf(top_k, top_p, min_tokens_to_keep):
     """Distinct logits: where ties straddle the top-p cut, which of them stay depends on the sort's tie order."""
     logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(5)) * 3
@@ -219,19 +221,19 @@ def test_greedy_ignores_sampling_arguments(pair, prompts):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
-        (dict(do_sample=True, temperature=-1.0), ValueError, "temperature"),
-        (dict(top_p=0.0), ValueError, "top_p"),
-        (dict(top_p=1.5), ValueError, "top_p"),
-        (dict(top_k=-1), ValueError, "top_k"),
-        (dict(top_k=2.5), TypeError, "top_k"),
-        (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
-        (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
-        (dict(max_new_tokens=60), ValueError, "n_positions"),
-        (dict(num_return_sequences=0), ValueError, "num_return_sequences"),
-        (dict(num_return_sequences=2), ValueError, "num_return_sequences"),  # greedy, like transformers
-        (dict(eos_token_id=-1), ValueError, "eos_token_id"),
-        (dict(generator=1234), TypeError, "generator"),
+        ({"do_sample": True, "temperature": 0.0}, ValueError, "temperature"),
+        ({"do_sample": True, "temperature": -1.0}, ValueError, "temperature"),
+        ({"top_p": 0.0}, ValueError, "top_p"),
+        ({"top_p": 1.5}, ValueError, "top_p"),
+        ({"top_k": -1}, ValueError, "top_k"),
+        ({"top_k": 2.5}, TypeError, "top_k"),
+        ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty"),
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+        ({"max_new_tokens": 60}, ValueError, "n_positions"),
+        ({"num_return_sequences": 0}, ValueError, "num_return_sequences"),
+        ({"num_return_sequences": 2}, ValueError, "num_return_sequences"),  # greedy, like transformers
+        ({"eos_token_id": -1}, ValueError, "eos_token_id"),
+        ({"generator": 1234}, TypeError, "generator"),
     ],
 )
 def test_bad_arguments(pair, kwargs, error, match):

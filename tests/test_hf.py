@@ -7,8 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pyminigpt import hf as hf_convert  # noqa: E402
-from pyminigpt.model import GPT, GPTConfig  # noqa: E402
+from pyminigpt import hf as hf_convert
+from pyminigpt.model import GPT, GPTConfig
 
 ATOL = 1e-5
 VOCAB = 97
@@ -16,8 +16,8 @@ VOCAB = 97
 
 def tiny_hf(seed=0, **overrides):
     torch.manual_seed(seed)
-    kwargs = dict(vocab_size=VOCAB, n_positions=32, n_embd=48, n_layer=2, n_head=3, n_inner=40,
-                  bos_token_id=1, eos_token_id=2, initializer_range=0.2)  # fmt: skip
+    kwargs = {"vocab_size": VOCAB, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 3, "n_inner": 40,
+                  "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.2}  # fmt: skip
     kwargs.update(overrides)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs)).eval()
 
@@ -59,7 +59,9 @@ def test_save_pretrained_then_hf_loads_it(hf_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt2"
     reloaded_hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    assert reloaded_hf.config.n_inner == 40 and reloaded_hf.config.tie_word_embeddings == model.config.tie_word_embeddings
+    assert (
+        reloaded_hf.config.n_inner == 40 and reloaded_hf.config.tie_word_embeddings == model.config.tie_word_embeddings
+    )
     assert_same_logits(reloaded_hf, hf_model)
     # and back: ours -> disk -> ours
     assert_same_logits(GPT.from_pretrained(tmp_path), model)
@@ -114,7 +116,7 @@ def test_config_round_trip():
 
 
 @pytest.mark.parametrize(
-    "option", [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False), dict(add_cross_attention=True)]
+    "option", [{"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False}, {"add_cross_attention": True}]
 )
 def test_unsupported_hf_options_raise(option):
     hf_config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_head=2, n_layer=1, **option)

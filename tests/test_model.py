@@ -7,17 +7,17 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pyminigpt.model import GPT, GPTConfig, KVCache  # noqa: E402
+from pyminigpt.model import GPT, GPTConfig, KVCache
 
 ATOL = 1e-5
 VOCAB = 97
 
 # Small configs covering: odd head count, n_inner, other activations, untied LM head.
 CONFIGS = {
-    "base": dict(n_embd=32, n_head=4),
-    "odd_heads_n_inner": dict(n_embd=48, n_head=3, n_inner=40),
-    "gelu_untied": dict(n_embd=32, n_head=2, activation_function="gelu", tie_word_embeddings=False),
-    "relu_eps": dict(n_embd=40, n_head=5, activation_function="relu", layer_norm_epsilon=1e-3),
+    "base": {"n_embd": 32, "n_head": 4},
+    "odd_heads_n_inner": {"n_embd": 48, "n_head": 3, "n_inner": 40},
+    "gelu_untied": {"n_embd": 32, "n_head": 2, "activation_function": "gelu", "tie_word_embeddings": False},
+    "relu_eps": {"n_embd": 40, "n_head": 5, "activation_function": "relu", "layer_norm_epsilon": 1e-3},
 }
 
 
@@ -27,7 +27,14 @@ def tiny_hf(seed=0, **overrides):
     initializer_range=0.2 makes activations large enough that a wrong detail shows in the logits.
     """
     torch.manual_seed(seed)
-    kwargs = dict(vocab_size=VOCAB, n_positions=64, n_layer=2, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    kwargs = {
+        "vocab_size": VOCAB,
+        "n_positions": 64,
+        "n_layer": 2,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "initializer_range": 0.2,
+    }
     kwargs.update(overrides)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs, attn_implementation="eager")).eval()
     return hf, GPT.from_hf(hf)
@@ -185,7 +192,10 @@ def test_backward_and_training_mode(pair):
 def test_num_parameters_device_dtype(pair):
     hf, model = pair
     assert model.num_parameters() == hf.num_parameters()
-    assert model.num_parameters(exclude_embeddings=True) == model.num_parameters() - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
+    assert (
+        model.num_parameters(exclude_embeddings=True)
+        == model.num_parameters() - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
+    )
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
 
 
@@ -214,13 +224,13 @@ def test_config_defaults_are_gpt2_small():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(n_embd=30, n_head=4), "n_head"),
-        (dict(n_layer=0), "n_layer"),
-        (dict(vocab_size=-3), "vocab_size"),
-        (dict(n_inner=0), "n_inner"),
-        (dict(activation_function="gelu_fancy"), "activation_function"),
-        (dict(attn_pdrop=1.5), "attn_pdrop"),
-        (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon"),
+        ({"n_embd": 30, "n_head": 4}, "n_head"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"vocab_size": -3}, "vocab_size"),
+        ({"n_inner": 0}, "n_inner"),
+        ({"activation_function": "gelu_fancy"}, "activation_function"),
+        ({"attn_pdrop": 1.5}, "attn_pdrop"),
+        ({"layer_norm_epsilon": 0.0}, "layer_norm_epsilon"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
