@@ -70,24 +70,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no checkpoint at {str(path)!r} (missing {STATE_JSON})")
 
 
-def save_checkpoint(
-    path: str | os.PathLike, model, state: dict, tensors: dict[str, torch.Tensor], write_tensors=None
-) -> Path:
-    """Write model weights + config, `state` (JSON-able) and `tensors` as checkpoint directory `path`.
-
-    `write_tensors(tensors, filename)` writes the safetensors file (default
-    `safetensors.torch.save_file`; tests replace it to simulate a crash mid-save).
-    """
+def save_checkpoint(path: str | os.PathLike, model, state: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write model weights + config, `state` (JSON-able) and `tensors` as checkpoint directory `path`."""
     from safetensors.torch import save_file
 
-    write_tensors = write_tensors or save_file
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         model.save_pretrained(tmp)
-        write_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                  for name in (CONFIG, WEIGHTS, STATE_TENSORS)}  # fmt: skip
         record = {"format_version": FORMAT_VERSION, "files": files, **state}

@@ -453,7 +453,7 @@ class Trainer:
             for old in steps[: max(0, len(steps) - self.config.keep_checkpoints)]:
                 shutil.rmtree(old)
 
-    def save_checkpoint(self, name_or_path: str | os.PathLike, write_tensors=None) -> Path:
+    def save_checkpoint(self, name_or_path: str | os.PathLike) -> Path:
         """Save model + full trainer state as a checkpoint directory (a name inside out_dir, or a path).
 
         Every process must call it (the RNG states of all ranks are gathered); rank 0 writes.
@@ -484,7 +484,7 @@ class Trainer:
                 "rng": [j for j, _ in gathered],
                 "history": self.history,
             }
-            save_checkpoint(path, self.model, state, tensors, write_tensors=write_tensors)
+            save_checkpoint(path, self.model, state, tensors)
         if self.world_size > 1:
             dist.barrier()
         return path
