@@ -1,0 +1,200 @@
+"""The `triton` backend: the kernels of kernels/*.py as PyTorch custom operators.
+
+Each launcher becomes a `torch.library.triton_op` in the `pyminigpt_triton` namespace,
+its kernels launched through `wrap_triton`, so that torch.compile traces into them
+(fake tensors flow through the launchers; no `register_fake` needed). Layer norm, softmax
+and attention get their backward with `register_autograd`. The functions at the bottom
+have the public signatures of `pyminigpt.ops` and are registered with `dispatch`.
+
+The kernels run on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from . import dispatch
+
+try:
+    from pyminigpt.kernels import attention, layernorm, sampling, softmax as softmax_kernels
+except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
+    from kernels import attention, layernorm, sampling, softmax as softmax_kernels
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., C) as (N, C) with a contiguous last dim (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---- softmax --------------------------------------------------------------------------
+
+
+@triton_op("pyminigpt_triton::softmax_fwd", mutates_args=())
+def softmax_fwd(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    return softmax_kernels.softmax_fwd(x, temperature, wrap=wrap_triton)
+
+
+@triton_op("pyminigpt_triton::softmax_bwd", mutates_args=())
+def softmax_bwd(y: torch.Tensor, grad_y: torch.Tensor, temperature: float) -> torch.Tensor:
+    return softmax_kernels.softmax_bwd(y, grad_y, temperature, wrap=wrap_triton)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.temperature = inputs[1]
+    ctx.save_for_backward(output)
+
+
+def _softmax_backward(ctx, grad_y):
+    (y,) = ctx.saved_tensors
+    return softmax_bwd(y, _last_dim_contiguous(grad_y), ctx.temperature), None
+
+
+softmax_fwd.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
+# ---- layer norm -----------------------------------------------------------------------
+
+
+@triton_op("pyminigpt_triton::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layernorm.layer_norm_fwd(x, weight, bias, eps, wrap=wrap_triton)
+
+
+@triton_op("pyminigpt_triton::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layernorm.layer_norm_bwd(grad_y, x, weight, mean, rstd, wrap=wrap_triton)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = layer_norm_bwd(_last_dim_contiguous(grad_y), x, weight, mean, rstd)
+    return dx, dweight, dbias, None
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+# ---- top-k / top-p filter and sampling (not differentiable) ----------------------------
+
+
+@triton_op("pyminigpt_triton::top_k_top_p_filter", mutates_args=())
+def top_k_top_p_filter_op(logits: torch.Tensor, top_k: int, top_p: float, min_tokens_to_keep: int) -> torch.Tensor:
+    return sampling.top_k_top_p_filter(logits, top_k, top_p, min_tokens_to_keep, wrap=wrap_triton)
+
+
+@triton_op("pyminigpt_triton::sample", mutates_args=())
+def sample_op(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    return sampling.sample(logits, temperature, top_k, top_p, uniform, wrap=wrap_triton)
+
+
+# ---- causal attention -----------------------------------------------------------------
+
+
+@triton_op("pyminigpt_triton::causal_attention_fwd", mutates_args=())
+def causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention.attention_fwd(q, k, v, scale, wrap=wrap_triton)
+
+
+@triton_op("pyminigpt_triton::causal_attention_bwd", mutates_args=())
+def causal_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention.attention_bwd(grad_out, q, k, v, out, lse, scale, wrap=wrap_triton)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = causal_attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+causal_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# ---- the backend: public signatures ----------------------------------------------------
+
+
+def layer_norm(x, weight, bias, eps):
+    y, _mean, _rstd = layer_norm_fwd(_rows(x), weight, bias, eps)
+    return y.view(x.shape)
+
+
+def softmax(x, temperature):
+    return softmax_fwd(_rows(x), temperature).view(x.shape)
+
+
+def top_k_top_p_filter(logits, top_k, top_p, min_tokens_to_keep):
+    return top_k_top_p_filter_op(_last_dim_contiguous(logits), top_k, top_p, min_tokens_to_keep)
+
+
+def sample(logits, temperature, top_k, top_p, uniform):
+    return sample_op(_last_dim_contiguous(logits), temperature, top_k, top_p, uniform)
+
+
+def causal_attention(q, k, v, scale):
+    out, _lse = causal_attention_fwd(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), scale)
+    return out
+
+
+def _triton_runs_on(t: torch.Tensor) -> bool:
+    """CUDA tensors; CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
+    return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _supports_layer_norm(x, weight, bias, eps):
+    # weight and bias may stay fp32 while x is fp16/bf16 (autocast)
+    return (
+        _triton_runs_on(x)
+        and x.dtype in _KERNEL_DTYPES
+        and weight.dtype == bias.dtype
+        and weight.dtype in (x.dtype, torch.float32)
+        and 0 < x.shape[-1] <= layernorm.MAX_COLS
+    )
+
+
+def _supports_softmax(x, temperature):
+    return _triton_runs_on(x) and x.dtype in _KERNEL_DTYPES and x.shape[-1] > 0
+
+
+def _supports_logits(logits, *args):
+    return _triton_runs_on(logits) and logits.dtype in _KERNEL_DTYPES
+
+
+def _supports_attention(q, k, v, scale):
+    return _triton_runs_on(q) and attention.supports(q)
+
+
+dispatch.register("layer_norm", "triton", layer_norm, supports=_supports_layer_norm)
+dispatch.register("softmax", "triton", softmax, supports=_supports_softmax)
+dispatch.register("top_k_top_p_filter", "triton", top_k_top_p_filter, supports=_supports_logits)
+dispatch.register("sample", "triton", sample, supports=_supports_logits)
+dispatch.register("causal_attention", "triton", causal_attention, supports=_supports_attention)
