@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "CheckpointError", "ARCH_FIELDS"]
+__all__ = ["ARCH_FIELDS", "CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -109,7 +109,9 @@ def _read_state(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checkpoint file {str(file)!r} is truncated or corrupt: {err}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "files" not in state:
-        raise CheckpointError(f"checkpoint file {str(file)!r} is not a pyminigpt trainer state (format {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"checkpoint file {str(file)!r} is not a pyminigpt trainer state (format {FORMAT_VERSION})"
+        )
     return state
 
 
@@ -120,7 +122,9 @@ def _verify_files(path: Path, files: dict) -> None:
             raise CheckpointError(f"checkpoint file {str(file)!r} is missing")
         size = file.stat().st_size
         if size != expect["bytes"]:
-            raise CheckpointError(f"checkpoint file {str(file)!r} is truncated or corrupt: {size} bytes, expected {expect['bytes']}")
+            raise CheckpointError(
+                f"checkpoint file {str(file)!r} is truncated or corrupt: {size} bytes, expected {expect['bytes']}"
+            )
         if _sha256(file) != expect["sha256"]:
             raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt: its SHA-256 does not match the one saved")
 
@@ -132,7 +136,9 @@ def _check_config(path: Path, model) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt: {err}") from None
     ours = model.config.to_dict()
-    diff = [f"{k}={saved.get(k)!r} (model has {ours[k]!r})" for k in ARCH_FIELDS if k in ours and saved.get(k) != ours[k]]
+    diff = [
+        f"{k}={saved.get(k)!r} (model has {ours[k]!r})" for k in ARCH_FIELDS if k in ours and saved.get(k) != ours[k]
+    ]
     if diff:
         raise CheckpointError(f"checkpoint {str(file)!r} was saved for another model config: {', '.join(diff)}")
 

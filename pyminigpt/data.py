@@ -35,13 +35,13 @@ from torch.utils.data import Dataset
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "SlidingWindowDataset",
+    "NAME_STYLES",
     "SequenceDataset",
-    "write_token_file",
-    "read_token_file",
+    "SlidingWindowDataset",
     "load_text",
     "names_corpus",
-    "NAME_STYLES",
+    "read_token_file",
+    "write_token_file",
 ]
 
 _MAGIC = b"PMGTOK"
@@ -96,7 +96,9 @@ def write_token_file(
         for chunk in chunks:
             chunk = np.asarray(chunk.cpu().numpy() if isinstance(chunk, torch.Tensor) else chunk)
             if vocab_size is not None and chunk.size and (chunk.min() < 0 or chunk.max() >= limit):
-                raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got {chunk.min()}..{chunk.max()}")
+                raise ValueError(
+                    f"token ids must lie in [0, vocab_size={vocab_size}), got {chunk.min()}..{chunk.max()}"
+                )
             f.write(chunk.astype(dtype, copy=False).tobytes())
             count += chunk.size
         f.seek(0)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer"]
+__all__ = ["BPETokenizer", "CharTokenizer", "Tokenizer", "load_tokenizer"]
 
 PAD, SOS, EOS, UNK = "<PAD>", "<SOS>", "<EOS>", "<UNK>"
 
@@ -47,7 +47,7 @@ def _read_json(path: str | os.PathLike, what: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{what} file {str(path)!r} is corrupt (not valid JSON: {err})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{what} file {str(path)!r} is corrupt (expected a JSON object)")
+        raise ValueError(f"{what} file {str(path)!r} is corrupt (expected a JSON object)")  # noqa: TRY004 (bad data)
     return obj
 
 
@@ -212,7 +212,9 @@ class BPETokenizer(Tokenizer):
             texts = [texts]
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size < len(alphabet) + 3:
-            raise ValueError(f"vocab_size must be at least {len(alphabet) + 3} (256 bytes + 3 specials), got {vocab_size}")
+            raise ValueError(
+                f"vocab_size must be at least {len(alphabet) + 3} (256 bytes + 3 specials), got {vocab_size}"
+            )
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -256,7 +258,7 @@ class BPETokenizer(Tokenizer):
                 tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
                 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
                 tok.decoder = decoders.ByteLevel()
-        except Exception as err:  # tokenizers raises a bare Exception on malformed files
+        except Exception as err:  # noqa: BLE001 (tokenizers raises a bare Exception on malformed files)
             names = "tokenizer.json" if single.is_file() else "vocab.json / merges.txt"
             raise ValueError(f"cannot read the tokenizer in {str(path)!r} ({names}): {err}") from None
         eos = "<|endoftext|>"
@@ -320,7 +322,7 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"tokenizer file {str(path)!r} does not hold a BPE tokenizer")
         try:
             tok = HFTokenizer.from_str(json.dumps(obj["tokenizer"]))
-        except Exception as err:  # tokenizers raises a bare Exception on malformed input
+        except Exception as err:  # noqa: BLE001 (tokenizers raises a bare Exception on malformed input)
             raise ValueError(f"tokenizer file {str(path)!r} is corrupt: {err}") from None
         return cls(tok, pad_token=obj["pad_token"], sos_token=obj["sos_token"], eos_token=obj["eos_token"])
 

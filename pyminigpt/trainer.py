@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
-__all__ = ["TrainerConfig", "Trainer", "plot_history"]
+__all__ = ["Trainer", "TrainerConfig", "plot_history"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -133,7 +133,7 @@ def _join_process_group() -> tuple[int, int, int]:
     """(rank, world_size, local_rank), joining the torchrun process group when WORLD_SIZE > 1."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        return rank, world, int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count() or 1)))
+        return rank, world, int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
@@ -183,7 +183,9 @@ class Trainer:
     `history`, `best_eval_loss`, `rank`, `world_size`, `device`, `interrupted`.
     """
 
-    def __init__(self, model, train_dataset: Dataset, eval_dataset: Dataset | None = None, config: TrainerConfig | None = None):
+    def __init__(
+        self, model, train_dataset: Dataset, eval_dataset: Dataset | None = None, config: TrainerConfig | None = None
+    ):
         self.config = cfg = config if config is not None else TrainerConfig()
         if not isinstance(cfg, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(cfg).__name__}")
@@ -196,7 +198,9 @@ class Trainer:
         else:
             self.device = torch.device(cfg.device)
         if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError(f"TrainerConfig.precision='fp16' needs a CUDA device (got {self.device}); use 'bf16' on CPU")
+            raise ValueError(
+                f"TrainerConfig.precision='fp16' needs a CUDA device (got {self.device}); use 'bf16' on CPU"
+            )
         per_epoch = len(train_dataset) // (cfg.batch_size * self.world_size)
         if per_epoch == 0:
             raise ValueError(
@@ -272,7 +276,9 @@ class Trainer:
             sampler.set_epoch(self.epoch)
             indices = list(sampler)
             full = len(indices) // cfg.batch_size * cfg.batch_size
-            yield from self._loader(self.train_dataset, indices[self.batch_in_epoch * cfg.batch_size : full], cfg.seed + self.epoch)
+            yield from self._loader(
+                self.train_dataset, indices[self.batch_in_epoch * cfg.batch_size : full], cfg.seed + self.epoch
+            )
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -315,19 +321,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-        # one host sync per step: the global mean loss, the grad norm, and whether any rank wants to stop
-        stats = torch.stack([
-            loss_sum / cfg.grad_accum_steps,
-            grad_norm.float() if grad_norm is not None else torch.zeros((), device=self.device),
-            torch.tensor(float(self._stop_requested), device=self.device),
-        ])  # fmt: skip
+        # one host sync per step: the mean loss over the global batch and the gradient norm
+        no_norm = torch.zeros((), device=self.device)
+        stats = torch.stack([loss_sum / cfg.grad_accum_steps, no_norm if grad_norm is None else grad_norm.float()])
         if self.world_size > 1:
             dist.all_reduce(stats)
-            stats[:2] /= self.world_size
-        loss_value, norm_value, stop = stats.tolist()
+            stats /= self.world_size
+        loss_value, norm_value = stats.tolist()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the training loss is {loss_value} at step {self.step}")
-        self._stop_requested = stop > 0
         record = {"step": self.step, "loss": loss_value, "lr": lr, "tokens": tokens * self.world_size}
         if grad_norm is not None:
             record["grad_norm"] = norm_value
@@ -379,7 +381,33 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def train(self, resume_from: str | os.PathLike | None = None, callback: Callable[[Trainer, dict], None] | None = None) -> list[dict]:
+    def _eval_due(self) -> bool:
+        cfg = self.config
+        if self.eval_dataset is None or cfg.eval_interval == 0:
+            return False
+        return self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps
+
+    def _evaluate_into(self, record: dict, bar) -> None:
+        """Add eval_loss / eval_ppl to `record`; save `best` when the eval loss improves."""
+        record.update(self.evaluate())
+        if record["eval_loss"] < self.best_eval_loss:
+            self.best_eval_loss = record["eval_loss"]
+            self._save_if_out_dir("best")
+        if self.is_main and self.config.progress:
+            bar.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}")
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (Ctrl-C, request_stop); all processes get the same answer."""
+        if self.world_size == 1:
+            return self._stop_requested
+        flag = torch.tensor([float(self._stop_requested)], device=self.device)
+        dist.all_reduce(flag)
+        self._stop_requested = bool(flag.item() > 0)
+        return self._stop_requested
+
+    def train(
+        self, resume_from: str | os.PathLike | None = None, callback: Callable[[Trainer, dict], None] | None = None
+    ) -> list[dict]:
         """Train until `config.max_steps`; return the history (one dict per optimizer step).
 
         Records hold step, loss (mean over the global batch), lr, tokens, grad_norm, and
@@ -394,31 +422,31 @@ class Trainer:
             resume_from = self.latest_checkpoint()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        self.interrupted = self._stop_requested = False
+        self._stop_requested = False
         batches = self._train_batches()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main), dynamic_ncols=True
+        )
         with self._graceful_sigint(), bar:
-            while self.step < cfg.max_steps and not self._stop_requested:
+            while self.step < cfg.max_steps:
                 start = time.perf_counter()
                 record = self._train_step(batches)
                 record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
-                if self.eval_dataset is not None and cfg.eval_interval and (
-                    self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps
-                ):
-                    record.update(self.evaluate())
-                    if record["eval_loss"] < self.best_eval_loss:
-                        self.best_eval_loss = record["eval_loss"]
-                        self._save_if_out_dir("best")
-                    if self.is_main and cfg.progress:
-                        bar.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}")
+                if self._eval_due():
+                    self._evaluate_into(record, bar)
                 self.history.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                bar.set_postfix_str(
+                    f"loss={record['loss']:.4f}, lr={record['lr']:.2e}, tok/s={record['tokens_per_s']:,.0f}",
+                    refresh=False,
+                )
                 bar.update(1)
                 if cfg.save_interval and self.step % cfg.save_interval == 0 and self.out_dir is not None:
                     self.save_checkpoint(f"step-{self.step:07d}")
                     self._prune_step_checkpoints()
                 if callback is not None:
                     callback(self, record)
+                if self._stop_agreed():
+                    break
         self.interrupted = self.step < cfg.max_steps
         path = self._save_if_out_dir("last")
         if self.out_dir is not None and self.is_main and self.history:
@@ -479,7 +507,10 @@ class Trainer:
                 "world_size": self.world_size,
                 "best_eval_loss": None if math.isinf(self.best_eval_loss) else self.best_eval_loss,
                 "trainer_config": asdict(self.config),
-                "optimizer": {"param_groups": opt["param_groups"], "state": {str(i): sorted(s) for i, s in opt["state"].items()}},
+                "optimizer": {
+                    "param_groups": opt["param_groups"],
+                    "state": {str(i): sorted(s) for i, s in opt["state"].items()},
+                },
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": [j for j, _ in gathered],
                 "history": self.history,
@@ -493,9 +524,9 @@ class Trainer:
         """The data position of a checkpoint means the same here only with the same world and batch size."""
         saved = {"world_size": state["world_size"], "batch_size": state["trainer_config"]["batch_size"]}
         ours = {"world_size": self.world_size, "batch_size": self.config.batch_size}
-        for key in saved:
-            if saved[key] != ours[key]:
-                raise ValueError(f"checkpoint {str(path)!r} was saved with {key}={saved[key]}, this run has {ours[key]}")
+        for key, value in saved.items():
+            if value != ours[key]:
+                raise ValueError(f"checkpoint {str(path)!r} was saved with {key}={value}, this run has {ours[key]}")
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         """Restore model weights and the full trainer state from checkpoint directory `path`."""
@@ -511,6 +542,7 @@ class Trainer:
         self.best_eval_loss = math.inf if state["best_eval_loss"] is None else state["best_eval_loss"]
         self.history = state["history"]
         prefix = f"rng.rank{self.rank}."
-        _set_rng_state(state["rng"][self.rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        _set_rng_state(
+            state["rng"][self.rank], {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
         return state
-

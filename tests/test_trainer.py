@@ -36,7 +36,14 @@ def tiny_model(vocab_size, seed=0, dropout=0.0, n_embd=32):
 
 
 def config(tmp_path=None, **overrides):
-    values = dict(max_steps=6, batch_size=4, learning_rate=3e-3, warmup_steps=2, eval_interval=0, progress=False)
+    values = {
+        "max_steps": 6,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "warmup_steps": 2,
+        "eval_interval": 0,
+        "progress": False,
+    }
     values.update(overrides)
     return TrainerConfig(out_dir=None if tmp_path is None else str(tmp_path), **values)
 
@@ -53,7 +60,9 @@ def test_short_run_loss_falls(tmp_path, corpus):
     tok, _, ids = corpus
     train = SlidingWindowDataset(ids, SEQ_LEN, stride=8)
     evals = SlidingWindowDataset(ids[:600], SEQ_LEN)
-    trainer = Trainer(tiny_model(tok.vocab_size), train, evals, config(tmp_path, max_steps=40, batch_size=8, eval_interval=20))
+    trainer = Trainer(
+        tiny_model(tok.vocab_size), train, evals, config(tmp_path, max_steps=40, batch_size=8, eval_interval=20)
+    )
     history = trainer.train()
     assert [r["step"] for r in history] == list(range(1, 41))
     assert set(history[0]) >= {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm"}
@@ -74,7 +83,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, corpus):
     tok, _, ids = corpus
     train = SlidingWindowDataset(ids[:300], SEQ_LEN, stride=7)  # 41 windows: 5 steps of 2 x 4 per epoch
     evals = SlidingWindowDataset(ids[300:500], SEQ_LEN)
-    cfg = dict(max_steps=9, grad_accum_steps=2, eval_interval=2)
+    cfg = {"max_steps": 9, "grad_accum_steps": 2, "eval_interval": 2}
 
     full = Trainer(tiny_model(tok.vocab_size, dropout=0.1), train, evals, config(tmp_path / "full", **cfg))
     expected = full.train()
@@ -160,7 +169,9 @@ def test_checkpoint_for_another_config_is_refused(tmp_path, corpus):
     assert all(torch.equal(other.model.state_dict()[k], v) for k, v in before.items())
 
 
-@pytest.mark.parametrize("file", ["model.safetensors", "trainer_state.safetensors", "trainer_state.json", "config.json"])
+@pytest.mark.parametrize(
+    "file", ["model.safetensors", "trainer_state.safetensors", "trainer_state.json", "config.json"]
+)
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_checkpoint_names_the_file(tmp_path, corpus, file, damage):
     tok, _, ids = corpus
@@ -185,7 +196,11 @@ def test_damaged_checkpoint_names_the_file(tmp_path, corpus, file, damage):
 def test_optimizer_groups_and_schedule(corpus):
     tok, _, ids = corpus
     model = tiny_model(tok.vocab_size)
-    trainer = Trainer(model, SlidingWindowDataset(ids, SEQ_LEN), config=config(max_steps=20, warmup_steps=4, learning_rate=1e-2, min_lr_ratio=0.1))
+    trainer = Trainer(
+        model,
+        SlidingWindowDataset(ids, SEQ_LEN),
+        config=config(max_steps=20, warmup_steps=4, learning_rate=1e-2, min_lr_ratio=0.1),
+    )
     decay, no_decay = trainer.optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -203,7 +218,12 @@ def test_bf16_autocast_and_sequences_on_cpu(corpus):
     """bf16 autocast on CPU with a padded SequenceDataset (attention mask, -100 labels) and accumulation."""
     tok, names, _ = corpus
     data = SequenceDataset(names[:64], tok, max_len=SEQ_LEN)
-    trainer = Trainer(tiny_model(tok.vocab_size), data, data, config(max_steps=8, precision="bf16", grad_accum_steps=2, eval_interval=8))
+    trainer = Trainer(
+        tiny_model(tok.vocab_size),
+        data,
+        data,
+        config(max_steps=8, precision="bf16", grad_accum_steps=2, eval_interval=8),
+    )
     history = trainer.train()
     assert all(math.isfinite(x) for x in losses(history))
     assert history[-1]["eval_loss"] < math.log(tok.vocab_size)
