@@ -1,0 +1,413 @@
+"""Looking inside a trained model: generation, perplexity, next-token tables, attention
+maps, hidden states, and plots of them.
+
+Every function takes a `pyminigpt.GPT` and a `pyminigpt.tokenizer` tokenizer.
+
+    generate_text(model, tok, prompt, stream=callback, **generate_kwargs)   -> [prompt + continuation]
+    perplexity(model, tok, text, stride=None, max_length=None)              -> float
+    next_token_table(model, tok, prompt, top_n=10)                          -> [(token, prob)]
+    attention_maps(model, tok, text)                                        -> (layers, heads, T, T)
+    hidden_states(model, tok, texts, layer=-1)                              -> (N, n_embd)
+    embeddings(model, tok, tokens)                                          -> (N, n_embd)
+    pca(vectors, k=2)                                                       -> (N, k), variance ratios
+    plot_attention(maps, tokens, path), plot_pca(vectors, labels, path), plot_curve(values, path)
+
+Models trained on `<SOS> text <EOS>` sequences (`data.SequenceDataset`) want their
+prompts after <SOS> (`sos=True`) and their texts scored with `add_special_tokens=True`;
+models trained on a plain token stream want neither.
+
+Plots are written as PNG with matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .generation import apply_repetition_penalty, seen_tokens
+
+__all__ = [
+    "prompt_ids",
+    "evaluating",
+    "generate_text",
+    "perplexity",
+    "next_token_table",
+    "format_next_token_table",
+    "token_strings",
+    "attention_maps",
+    "hidden_states",
+    "embeddings",
+    "pca",
+    "plot_attention",
+    "plot_pca",
+    "plot_curve",
+]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _context_length(model) -> int:
+    return int(model.config.n_positions)
+
+
+def _encode(tokenizer, text: str, name: str = "text", add_special_tokens: bool = False) -> list[int]:
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def prompt_ids(tokenizer, prompt: str, sos: bool = False) -> list[int]:
+    """The token ids of `prompt`, after <SOS> when `sos` (models trained on <SOS> text <EOS>
+    sequences) or when the prompt is empty (there must be something to continue)."""
+    ids = _encode(tokenizer, prompt, "prompt")
+    return [tokenizer.sos_id, *ids] if sos or not ids else ids
+
+
+def _as_input(model, ids: list[int], name: str) -> torch.Tensor:
+    if len(ids) > _context_length(model):
+        raise ValueError(f"{name} is {len(ids)} tokens, longer than the model's context of {_context_length(model)}")
+    return torch.tensor([ids], dtype=torch.long, device=_device(model))
+
+
+class evaluating:
+    """`with evaluating(model):` runs the block in eval mode (no dropout) and restores the mode after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token id as the text it stands for, special tokens included (for plot axes and tables)."""
+    return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate_text(model, tokenizer, prompt: str, stream: Callable[[str], None] | None = None, sos: bool = False,
+                  **generate_kwargs) -> list[str]:
+    """Continue `prompt`; returns one string (prompt + continuation) per returned sequence.
+
+    `generate_kwargs` are those of `GPT.generate` (max_new_tokens, do_sample, temperature,
+    top_k, top_p, repetition_penalty, num_return_sequences, generator, ...); a sequence
+    stops at the tokenizer's <EOS> unless `eos_token_id` says otherwise. `sos` starts the
+    prompt with <SOS> (see `prompt_ids`).
+
+    With `stream`, `stream(piece)` receives each new piece of text as soon as its token is
+    drawn: the sequence is decoded one token at a time with the KV cache, with the draws
+    of `GPT.generate` (same seed, same text). Streaming returns one sequence.
+    """
+    input_ids = _as_input(model, prompt_ids(tokenizer, prompt, sos), "prompt")
+    generate_kwargs.setdefault("eos_token_id", tokenizer.eos_id)
+    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_id)
+    with evaluating(model):
+        if stream is None:
+            rows = model.generate(input_ids, **generate_kwargs)[:, input_ids.shape[1]:].tolist()
+        else:
+            if generate_kwargs.pop("num_return_sequences", 1) != 1:
+                raise ValueError("stream needs num_return_sequences=1")
+            rows = [_generate_streaming(model, tokenizer, input_ids, stream, **generate_kwargs)]
+    stops = {generate_kwargs["eos_token_id"], generate_kwargs["pad_token_id"]} - {None}
+    return [prompt + tokenizer.decode(_until(row, stops)) for row in rows]
+
+
+def _until(ids: list[int], stops: set[int]) -> list[int]:
+    """ids up to (not including) the first stop token."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+@torch.no_grad()
+def _generate_streaming(model, tokenizer, input_ids, stream, max_new_tokens=20, do_sample=False, temperature=1.0,
+                        top_k=50, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, pad_token_id=None,
+                        generator=None) -> list[int]:  # fmt: skip
+    """The new token ids for input_ids (1, T), one forward of one token per step on the KV cache.
+
+    Each piece of decoded text goes to `stream` as its token arrives. The text is decoded
+    whole each step and only its growth is sent, so a byte-level BPE character split over
+    two tokens comes out once complete (held back while it ends in U+FFFD).
+    """
+    total = input_ids.shape[1] + max_new_tokens
+    if total > _context_length(model):
+        raise ValueError(
+            f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
+            f"n_positions={_context_length(model)}"
+        )
+    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    seen = seen_tokens(input_ids, model.config.vocab_size) if repetition_penalty != 1.0 else None
+    cache = model.new_cache(1, total)
+    tokens, new, sent = input_ids, [], ""
+    for _ in range(max_new_tokens):
+        logits = model(tokens, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        if do_sample:
+            next_token = ops.sample(logits, temperature, top_k, top_p, generator)
+        else:
+            next_token = logits.argmax(dim=-1)
+        token = int(next_token)
+        if token in stops:
+            break
+        new.append(token)
+        if seen is not None:
+            seen[0, token] = True
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd") and len(text) > len(sent):
+            stream(text[len(sent):])
+            sent = text
+        tokens = next_token[:, None]
+    return new
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str | Sequence[str], stride: int | None = None, max_length: int | None = None,
+               add_special_tokens: bool = False) -> float:
+    """exp(mean negative log-likelihood per token) of `text` under the model.
+
+    Texts longer than the window `max_length` (default: the model's context) are scored
+    with the strided sliding window of transformers' perplexity guide: windows start
+    every `stride` tokens (default max_length // 2) and each scores only the tokens that
+    no earlier window scored, with the rest of the window as their context. The first
+    token of the text (and, with stride == max_length, of every window) has no context
+    and is not scored. `text` may be a list of texts, scored independently and pooled
+    (every scored token weighs the same). `add_special_tokens` scores `<SOS> text <EOS>`
+    (for models trained on such sequences).
+    """
+    context = _context_length(model)
+    max_length = context if max_length is None else int(max_length)
+    if not 2 <= max_length <= context:
+        raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {max_length}")
+    stride = max(1, max_length // 2) if stride is None else int(stride)
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    texts = [text] if isinstance(text, str) else list(text)
+    nll_sum, n_scored = 0.0, 0
+    with evaluating(model):
+        for t in texts:
+            ids = _encode(tokenizer, t, add_special_tokens=add_special_tokens)
+            nll, n = _strided_nll(model, torch.tensor(ids, dtype=torch.long, device=_device(model)), stride, max_length)
+            nll_sum, n_scored = nll_sum + nll, n_scored + n
+    if n_scored == 0:
+        raise ValueError("text must have at least 2 tokens to have something to predict")
+    return math.exp(nll_sum / n_scored)
+
+
+def _strided_nll(model, ids: torch.Tensor, stride: int, max_length: int) -> tuple[float, int]:
+    """(sum of -log p(token | window context), number of tokens scored) for ids (N,)."""
+    nll_sum, n_scored, scored_until = 0.0, 0, 1  # tokens [0, scored_until) are done
+    for begin in range(0, len(ids) - 1, stride):
+        end = min(begin + max_length, len(ids))
+        window = ids[begin:end]
+        logits = model(window[None]).logits[0].float()  # logits[i] predicts window[i + 1]
+        first = max(scored_until - begin, 1)  # window index of the first target to score
+        log_probs = F.log_softmax(logits[first - 1 : -1], dim=-1)
+        nll_sum -= log_probs.gather(-1, window[first:, None]).sum().item()
+        n_scored += end - begin - first
+        scored_until = end
+        if end == len(ids):
+            break
+    return nll_sum, n_scored
+
+
+@torch.no_grad()
+def next_token_table(model, tokenizer, prompt: str, top_n: int = 10, temperature: float = 1.0,
+                     sos: bool = False) -> list[tuple[str, float]]:
+    """The `top_n` most likely next tokens after `prompt` as (token text, probability), best first."""
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+        raise ValueError(f"top_n must be a positive int, got {top_n!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    input_ids = _as_input(model, prompt_ids(tokenizer, prompt, sos), "prompt")
+    with evaluating(model):
+        logits = model(input_ids).logits[0, -1].float()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    top = torch.topk(probs, min(top_n, probs.numel()))
+    return list(zip(token_strings(tokenizer, top.indices.tolist()), top.values.tolist()))
+
+
+def format_next_token_table(rows: Sequence[tuple[str, float]], bar_width: int = 30) -> str:
+    """`next_token_table` rows as a small text table with a probability bar per token."""
+    lines = [f"{'token':>10}  {'prob':>6}"]
+    for token, prob in rows:
+        lines.append(f"{_visible(token):>10}  {prob:6.3f}  {'#' * round(prob * bar_width)}")
+    return "\n".join(lines)
+
+
+def _visible(token: str) -> str:
+    """A token with its spaces and control characters made visible ('\\n', '␣')."""
+    return repr(token)[1:-1].replace(" ", "\u2423")
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+@torch.no_grad()
+def attention_maps(model, tokenizer, text: str, add_special_tokens: bool = False) -> torch.Tensor:
+    """Attention probabilities of every layer and head on `text`: (layers, heads, T, T), float32 on CPU.
+
+    Row i of a map is how much query token i attends to each key token (zero above the
+    diagonal). The tokens are `token_strings(tokenizer, tokenizer.encode(text, add_special_tokens))`.
+    """
+    input_ids = _as_input(model, _encode(tokenizer, text, add_special_tokens=add_special_tokens), "text")
+    if input_ids.shape[1] == 0:
+        raise ValueError("text is empty: there is nothing to attend to")
+    with evaluating(model):
+        attentions = model(input_ids, output_attentions=True).attentions
+    return torch.stack([a[0] for a in attentions]).float().cpu()
+
+
+@torch.no_grad()
+def hidden_states(model, tokenizer, texts: Sequence[str], layer: int = -1, pool: str = "mean",
+                  add_special_tokens: bool = False) -> torch.Tensor:
+    """One vector per text from the residual stream: (N, n_embd), float32 on CPU.
+
+    `layer` indexes the n_layer + 1 hidden states (0: the embeddings, -1: the final,
+    layer-normed output). `pool` is 'mean' (over the text's tokens) or 'last' (the last token).
+    """
+    if pool not in ("mean", "last"):
+        raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("texts must be a non-empty list of strings")
+    n_states = model.config.n_layer + 1
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_states <= layer < n_states:
+        raise ValueError(f"layer must be an int in [{-n_states}, {n_states - 1}], got {layer!r}")
+    vectors = []
+    with evaluating(model):
+        for text in texts:
+            ids = _encode(tokenizer, text, add_special_tokens=add_special_tokens)
+            if not ids:
+                raise ValueError(f"text {text!r} encodes to no tokens")
+            h = model(_as_input(model, ids, "text"), output_hidden_states=True).hidden_states[layer][0]
+            vectors.append(h.mean(0) if pool == "mean" else h[-1])
+    return torch.stack(vectors).float().cpu()
+
+
+@torch.no_grad()
+def embeddings(model, tokenizer, tokens: Sequence[str]) -> torch.Tensor:
+    """The rows of the token embedding table (wte) for each token text in `tokens`: (N, n_embd), float32 on CPU."""
+    rows = []
+    for token in tokens:
+        ids = _encode(tokenizer, token, "token")
+        if len(ids) != 1:
+            raise ValueError(f"token {token!r} must encode to exactly one token, got {len(ids)}: {ids}")
+        rows.append(ids[0])
+    return model.transformer.wte.weight[rows].float().cpu()
+
+
+def pca(vectors: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project `vectors` (N, C) onto their first k principal components.
+
+    Returns the coordinates (N, k) and the fraction of the variance each component
+    explains (k,). Centering then an SVD: X - mean = U S V^T, coordinates = U S.
+    """
+    if vectors.ndim != 2 or vectors.shape[0] < 2:
+        raise ValueError(f"vectors must be (N, C) with N >= 2, got shape {tuple(vectors.shape)}")
+    if not 1 <= k <= min(vectors.shape):
+        raise ValueError(f"k must be in [1, {min(vectors.shape)}] for vectors of shape {tuple(vectors.shape)}, got {k}")
+    x = vectors.double()
+    x = x - x.mean(0)
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    variance = s.square()
+    ratio = variance[:k] / variance.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    return (u[:, :k] * s[:k]).float(), ratio.float()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> str:
+    path = os.fspath(path)
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_attention(maps: torch.Tensor, tokens: Sequence[str], path, title: str | None = None) -> str:
+    """Write a PNG grid of attention heatmaps (rows: layers, columns: heads) with the
+    tokens on both axes (keys across, queries down). `maps` is (layers, heads, T, T)."""
+    if maps.ndim != 4 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"maps must be (layers, heads, T, T), got shape {tuple(maps.shape)}")
+    if len(tokens) != maps.shape[-1]:
+        raise ValueError(f"tokens has {len(tokens)} entries but the maps are over T={maps.shape[-1]} tokens")
+    plt = _pyplot()
+    layers, heads, T = maps.shape[0], maps.shape[1], maps.shape[-1]
+    panel = max(1.6, 0.22 * T)
+    fig, axes = plt.subplots(layers, heads, figsize=(panel * heads + 1.0, panel * layers + 0.6), squeeze=False)
+    labels = [_visible(t) for t in tokens]
+    show_labels = T <= 48
+    for layer in range(layers):
+        for head in range(heads):
+            ax = axes[layer][head]
+            image = ax.imshow(maps[layer, head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if show_labels and layer == layers - 1:  # key tokens under the bottom row
+                ax.set_xticks(range(T), labels, fontsize=6, rotation=90)
+            if show_labels and head == 0:  # query tokens left of the first column
+                ax.set_yticks(range(T), labels, fontsize=6)
+            ax.set_title(f"layer {layer} head {head}", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention")
+    fig.suptitle(title or "attention (query rows, key columns)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_pca(vectors: torch.Tensor, labels: Sequence[str], path, title: str | None = None) -> str:
+    """Write a PNG scatter of `vectors` (N, C) on their first two principal components,
+    each point annotated with its label."""
+    if len(labels) != vectors.shape[0]:
+        raise ValueError(f"labels has {len(labels)} entries for {vectors.shape[0]} vectors")
+    coords, ratio = pca(vectors, k=2)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    ax.scatter(coords[:, 0].numpy(), coords[:, 1].numpy(), s=18, alpha=0.7)
+    for (x, y), label in zip(coords.tolist(), labels):
+        ax.annotate(_visible(str(label)), (x, y), fontsize=8,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"PC 1 ({ratio[0]:.0%} of variance)")
+    ax.set_ylabel(f"PC 2 ({ratio[1]:.0%} of variance)")
+    ax.set_title(title or "PCA")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_curve(values: Sequence[float], path, title: str = "", xlabel: str = "step", ylabel: str = "value") -> str:
+    """Write a PNG line plot of `values` (e.g. the rewards of a feedback session)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(range(1, len(values) + 1), list(values), marker="o", markersize=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
