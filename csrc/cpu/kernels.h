@@ -1,0 +1,38 @@
+// The entry points of the CPU kernels, one block per operation.
+//
+// Every csrc/cpu/<op>.cpp is compiled once per instruction set, with CPU_CAPABILITY set
+// to DEFAULT, AVX2 or AVX512 (and the matching compiler flags), and defines its entry
+// points in namespace pyminigpt::cpu::CPU_CAPABILITY. This header declares them for all
+// three; cpu_ops.cpp picks one per op at run time from ATen's CPU capability.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#define PYMINIGPT_DECLARE_CPU_KERNELS(CAPABILITY)                                                          \
+  namespace pyminigpt::cpu::CAPABILITY {                                                                   \
+  /* softmax.cpp */                                                                                        \
+  at::Tensor softmax_fwd(const at::Tensor& x, double temperature);                                         \
+  at::Tensor softmax_bwd(const at::Tensor& y, const at::Tensor& grad_y, double temperature);               \
+  /* layernorm.cpp */                                                                                      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,     \
+                                                                const at::Tensor& bias, double eps);               \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,     \
+                                                                const at::Tensor& weight, const at::Tensor& mean,  \
+                                                                const at::Tensor& rstd);                           \
+  /* sampling.cpp */                                                                                       \
+  at::Tensor top_k_top_p_filter(const at::Tensor& logits, int64_t top_k, double top_p, int64_t min_tokens_to_keep); \
+  at::Tensor sample(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,                     \
+                    const at::Tensor& uniform);                                                                    \
+  /* attention.cpp */                                                                                      \
+  std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,           \
+                                                          const at::Tensor& v, double scale);              \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(                                     \
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,           \
+      const at::Tensor& out, const at::Tensor& lse, double scale);                                         \
+  }
+
+PYMINIGPT_DECLARE_CPU_KERNELS(DEFAULT)
+PYMINIGPT_DECLARE_CPU_KERNELS(AVX2)
+PYMINIGPT_DECLARE_CPU_KERNELS(AVX512)

@@ -1,0 +1,34 @@
+// The schemas of pyminigpt's custom operators, defined once for every device.
+//
+// Kernels register implementations for a dispatch key elsewhere: cpu_ops.cpp (CPU),
+// cuda_ops.cpp (CUDA, in CUDA builds only). Fake (meta) functions and autograd
+// formulas are registered from Python, in pyminigpt/ops/library.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyminigpt, m) {
+  // y = softmax(x / temperature) over the last dim; backward dx = y * (dy - sum(dy * y)) / temperature.
+  m.def("softmax_fwd(Tensor x, float temperature) -> Tensor");
+  m.def("softmax_bwd(Tensor y, Tensor grad_y, float temperature) -> Tensor");
+  // y = (x - mean) * rstd * weight + bias over the last dim; mean and rstd are fp32 (N,).
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+  // transformers' top-k then top-p warpers: removed logits become -inf.
+  m.def("top_k_top_p_filter(Tensor logits, int top_k, float top_p, int min_tokens_to_keep) -> Tensor");
+  // temperature, top-k, top-p and one draw per row from a uniform in [0, 1): (B,) int64.
+  m.def("sample(Tensor logits, float temperature, int top_k, float top_p, Tensor uniform) -> Tensor");
+  // softmax(q k^T * scale, causal) v with query i seeing keys <= i + Tk - Tq; lse fp32 (B, H, Tq).
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "causal_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale)"
+      " -> (Tensor, Tensor, Tensor)");
+}
+
+// pyminigpt._C is imported from Python only for the side effect above (registering the
+// operators); it exports no Python functions of its own.
+#include <Python.h>
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "pyminigpt's C++/CUDA operators (torch.ops.pyminigpt)", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,127 @@
+"""Fake (meta) functions and autograd formulas for the C++ operators `torch.ops.pyminigpt.*`.
+
+The schemas live in csrc/ops.cpp and the kernels register per device (csrc/cpu_ops.cpp,
+csrc/cuda_ops.cpp). Here we add what PyTorch needs to trace them (`register_fake`, for
+torch.compile and meta tensors) and to differentiate them (`register_autograd`), once
+for every device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import pyminigpt._C  # noqa: F401  (registers the torch.ops.pyminigpt operators)
+
+ops = torch.ops.pyminigpt
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel for pyminigpt::op_name on this dispatch key."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyminigpt::{op_name}", dispatch_key)
+
+
+# ---- softmax --------------------------------------------------------------------------
+
+
+@torch.library.register_fake("pyminigpt::softmax_fwd")
+def _(x, temperature):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("pyminigpt::softmax_bwd")
+def _(y, grad_y, temperature):
+    return torch.empty_like(y)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.temperature = inputs[1]
+    ctx.save_for_backward(output)
+
+
+def _softmax_backward(ctx, grad_y):
+    (y,) = ctx.saved_tensors
+    return ops.softmax_bwd(y, grad_y.contiguous(), ctx.temperature), None
+
+
+torch.library.register_autograd("pyminigpt::softmax_fwd", _softmax_backward, setup_context=_softmax_setup)
+
+
+# ---- layer norm -----------------------------------------------------------------------
+
+
+@torch.library.register_fake("pyminigpt::layer_norm_fwd")
+def _(x, weight, bias, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("pyminigpt::layer_norm_bwd")
+def _(grad_y, x, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = ops.layer_norm_bwd(grad_y.contiguous(), x, weight, mean, rstd)
+    return dx, dweight, dbias, None
+
+
+torch.library.register_autograd("pyminigpt::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+# ---- top-k / top-p filter and sampling (not differentiable) ----------------------------
+
+
+@torch.library.register_fake("pyminigpt::top_k_top_p_filter")
+def _(logits, top_k, top_p, min_tokens_to_keep):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake("pyminigpt::sample")
+def _(logits, temperature, top_k, top_p, uniform):
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+# ---- causal attention -----------------------------------------------------------------
+
+
+@torch.library.register_fake("pyminigpt::causal_attention_fwd")
+def _(q, k, v, scale):
+    b, h, tq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, tq), dtype=torch.float32)
+
+
+@torch.library.register_fake("pyminigpt::causal_attention_bwd")
+def _(grad_out, q, k, v, out, lse, scale):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = ops.causal_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+torch.library.register_autograd(
+    "pyminigpt::causal_attention_fwd", _attention_backward, setup_context=_attention_setup
+)

@@ -1,0 +1,100 @@
+"""Builds pyminigpt._C: the C++ CPU kernels always, the CUDA kernels when possible.
+
+CPU: every csrc/cpu/<op>.cpp is compiled three times -- for the DEFAULT, AVX2 and AVX512
+instruction sets, each with its CPU_CAPABILITY defines so that at::vec::Vectorized really
+uses those registers -- and csrc/cpu_ops.cpp picks one at run time. Never -march=native:
+the result must run on any x86-64 CPU.
+
+CUDA: built when torch was built with CUDA and a CUDA toolkit is found, or when
+PYMINIGPT_BUILD_CUDA=1 forces it (PYMINIGPT_BUILD_CUDA=0 turns it off). Architectures come
+from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), never from the GPU at hand.
+
+Install against the torch you have: pip install --no-build-isolation .
+"""
+
+import glob
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, include_paths
+
+CPU_KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/*.cpp"))
+CPU_KERNEL_HEADERS = sorted(glob.glob("csrc/cpu/*.h"))
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+# Silenced warnings come from inside torch's and GCC's own headers (#pragma unroll, AVX-512 intrinsics).
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("PYMINIGPT_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+class BuildWithCpuCapabilities(BuildExtension):
+    """BuildExtension that first compiles the CPU kernels once per instruction set."""
+
+    def build_extensions(self):
+        objects = self.compile_cpu_kernels()
+        for ext in self.extensions:
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extensions()
+
+    def compile_cpu_kernels(self) -> list:
+        abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+        includes = [f"-I{path}" for path in include_paths()]
+        out_dir = os.path.join(self.build_temp, "cpu_kernels")
+        os.makedirs(out_dir, exist_ok=True)
+        jobs = []
+        for capability, isa_flags in CPU_CAPABILITY_FLAGS.items():
+            for source in CPU_KERNEL_SOURCES:
+                name = os.path.splitext(os.path.basename(source))[0]
+                obj = os.path.join(out_dir, f"{name}.{capability}.o")
+                defines = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+                command = [os.environ.get("CXX", "c++"), "-c", source, "-o", obj, abi, *CXX_FLAGS, *isa_flags,
+                           *defines, *includes]
+                jobs.append((source, obj, command))
+        stale = [job for job in jobs if self.force or not is_up_to_date(job[1], [job[0], *CPU_KERNEL_HEADERS])]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(run_compiler, stale))
+        return [obj for _, obj, _ in jobs]
+
+
+def run_compiler(job) -> None:
+    source, obj, command = job
+    print(f"compiling {source} -> {obj}", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    sys.stdout.write(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling {source} failed:\n{' '.join(command)}")
+
+
+def is_up_to_date(target: str, sources: list) -> bool:
+    return os.path.exists(target) and all(os.path.getmtime(target) >= os.path.getmtime(s) for s in sources)
+
+
+def extension():
+    sources = ["csrc/ops.cpp", "csrc/cpu_ops.cpp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    if want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += ["csrc/cuda_ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))]
+        return CUDAExtension(
+            "pyminigpt._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DPYMINIGPT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension("pyminigpt._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)})
