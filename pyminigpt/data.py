@@ -292,12 +292,19 @@ NAME_STYLES: dict[str, dict] = {
 
 
 def _make_name(rng: random.Random, style: dict) -> str:
-    parts = []
-    for _ in range(rng.randint(*style["syllables"])):
-        parts += [rng.choice(style["onsets"]), rng.choice(style["nuclei"]), rng.choice(style["codas"])]
+    """Open syllables (onset + nucleus), a coda on the last one, then maybe an ending."""
+    parts = [rng.choice(style["onsets"]) + rng.choice(style["nuclei"]) for _ in range(rng.randint(*style["syllables"]))]
+    coda = rng.choice(style["codas"])
     if rng.random() < style["ending_p"]:
-        parts.append(rng.choice(style["endings"]))
+        ending = rng.choice(style["endings"])
+        coda = "" if ending[0] not in _VOWELS else coda  # no consonant pile-up before the ending
+        parts += [coda, ending]
+    else:
+        parts.append(coda)
     return "".join(parts).capitalize()
+
+
+_VOWELS = set("aeiouyëíö")
 
 
 def names_corpus(n: int = 5000, seed: int = 0, styles: Sequence[str] | None = None) -> list[str]:

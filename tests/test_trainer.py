@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -156,16 +157,23 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, corpus, monkeypatch)
     assert fresh.load_checkpoint(tmp_path / "last")["step"] == 2
 
 
-def test_checkpoint_for_another_config_is_refused(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def one_step_checkpoint(tmp_path_factory, corpus):
+    tok, _, ids = corpus
+    out = tmp_path_factory.mktemp("one-step")
+    Trainer(tiny_model(tok.vocab_size), SlidingWindowDataset(ids, SEQ_LEN), config=config(out, max_steps=1)).train()
+    return out / "last"
+
+
+def test_checkpoint_for_another_config_is_refused(corpus, one_step_checkpoint):
     tok, _, ids = corpus
     data = SlidingWindowDataset(ids, SEQ_LEN)
-    Trainer(tiny_model(tok.vocab_size), data, config=config(tmp_path, max_steps=1)).train()
     other = Trainer(tiny_model(tok.vocab_size, n_embd=48), data, config=config())
     before = weights(other.model)
     with pytest.raises(CheckpointError, match=r"config\.json.*n_embd=32 \(model has 48\)"):
-        other.load_checkpoint(tmp_path / "last")
+        other.load_checkpoint(one_step_checkpoint)
     with pytest.raises(ValueError, match="batch_size=4, this run has 8"):
-        Trainer(tiny_model(tok.vocab_size), data, config=config(batch_size=8)).load_checkpoint(tmp_path / "last")
+        Trainer(tiny_model(tok.vocab_size), data, config=config(batch_size=8)).load_checkpoint(one_step_checkpoint)
     assert all(torch.equal(other.model.state_dict()[k], v) for k, v in before.items())
 
 
@@ -173,21 +181,20 @@ def test_checkpoint_for_another_config_is_refused(tmp_path, corpus):
     "file", ["model.safetensors", "trainer_state.safetensors", "trainer_state.json", "config.json"]
 )
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_checkpoint_names_the_file(tmp_path, corpus, file, damage):
+def test_damaged_checkpoint_names_the_file(tmp_path, corpus, one_step_checkpoint, file, damage):
     tok, _, ids = corpus
-    data = SlidingWindowDataset(ids, SEQ_LEN)
-    Trainer(tiny_model(tok.vocab_size), data, config=config(tmp_path, max_steps=1)).train()
-    path = tmp_path / "last" / file
+    checkpoint = shutil.copytree(one_step_checkpoint, tmp_path / "last")
+    path = checkpoint / file
     raw = bytearray(path.read_bytes())
     if damage == "truncate":
         raw = raw[: len(raw) // 2]
     else:
         raw[-2] ^= 0x55
     path.write_bytes(bytes(raw))
-    fresh = Trainer(tiny_model(tok.vocab_size, seed=3), data, config=config())
+    fresh = Trainer(tiny_model(tok.vocab_size, seed=3), SlidingWindowDataset(ids, SEQ_LEN), config=config())
     before = weights(fresh.model)
     with pytest.raises(CheckpointError, match=file.replace(".", r"\.")):
-        fresh.load_checkpoint(tmp_path / "last")
+        fresh.load_checkpoint(checkpoint)
     assert fresh.step == 0 and all(torch.equal(fresh.model.state_dict()[k], v) for k, v in before.items())
     with pytest.raises(FileNotFoundError, match="nowhere"):
         fresh.load_checkpoint(tmp_path / "nowhere")
