@@ -87,23 +87,26 @@ def write_token_file(
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         dtype = _dtype_for(vocab_size - 1)
         chunks = [ids] if isinstance(ids, (np.ndarray, torch.Tensor, list, tuple)) else ids
-        limit = vocab_size
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with open(tmp, "wb") as f:
-        f.write(_HEADER.pack(_MAGIC, _VERSION, dtype.itemsize, 0))
-        for chunk in chunks:
-            chunk = np.asarray(chunk.cpu().numpy() if isinstance(chunk, torch.Tensor) else chunk)
-            if vocab_size is not None and chunk.size and (chunk.min() < 0 or chunk.max() >= limit):
-                raise ValueError(
-                    f"token ids must lie in [0, vocab_size={vocab_size}), got {chunk.min()}..{chunk.max()}"
-                )
-            f.write(chunk.astype(dtype, copy=False).tobytes())
-            count += chunk.size
-        f.seek(0)
-        f.write(_HEADER.pack(_MAGIC, _VERSION, dtype.itemsize, count))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_HEADER.pack(_MAGIC, _VERSION, dtype.itemsize, 0))
+            for chunk in chunks:
+                chunk = np.asarray(chunk.cpu().numpy() if isinstance(chunk, torch.Tensor) else chunk)
+                if vocab_size is not None and chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
+                    raise ValueError(
+                        f"token ids must lie in [0, vocab_size={vocab_size}), got {chunk.min()}..{chunk.max()}"
+                    )
+                f.write(chunk.astype(dtype, copy=False).tobytes())
+                count += chunk.size
+            f.seek(0)
+            f.write(_HEADER.pack(_MAGIC, _VERSION, dtype.itemsize, count))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -171,6 +174,15 @@ class SlidingWindowDataset(Dataset):
 
     def __len__(self) -> int:
         return self.num_windows
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn get the file name, not a pickled copy of the corpus
+        return {**self.__dict__, "tokens": None} if self.path is not None else self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.path is not None:
+            self.tokens = read_token_file(self.path)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -self.num_windows <= i < self.num_windows:

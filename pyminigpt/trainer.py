@@ -193,10 +193,8 @@ class Trainer:
             raise ValueError("train_dataset is empty")
         self.rank, self.world_size, local_rank = _join_process_group()
         self.is_main = self.rank == 0
-        if cfg.device == "auto":
-            self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(cfg.device)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        self.device = torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(
                 f"TrainerConfig.precision='fp16' needs a CUDA device (got {self.device}); use 'bf16' on CPU"
@@ -256,14 +254,15 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
-    def _loader(self, dataset: Dataset, indices: list[int], shuffle_seed: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, indices: list[int], seed: int) -> DataLoader:
+        """Batches of `dataset[i] for i in indices`, in that order."""
         return DataLoader(
             dataset,
             batch_size=self.config.batch_size,
             sampler=indices,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(shuffle_seed),  # keeps the global RNG untouched
+            generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
         )
 
     def _train_batches(self):

@@ -1,5 +1,7 @@
 """Datasets, token files, the built-in names corpus and text loading."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,7 @@ def test_token_file_streams_chunks(tmp_path):
     assert np.array_equal(read_token_file(path), np.concatenate(chunks))
     with pytest.raises(ValueError, match="vocab_size=10"):
         write_token_file(iter(chunks), tmp_path / "bad.bin", vocab_size=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toks.bin"]  # no half-written file left
 
 
 def test_token_file_bad_files_name_the_file(tmp_path):
@@ -82,6 +85,9 @@ def test_sliding_window_over_memmap_equals_in_memory(tmp_path):
     on_disk = SlidingWindowDataset(path, 64, 32)
     in_memory = SlidingWindowDataset(tokens, 64, 32)
     assert isinstance(on_disk.tokens, np.memmap)
+    reopened = pickle.loads(pickle.dumps(on_disk))  # as a spawned DataLoader worker gets it
+    assert len(pickle.dumps(on_disk)) < 1000 and isinstance(reopened.tokens, np.memmap)
+    assert torch.equal(reopened[7]["labels"], in_memory[7]["labels"])
     assert len(on_disk) == len(in_memory)
     for i in (0, 1, len(on_disk) // 2, len(on_disk) - 1):
         assert all(torch.equal(on_disk[i][k], in_memory[i][k]) for k in ("input_ids", "labels"))
