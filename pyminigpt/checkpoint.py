@@ -67,7 +67,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     old = path.with_name(path.name + ".old")
     if not path.exists() and (old / STATE_JSON).is_file():
         return old
-    raise FileNotFoundError(f"no checkpoint at {str(path)!r} (missing {STATE_JSON})")
+    raise FileNotFoundError(
+        f"no training checkpoint at {str(path)!r} (missing {STATE_JSON}); "
+        f"to start from weights alone, load them with GPT.from_pretrained"
+    )
 
 
 def save_checkpoint(path: str | os.PathLike, model, state: dict, tensors: dict[str, torch.Tensor]) -> Path:

@@ -31,6 +31,7 @@ with DistributedSampler. Rank 0 alone prints and writes files.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -281,15 +282,15 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
 
-    def _batch_loss(self, model, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, int]:
-        """(cross entropy over labels != -100, number of such labels) for one batch."""
+    def _batch_loss(self, model, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross entropy over labels != -100, number of such labels) for one batch, without a host sync."""
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         mask = batch.get("attention_mask")
         with self._autocast():
             logits = model(input_ids, attention_mask=None if mask is None else mask.to(self.device)).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
-        return loss, int((labels != -100).sum())
+        return loss, (labels != -100).sum()
 
     # ------------------------------------------------------------------ training
 
@@ -347,7 +348,7 @@ class Trainer:
             if self.config.eval_batches is not None and i >= self.config.eval_batches:
                 break
             loss, count = self._batch_loss(self.model, batch, reduction="sum")
-            totals += torch.stack([loss.double(), torch.tensor(count, dtype=torch.float64, device=self.device)])
+            totals += torch.stack([loss.double(), count.double()])
         if self.world_size > 1:
             dist.all_reduce(totals)
         self.model.train(was_training)
@@ -386,14 +387,14 @@ class Trainer:
             return False
         return self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps
 
-    def _evaluate_into(self, record: dict, bar) -> None:
-        """Add eval_loss / eval_ppl to `record`; save `best` when the eval loss improves."""
+    def _evaluate_into(self, record: dict, bar) -> bool:
+        """Add eval_loss / eval_ppl to `record`; whether the eval loss is the best so far."""
         record.update(self.evaluate())
-        if record["eval_loss"] < self.best_eval_loss:
-            self.best_eval_loss = record["eval_loss"]
-            self._save_if_out_dir("best")
         if self.is_main and self.config.progress:
             bar.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}")
+        improved = record["eval_loss"] < self.best_eval_loss
+        self.best_eval_loss = min(self.best_eval_loss, record["eval_loss"])
+        return improved
 
     def _stop_agreed(self) -> bool:
         """Whether any process was asked to stop (Ctrl-C, request_stop); all processes get the same answer."""
@@ -431,9 +432,10 @@ class Trainer:
                 start = time.perf_counter()
                 record = self._train_step(batches)
                 record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
-                if self._eval_due():
-                    self._evaluate_into(record, bar)
+                best = self._eval_due() and self._evaluate_into(record, bar)
                 self.history.append(record)
+                if best:
+                    self._save_if_out_dir("best")
                 bar.set_postfix_str(
                     f"loss={record['loss']:.4f}, lr={record['lr']:.2e}, tok/s={record['tokens_per_s']:,.0f}",
                     refresh=False,
@@ -461,8 +463,6 @@ class Trainer:
 
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint in out_dir with the most steps (`last` or `step-*`), or None."""
-        import json
-
         if self.out_dir is None or not self.out_dir.is_dir():
             return None
         found = []
