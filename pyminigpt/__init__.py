@@ -1,8 +1,26 @@
 """pyminigpt: a small GPT-2 whose hot operations run on fused kernels."""
 
 from . import ops
+from .data import SequenceDataset, SlidingWindowDataset, load_text, names_corpus, write_token_file
 from .model import GPT, GPTConfig
+from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+from .trainer import Trainer, TrainerConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "ops", "__version__"]
+__all__ = [
+    "GPT",
+    "BPETokenizer",
+    "CharTokenizer",
+    "GPTConfig",
+    "SequenceDataset",
+    "SlidingWindowDataset",
+    "Trainer",
+    "TrainerConfig",
+    "__version__",
+    "load_text",
+    "load_tokenizer",
+    "names_corpus",
+    "ops",
+    "write_token_file",
+]
