@@ -27,6 +27,8 @@
 // crowd into a few bins, and same-word shared atomics within a warp would serialise.
 #include <cub/block/block_scan.cuh>
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace pyminigpt::cuda {
