@@ -19,6 +19,15 @@ from pyminigpt.trainer import Trainer, TrainerConfig
 SEQ_LEN = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and threads thrash on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def corpus():
     names = names_corpus(300, seed=0)
