@@ -67,14 +67,14 @@ def _forward_configs():
 def _backward_config(dtype: torch.dtype) -> dict:
     """Block sizes of the two backward kernels (dk/dv: M1 x N1, dq: M2 x N2)."""
     if _INTERPRET:
-        return dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16, num_warps=4, num_stages=1)
+        return {"BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:  # twice the bytes per tile: smaller tiles to fit shared memory
-        return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, num_warps=4, num_stages=3)
+        return {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 4, "num_stages": 3}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """"ieee": exact fp32 products (fp32 inputs; bf16 under the interpreter, see `_dot`); else tensor-core default."""
+    """ "ieee": exact fp32 products (fp32 inputs; bf16 under the interpreter, see `_dot`); else tensor-core default."""
     return "ieee" if dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16) else "tf32"
 
 
@@ -90,15 +90,34 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 @triton.jit
 def _fwd_key_blocks(
-    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, end, offs_m, offs_d, n_keys, causal_offset,
-    qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    start,
+    end,
+    offs_m,
+    offs_d,
+    n_keys,
+    causal_offset,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Online softmax over the key blocks [start, end); CAUSAL_MASK for the blocks the diagonal crosses."""
     d_mask = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_keys
-        k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        k_t = tl.load(
+            k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_mask[:, None] & n_mask[None, :], other=0.0
+        )
         qk = _dot(q, k_t, PRECISION) * qk_scale
         if CAUSAL_MASK:
             visible = (offs_n[None, :] <= offs_m[:, None] + causal_offset) & n_mask[None, :]
@@ -107,7 +126,9 @@ def _fwd_key_blocks(
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
+        )
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -116,12 +137,32 @@ def _fwd_key_blocks(
 @triton.autotune(configs=_forward_configs(), key=["HEAD_DIM"])
 @triton.jit
 def attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot,
-    n_heads, n_queries, n_keys, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    n_heads,
+    n_queries,
+    n_keys,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
@@ -135,7 +176,9 @@ def attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < n_queries
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
+    )
 
     causal_offset = n_keys - n_queries
     qk_scale = scale * LOG2E
@@ -146,24 +189,79 @@ def attention_fwd_kernel(
     full_end = tl.minimum((start_m + causal_offset + 1) // BLOCK_N, n_keys // BLOCK_N) * BLOCK_N
     end = tl.minimum(start_m + BLOCK_M + causal_offset, n_keys)
     acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, full_end, offs_m, offs_d, n_keys, causal_offset,
-        qk_scale, BLOCK_N, HEAD_DIM, False, PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        0,
+        full_end,
+        offs_m,
+        offs_d,
+        n_keys,
+        causal_offset,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        False,
+        PRECISION,
     )
     acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_end, end, offs_m, offs_d, n_keys, causal_offset,
-        qk_scale, BLOCK_N, HEAD_DIM, True, PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        full_end,
+        end,
+        offs_m,
+        offs_d,
+        n_keys,
+        causal_offset,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        True,
+        PRECISION,
     )
     o = acc / l_i[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(
+        o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
+        o.to(o_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
     tl.store(lse_ptr + batch_head.to(tl.int64) * n_queries + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_mask)
 
 
 @triton.jit
 def attention_decode_partial_kernel(
-    q_ptr, k_ptr, v_ptr, partial_o_ptr, partial_lse_ptr,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    n_heads, n_keys, keys_per_split, n_splits, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    partial_o_ptr,
+    partial_lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    n_heads,
+    n_keys,
+    keys_per_split,
+    n_splits,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -205,8 +303,17 @@ def attention_decode_partial_kernel(
 
 @triton.jit
 def attention_decode_combine_kernel(
-    partial_o_ptr, partial_lse_ptr, o_ptr, lse_ptr, stride_ob, stride_oh, n_heads, n_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    partial_o_ptr,
+    partial_lse_ptr,
+    o_ptr,
+    lse_ptr,
+    stride_ob,
+    stride_oh,
+    n_heads,
+    n_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     batch_head = tl.program_id(0)
     batch, head = batch_head // n_heads, batch_head % n_heads
@@ -227,12 +334,38 @@ def attention_decode_combine_kernel(
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt,  # dk and dv share one layout
-    n_heads, n_queries, n_keys, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,  # dk and dv share one layout
+    n_heads,
+    n_queries,
+    n_keys,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     batch_head = tl.program_id(1)
@@ -262,26 +395,53 @@ def attention_bwd_dkdv_kernel(
     for start_m in range(first, n_queries, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n_queries
-        q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=d_mask[:, None] & m_mask[None, :], other=0.0)
+        q_t = tl.load(
+            q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=d_mask[:, None] & m_mask[None, :], other=0.0
+        )
         lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=float("inf"))  # no mass for padding rows
         p_t = tl.exp2(_dot(k, q_t, PRECISION) * qk_scale - lse[None, :] * LOG2E)
         if start_m < full_start:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        do = tl.load(
+            do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
+        )
         dv += _dot(p_t.to(do.dtype), do, PRECISION)
         delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
         dp_t = _dot(v, tl.trans(do), PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), PRECISION)
-    grad_offsets = batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    grad_offsets = (
+        batch.to(tl.int64) * stride_dkb
+        + head.to(tl.int64) * stride_dkh
+        + offs_n[:, None] * stride_dkt
+        + offs_d[None, :]
+    )
     tl.store(dk_ptr + grad_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + grad_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _dq_key_blocks(
-    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start, end, offs_m, offs_d, n_keys, causal_offset,
-    qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    start,
+    end,
+    offs_m,
+    offs_d,
+    n_keys,
+    causal_offset,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dq contributions of the key blocks [start, end); CAUSAL_MASK for the blocks the diagonal crosses."""
     d_mask = offs_d < HEAD_DIM
@@ -302,12 +462,37 @@ def _dq_key_blocks(
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
-    n_heads, n_queries, n_keys, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    n_heads,
+    n_queries,
+    n_keys,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
@@ -333,15 +518,53 @@ def attention_bwd_dq_kernel(
     full_end = tl.minimum((start_m + causal_offset + 1) // BLOCK_N, n_keys // BLOCK_N) * BLOCK_N
     end = tl.minimum(start_m + BLOCK_M + causal_offset, n_keys)
     dq = _dq_key_blocks(
-        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full_end, offs_m, offs_d, n_keys,
-        causal_offset, qk_scale, BLOCK_N, HEAD_DIM, False, PRECISION,
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        0,
+        full_end,
+        offs_m,
+        offs_d,
+        n_keys,
+        causal_offset,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        False,
+        PRECISION,
     )
     dq = _dq_key_blocks(
-        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full_end, end, offs_m, offs_d, n_keys,
-        causal_offset, qk_scale, BLOCK_N, HEAD_DIM, True, PRECISION,
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        full_end,
+        end,
+        offs_m,
+        offs_d,
+        n_keys,
+        causal_offset,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        True,
+        PRECISION,
     )
     dq_base = dq_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
-    tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=qo_mask)
+    tl.store(
+        dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=qo_mask
+    )
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -351,7 +574,9 @@ def supports(q: torch.Tensor) -> bool:
 
 def _check(q, k, v):
     if not supports(q):
-        raise ValueError(f"attention kernels take head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM} in fp16/bf16/fp32, got q {tuple(q.shape)} {q.dtype}")
+        raise ValueError(
+            f"attention kernels take head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM} in fp16/bf16/fp32, got q {tuple(q.shape)} {q.dtype}"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
@@ -383,14 +608,42 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         partial_o = torch.empty((batch * heads, n_splits, block_d), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((batch * heads, n_splits), dtype=torch.float32, device=q.device)
         wrap(attention_decode_partial_kernel)[(n_splits, batch * heads)](
-            q, k, v, partial_o, partial_lse,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            heads, n_keys, keys_per_split, n_splits, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=16 if _INTERPRET else 64, num_warps=4,
+            q,
+            k,
+            v,
+            partial_o,
+            partial_lse,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            heads,
+            n_keys,
+            keys_per_split,
+            n_splits,
+            scale,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_N=16 if _INTERPRET else 64,
+            num_warps=4,
         )
         wrap(attention_decode_combine_kernel)[(batch * heads,)](
-            partial_o, partial_lse, out, lse, out.stride(0), out.stride(1), heads, n_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits), num_warps=4,
+            partial_o,
+            partial_lse,
+            out,
+            lse,
+            out.stride(0),
+            out.stride(1),
+            heads,
+            n_splits,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(n_splits),
+            num_warps=4,
         )
         return out, lse
 
@@ -398,11 +651,30 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         return (triton.cdiv(n_queries, meta["BLOCK_M"]), batch * heads)
 
     wrap(attention_fwd_kernel)[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, n_queries, n_keys, scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=_dot_precision(q.dtype),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        heads,
+        n_queries,
+        n_keys,
+        scale,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PRECISION=_dot_precision(q.dtype),
     )
     return out, lse
 
@@ -420,20 +692,66 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale: float, wrap=_no_wrap):
         return dq, dk.zero_(), dv.zero_()
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     config = _backward_config(q.dtype)
-    common = dict(
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PRECISION=_dot_precision(q.dtype),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
+    common = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "PRECISION": _dot_precision(q.dtype),
+        "num_warps": config["num_warps"],
+        "num_stages": config["num_stages"],
+    }
     strides = (
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        grad_out.stride(2),
     )
     wrap(attention_bwd_dkdv_kernel)[(triton.cdiv(n_keys, config["BLOCK_N1"]), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2), heads, n_queries, n_keys, scale,
-        BLOCK_M=config["BLOCK_M1"], BLOCK_N=config["BLOCK_N1"], **common,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        *strides,
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        heads,
+        n_queries,
+        n_keys,
+        scale,
+        BLOCK_M=config["BLOCK_M1"],
+        BLOCK_N=config["BLOCK_N1"],
+        **common,
     )
     wrap(attention_bwd_dq_kernel)[(triton.cdiv(n_queries, config["BLOCK_M2"]), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2), heads, n_queries, n_keys, scale,
-        BLOCK_M=config["BLOCK_M2"], BLOCK_N=config["BLOCK_N2"], **common,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        *strides,
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        heads,
+        n_queries,
+        n_keys,
+        scale,
+        BLOCK_M=config["BLOCK_M2"],
+        BLOCK_N=config["BLOCK_N2"],
+        **common,
     )
     return dq, dk, dv

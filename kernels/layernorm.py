@@ -39,7 +39,16 @@ def _row_config(n_cols: int) -> tuple[int, int]:
 
 @triton.jit
 def layer_norm_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, x_row_stride, y_row_stride, n_cols, eps,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,
+    x_row_stride,
+    y_row_stride,
+    n_cols,
+    eps,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -59,8 +68,20 @@ def layer_norm_fwd_kernel(
 
 @triton.jit
 def layer_norm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_dw_ptr, partial_db_ptr,
-    dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols, rows_per_program,
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    partial_dw_ptr,
+    partial_db_ptr,
+    dy_row_stride,
+    x_row_stride,
+    dx_row_stride,
+    n_rows,
+    n_cols,
+    rows_per_program,
     BLOCK: tl.constexpr,
 ):
     group = tl.program_id(0)
@@ -89,8 +110,14 @@ def layer_norm_bwd_kernel(
 
 @triton.jit
 def column_sum_kernel(
-    partial_dw_ptr, partial_db_ptr, dw_ptr, db_ptr, n_groups, n_cols,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    partial_dw_ptr,
+    partial_db_ptr,
+    dw_ptr,
+    db_ptr,
+    n_groups,
+    n_cols,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < n_cols
@@ -146,9 +173,22 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, wrap=_no_wrap):
     partial_db = torch.empty((n_groups, n_cols), dtype=torch.float32, device=x.device)
     block, num_warps = _row_config(n_cols)
     wrap(layer_norm_bwd_kernel)[(n_groups,)](
-        dy, x, weight, mean, rstd, dx, partial_dw, partial_db,
-        dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-        BLOCK=block, num_warps=num_warps,
+        dy,
+        x,
+        weight,
+        mean,
+        rstd,
+        dx,
+        partial_dw,
+        partial_db,
+        dy.stride(0),
+        x.stride(0),
+        dx.stride(0),
+        n_rows,
+        n_cols,
+        rows_per_program,
+        BLOCK=block,
+        num_warps=num_warps,
     )
     block_c = 64
     wrap(column_sum_kernel)[(triton.cdiv(n_cols, block_c),)](

@@ -47,7 +47,7 @@ LOG2E = 1.4426950408889634
 def _load_row_tile(row_ptr, start, n_cols, BLOCK: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
     x = tl.load(row_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-    return tl.where(x == x, x, float("-inf")), offs  # NaN counts as -inf
+    return tl.where(x == x, x, float("-inf")), offs  # noqa: PLR0124  (x != x: NaN, counted as -inf)
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def _row_summary(row_ptr, n_cols, BLOCK: tl.constexpr):
     lo = tl.full([BLOCK], float("inf"), tl.float32)
     n_finite = tl.zeros([BLOCK], tl.int32)
     for start in range(0, n_cols, BLOCK):
-        x, offs = _load_row_tile(row_ptr, start, n_cols, BLOCK)
+        x, _ = _load_row_tile(row_ptr, start, n_cols, BLOCK)
         finite = x > float("-inf")
         hi = tl.maximum(hi, x)
         lo = tl.minimum(lo, tl.where(finite, x, float("inf")))
@@ -70,7 +70,7 @@ def _mass_at_least(row_ptr, n_cols, threshold, row_max, scale_log2, BLOCK: tl.co
     """sum of exp2((x - row_max) * scale_log2) over x >= threshold."""
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_cols, BLOCK):
-        x, offs = _load_row_tile(row_ptr, start, n_cols, BLOCK)
+        x, _ = _load_row_tile(row_ptr, start, n_cols, BLOCK)
         acc += tl.where(x >= threshold, tl.exp2((x - row_max) * scale_log2), 0.0)
     return tl.sum(acc, axis=0)
 
@@ -91,7 +91,7 @@ def _largest_threshold(
         above = tl.full([BLOCK], float("inf"), tl.float32)  # smallest logit >= mid
         below = tl.full([BLOCK], float("-inf"), tl.float32)  # largest logit < mid
         for start in range(0, n_cols, BLOCK):
-            x, offs = _load_row_tile(row_ptr, start, n_cols, BLOCK)
+            x, _ = _load_row_tile(row_ptr, start, n_cols, BLOCK)
             ge = x >= mid
             if BY_MASS:
                 acc += tl.where(ge, tl.exp2((x - row_max) * scale_log2), 0.0)
@@ -117,7 +117,7 @@ def _tie_stats(row_ptr, n_cols, threshold, row_max, scale_log2, BLOCK: tl.conste
     n_ties = tl.zeros([BLOCK], tl.int32)
     mass_above = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_cols, BLOCK):
-        x, offs = _load_row_tile(row_ptr, start, n_cols, BLOCK)
+        x, _ = _load_row_tile(row_ptr, start, n_cols, BLOCK)
         gt = x > threshold
         n_above += gt.to(tl.int32)
         n_ties += (x == threshold).to(tl.int32)
@@ -140,14 +140,18 @@ def _kept_set(row_ptr, n_cols, top_k, top_p, min_tokens_to_keep, scale_log2, BLO
     threshold = smallest  # top-k off: every finite logit stays
     k = tl.maximum(top_k, min_tokens_to_keep)
     if (top_k > 0) & (n_finite > k):
-        threshold = _largest_threshold(row_ptr, n_cols, smallest, row_max, k.to(tl.float32), row_max, scale_log2, False, BLOCK)
+        threshold = _largest_threshold(
+            row_ptr, n_cols, smallest, row_max, k.to(tl.float32), row_max, scale_log2, False, BLOCK
+        )
     n_above, n_ties, mass_above, tie_weight = _tie_stats(row_ptr, n_cols, threshold, row_max, scale_log2, BLOCK)
     n_kept_ties = n_ties
     if top_p < 1.0:
         top_k_threshold = threshold
         n_top_k = n_above + n_ties
         target = top_p * _mass_at_least(row_ptr, n_cols, top_k_threshold, row_max, scale_log2, BLOCK)
-        threshold = _largest_threshold(row_ptr, n_cols, top_k_threshold, row_max, target, row_max, scale_log2, True, BLOCK)
+        threshold = _largest_threshold(
+            row_ptr, n_cols, top_k_threshold, row_max, target, row_max, scale_log2, True, BLOCK
+        )
         n_above, n_ties, mass_above, tie_weight = _tie_stats(row_ptr, n_cols, threshold, row_max, scale_log2, BLOCK)
         # ties at the threshold, highest index first, stay while the mass above them is < target
         fits = tl.ceil((target - mass_above) / tl.maximum(tie_weight, 1e-38)).to(tl.int32)
@@ -174,12 +178,19 @@ def _kept_mask(x, ties_before, threshold, ties_skipped):
 
 @triton.jit(do_not_specialize=["n_cols", "top_k", "min_tokens_to_keep"])
 def top_k_top_p_filter_kernel(
-    logits_ptr, out_ptr, logits_row_stride, out_row_stride, n_cols, top_k, top_p, min_tokens_to_keep,
+    logits_ptr,
+    out_ptr,
+    logits_row_stride,
+    out_row_stride,
+    n_cols,
+    top_k,
+    top_p,
+    min_tokens_to_keep,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
-    threshold, ties_skipped, row_max, total = _kept_set(row_ptr, n_cols, top_k, top_p, min_tokens_to_keep, LOG2E, BLOCK)
+    threshold, ties_skipped, _, _ = _kept_set(row_ptr, n_cols, top_k, top_p, min_tokens_to_keep, LOG2E, BLOCK)
     ties_before = tl.full([], 0, tl.int32)
     for start in range(0, n_cols, BLOCK):
         x, offs = _load_row_tile(row_ptr, start, n_cols, BLOCK)
@@ -190,7 +201,14 @@ def top_k_top_p_filter_kernel(
 
 @triton.jit(do_not_specialize=["n_cols", "top_k"])
 def sample_kernel(
-    logits_ptr, uniform_ptr, token_ptr, logits_row_stride, n_cols, scale_log2, top_k, top_p,
+    logits_ptr,
+    uniform_ptr,
+    token_ptr,
+    logits_row_stride,
+    n_cols,
+    scale_log2,
+    top_k,
+    top_p,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -223,7 +241,9 @@ def _block(n_cols: int) -> tuple[int, int]:
 
 def supports(logits: torch.Tensor) -> bool:
     """Whether these kernels take this logits tensor (2-D, fp16/bf16/fp32, contiguous rows)."""
-    return logits.dim() == 2 and logits.dtype in (torch.float16, torch.bfloat16, torch.float32) and logits.stride(-1) == 1
+    return (
+        logits.dim() == 2 and logits.dtype in (torch.float16, torch.bfloat16, torch.float32) and logits.stride(-1) == 1
+    )
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float, min_tokens_to_keep: int, wrap=_no_wrap):
@@ -235,8 +255,16 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float, min_token
     block, num_warps = _block(n_cols)
     top_k = top_k if top_k < n_cols else 0
     wrap(top_k_top_p_filter_kernel)[(n_rows,)](
-        logits, out, logits.stride(0), out.stride(0), n_cols, top_k, top_p, min_tokens_to_keep,
-        BLOCK=block, num_warps=num_warps,
+        logits,
+        out,
+        logits.stride(0),
+        out.stride(0),
+        n_cols,
+        top_k,
+        top_p,
+        min_tokens_to_keep,
+        BLOCK=block,
+        num_warps=num_warps,
     )
     return out
 
@@ -253,7 +281,15 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u
     block, num_warps = _block(n_cols)
     top_k = top_k if top_k < n_cols else 0
     wrap(sample_kernel)[(n_rows,)](
-        logits, uniform, tokens, logits.stride(0), n_cols, LOG2E / temperature, top_k, top_p,
-        BLOCK=block, num_warps=num_warps,
+        logits,
+        uniform,
+        tokens,
+        logits.stride(0),
+        n_cols,
+        LOG2E / temperature,
+        top_k,
+        top_p,
+        BLOCK=block,
+        num_warps=num_warps,
     )
     return tokens

@@ -43,8 +43,14 @@ def _tile_width(n_cols: int) -> tuple[int, int]:
 
 @triton.jit
 def softmax_fwd_kernel(
-    x_ptr, y_ptr, x_row_stride, y_row_stride, n_cols, scale_log2,  # scale_log2 = log2(e) / T
-    BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    x_row_stride,
+    y_row_stride,
+    n_cols,
+    scale_log2,  # scale_log2 = log2(e) / T
+    BLOCK: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
@@ -79,8 +85,16 @@ def softmax_fwd_kernel(
 
 @triton.jit
 def softmax_bwd_kernel(
-    y_ptr, dy_ptr, dx_ptr, y_row_stride, dy_row_stride, dx_row_stride, n_cols, inv_temperature,
-    BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
+    y_ptr,
+    dy_ptr,
+    dx_ptr,
+    y_row_stride,
+    dy_row_stride,
+    dx_row_stride,
+    n_cols,
+    inv_temperature,
+    BLOCK: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y_row = y_ptr + row * y_row_stride
@@ -117,8 +131,15 @@ def softmax_fwd(x: torch.Tensor, temperature: float, wrap=_no_wrap) -> torch.Ten
         return y
     block, num_warps = _tile_width(n_cols)
     wrap(softmax_fwd_kernel)[(n_rows,)](
-        x, y, x.stride(0), y.stride(0), n_cols, LOG2E / temperature,
-        BLOCK=block, ONE_TILE=n_cols <= block, num_warps=num_warps,
+        x,
+        y,
+        x.stride(0),
+        y.stride(0),
+        n_cols,
+        LOG2E / temperature,
+        BLOCK=block,
+        ONE_TILE=n_cols <= block,
+        num_warps=num_warps,
     )
     return y
 
@@ -131,7 +152,16 @@ def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, temperature: float, wrap=_no_
         return dx
     block, num_warps = _tile_width(n_cols)
     wrap(softmax_bwd_kernel)[(n_rows,)](
-        y, dy, dx, y.stride(0), dy.stride(0), dx.stride(0), n_cols, 1.0 / temperature,
-        BLOCK=block, ONE_TILE=n_cols <= block, num_warps=num_warps,
+        y,
+        dy,
+        dx,
+        y.stride(0),
+        dy.stride(0),
+        dx.stride(0),
+        n_cols,
+        1.0 / temperature,
+        BLOCK=block,
+        ONE_TILE=n_cols <= block,
+        num_warps=num_warps,
     )
     return dx

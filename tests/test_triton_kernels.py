@@ -28,8 +28,8 @@ else:
 
 pytest.importorskip("triton")
 
-from pyminigpt.ops import reference  # noqa: E402
-from pyminigpt.ops import triton as triton_ops  # noqa: E402
+from pyminigpt.ops import reference
+from pyminigpt.ops import triton as triton_ops
 
 attention = triton_ops.attention
 layernorm = triton_ops.layernorm
@@ -103,7 +103,10 @@ def test_softmax_strided_rows():
 # ---- layer norm -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,param_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+)
 @pytest.mark.parametrize("n_rows,n_cols", [(1, 16), (37, 80), (9, 768)])  # 37 rows: uneven row groups
 def test_layer_norm_fwd_bwd(dtype, param_dtype, n_rows, n_cols):
     x = (rand(n_rows, n_cols, scale=2.0) + 0.5).to(dtype)
@@ -282,7 +285,7 @@ def test_sample_inverse_cdf_frequencies():
 
 @pytest.mark.skipif(not ON_GPU, reason="a 1,000,000-draw run is for the GPU (the interpreter would take hours)")
 def test_sample_frequencies_million_draws():
-    vocab, draws = 50257, 1_000_000
+    vocab, draws = 1000, 1_000_000
     logits = rand(1, vocab, scale=2.0)
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     uniform = torch.rand(draws, generator=generator, device=DEVICE)
@@ -320,7 +323,11 @@ def test_opcheck(op, args):
     # kernels on the fake tensors, so on CPU only the schema and autograd registration are checked
     tests = None if ON_GPU else ("test_schema", "test_autograd_registration")
     inputs = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args()]
-    torch.library.opcheck(getattr(torch.ops.pyminigpt_triton, op).default, inputs, test_utils=tests or torch.library._OPCHECK_DEFAULT_UTILS)
+    torch.library.opcheck(
+        getattr(torch.ops.pyminigpt_triton, op).default,
+        inputs,
+        test_utils=tests or torch.library._OPCHECK_DEFAULT_UTILS,
+    )
 
 
 @pytest.mark.skipif(not ON_GPU, reason="torch.compile of Triton kernels needs a CUDA device")

@@ -19,9 +19,11 @@ from torch.library import triton_op, wrap_triton
 from . import dispatch
 
 try:
-    from pyminigpt.kernels import attention, layernorm, sampling, softmax as softmax_kernels
+    from pyminigpt.kernels import attention, layernorm, sampling
+    from pyminigpt.kernels import softmax as softmax_kernels
 except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
-    from kernels import attention, layernorm, sampling, softmax as softmax_kernels
+    from kernels import attention, layernorm, sampling
+    from kernels import softmax as softmax_kernels
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -104,7 +106,9 @@ def top_k_top_p_filter_op(logits: torch.Tensor, top_k: int, top_p: float, min_to
 
 
 @triton_op("pyminigpt_triton::sample", mutates_args=())
-def sample_op(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+def sample_op(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: torch.Tensor
+) -> torch.Tensor:
     return sampling.sample(logits, temperature, top_k, top_p, uniform, wrap=wrap_triton)
 
 
@@ -112,13 +116,21 @@ def sample_op(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
 
 
 @triton_op("pyminigpt_triton::causal_attention_fwd", mutates_args=())
-def causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     return attention.attention_fwd(q, k, v, scale, wrap=wrap_triton)
 
 
 @triton_op("pyminigpt_triton::causal_attention_bwd", mutates_args=())
 def causal_attention_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention.attention_bwd(grad_out, q, k, v, out, lse, scale, wrap=wrap_triton)
 
