@@ -171,6 +171,11 @@ def _set_rng_state(json_state: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which finishes its step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -264,6 +269,7 @@ class Trainer:
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
+            worker_init_fn=_ignore_sigint,
         )
 
     def _train_batches(self):

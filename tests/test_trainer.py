@@ -136,6 +136,16 @@ def test_ctrl_c_saves_then_returns(tmp_path, corpus):
     assert (tmp_path / "loss.png").is_file()
 
 
+def test_dataloader_workers_give_the_same_run(corpus):
+    tok, _, ids = corpus
+    data = SlidingWindowDataset(ids, SEQ_LEN)
+    runs = [
+        Trainer(tiny_model(tok.vocab_size), data, config=config(max_steps=3, num_workers=workers)).train()
+        for workers in (0, 1)
+    ]
+    assert losses(runs[0]) == losses(runs[1])
+
+
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, corpus, monkeypatch):
     tok, _, ids = corpus
     data = SlidingWindowDataset(ids, SEQ_LEN)
