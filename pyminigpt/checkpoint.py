@@ -78,6 +78,8 @@ def save_checkpoint(path: str | os.PathLike, model, state: dict, tensors: dict[s
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.exists() and not (path / STATE_JSON).is_file():
+        raise FileExistsError(f"refusing to overwrite {str(path)!r}: it is not a pyminigpt training checkpoint")
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -95,9 +97,8 @@ def save_checkpoint(path: str | os.PathLike, model, state: dict, tensors: dict[s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        if old.exists() and path.joinpath(STATE_JSON).is_file():
-            shutil.rmtree(old)
+    if path.exists():  # keep the complete previous checkpoint as `.old` until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     _fsync_dir(path.parent)

@@ -268,6 +268,9 @@ def test_fine_tune_from_pretrained(tmp_path, corpus):
     tuned = GPT.from_pretrained(tmp_path / "run" / "last")
     for key, value in tuned.state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[key])
+    with pytest.raises(FileExistsError, match="pretrained.*not a pyminigpt training checkpoint"):
+        trainer.save_checkpoint(tmp_path / "pretrained")  # never clobbers a directory it did not write
+    assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_bad_trainer_inputs(corpus):
