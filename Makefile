@@ -1,0 +1,52 @@
+# pyminigpt: every set-up step in one place. On a fresh machine:
+#   make demo   # creates .venv, installs pyminigpt (builds the C++ kernels), runs `pyminigpt demo`
+#   make test   # the same install, then the whole test suite (what CI runs)
+#
+# TORCH_SPEC pins the torch the extension is built against; installs use
+# --no-build-isolation so that the build sees exactly that torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-python test-triton compile-cuda bench gpu-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet "numpy<2.4" transformers tokenizers safetensors tqdm matplotlib triton \
+		pytest pytest-benchmark expecttest ninja
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps .
+	$(BIN)/pyminigpt info
+
+demo: install
+	$(BIN)/pyminigpt demo
+
+# The tests import the installed package (not the source tree), which proves the wheel
+# carries everything: the extension, pyminigpt.kernels, the CLI.
+test: install test-python test-triton compile-cuda
+
+test-python:
+	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu ../$(BIN)/pytest -q -p no:cacheprovider .
+
+# The Triton kernels on CPU tensors through the interpreter, at small sizes.
+test-triton:
+	cd tests && TRITON_INTERPRET=1 PYMINIGPT_REQUIRE_BACKENDS=triton ../$(BIN)/pytest -q -p no:cacheprovider \
+		test_op_softmax.py test_op_layer_norm.py test_op_sampling.py test_op_attention.py test_triton_kernels.py
+
+# Every CUDA kernel through nvcc for sm_80 and sm_90 (skipped where there is no nvcc).
+compile-cuda:
+	@if command -v nvcc >/dev/null 2>&1; then bash .ci/compile_cuda.sh; else echo "nvcc not found: CUDA compile check skipped"; fi
+
+bench: install
+	$(BIN)/pyminigpt bench
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build dist *.egg-info pyminigpt/_C*.so $(VENV)

@@ -1,0 +1,62 @@
+"""Shared test set-up: which kernel backends the op tests run, and on which device.
+
+- On a CUDA machine: the `cuda` and `triton` backends on CUDA tensors.
+- On a CPU machine: the `cpu` backend.
+- With TRITON_INTERPRET=1: the `triton` backend on CPU tensors, through the interpreter
+  (the op tests then use their small shape lists).
+
+PYMINIGPT_REQUIRE_BACKENDS="cpu,triton" (set by .ci/run) turns a missing backend into a
+test-session error instead of an empty parametrisation, so CI cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import pyminigpt.ops as ops
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_backends() -> list:
+    """pytest params (backend name, device) for the kernel backends under test here."""
+    available = ops.available_backends()
+    params = []
+    if INTERPRET:
+        if "triton" in available:
+            params.append(pytest.param(("triton", "cpu"), id="triton"))
+        return params
+    if "cpu" in available:
+        params.append(pytest.param(("cpu", "cpu"), id="cpu"))
+    if torch.cuda.is_available():
+        params += [pytest.param((name, "cuda"), id=name) for name in ("cuda", "triton") if name in available]
+    return params
+
+
+KERNEL_BACKENDS = kernel_backends()
+NATIVE_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0][0] in ("cpu", "cuda")]
+
+
+def pytest_sessionstart(session):
+    required = [b for b in os.environ.get("PYMINIGPT_REQUIRE_BACKENDS", "").split(",") if b]
+    status = ops.backend_status()
+    missing = {b: status.get(b, {}).get("reason", "unknown backend") for b in required if not status.get(b, {}).get("available")}
+    if missing:
+        raise pytest.UsageError(f"required kernel backends are missing: {missing}")
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    """Runs the test with one kernel backend active (strict: no silent fallback); yields its device."""
+    name, device = request.param
+    with ops.use_backend(name, strict=True):
+        yield device
+
+
+@pytest.fixture(params=NATIVE_BACKENDS)
+def native_device(request):
+    """The device of a C++/CUDA backend, for tests that call torch.ops.pyminigpt directly."""
+    return request.param[1]
