@@ -54,6 +54,14 @@ cudaError_t dispatch_dtype(DType dtype, Body&& body) {
   return cudaErrorInvalidValue;
 }
 
+// The DType of an element type.
+template <typename T>
+constexpr DType dtype_of = DType::kFloat32;
+template <>
+constexpr DType dtype_of<__half> = DType::kFloat16;
+template <>
+constexpr DType dtype_of<__nv_bfloat16> = DType::kBFloat16;
+
 // ---------------------------------------------------------------------------------------
 // Reductions. A warp reduces with butterfly shuffles (every lane ends with the result);
 // a block reduces per warp, then through one float per warp in shared memory.
@@ -116,7 +124,7 @@ __device__ __forceinline__ T group_reduce(T value, int group_warps, T* scratch, 
 // N * sizeof(T) == 16 (and the address is 16-byte aligned), or one element when N == 1.
 
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {  // wider packs load as several 16-byte pieces
   T v[N];
 };
 

@@ -17,16 +17,18 @@ namespace pyminigpt::cuda {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // ---- layernorm.cu ------------------------------------------------------------------------
-// x, y, grad_y, grad_x: (n_rows, n_cols); weight, bias, grad_weight, grad_bias: (n_cols,),
-// all of `dtype`. mean, rstd: fp32 (n_rows,).
-const char* layer_norm_unsupported(int64_t n_rows, int64_t n_cols);
+// x, y, grad_y, grad_x: (n_rows, n_cols) of `dtype`; weight, bias, grad_weight, grad_bias:
+// (n_cols,) of `weight_dtype`, which is `dtype` or fp32 (autocast keeps parameters in fp32).
+// mean, rstd: fp32 (n_rows,).
+const char* layer_norm_unsupported(int64_t n_rows, int64_t n_cols, DType dtype, DType weight_dtype);
 cudaError_t layer_norm_fwd(const void* x, const void* weight, const void* bias, void* y, float* mean, float* rstd,
-                           int64_t n_rows, int64_t n_cols, float eps, DType dtype, cudaStream_t stream);
+                           int64_t n_rows, int64_t n_cols, float eps, DType dtype, DType weight_dtype,
+                           cudaStream_t stream);
 // Bytes of scratch that layer_norm_bwd needs (the per-chunk partial sums of dweight, dbias).
 size_t layer_norm_bwd_workspace_bytes(int64_t n_rows, int64_t n_cols);
 cudaError_t layer_norm_bwd(const void* grad_y, const void* x, const void* weight, const float* mean,
                            const float* rstd, void* grad_x, void* grad_weight, void* grad_bias, void* workspace,
-                           int64_t n_rows, int64_t n_cols, DType dtype, cudaStream_t stream);
+                           int64_t n_rows, int64_t n_cols, DType dtype, DType weight_dtype, cudaStream_t stream);
 
 // ---- softmax.cu --------------------------------------------------------------------------
 // x, y, grad_y, grad_x: (n_rows, n_cols) of `dtype`; y = softmax(x / temperature) per row.

@@ -33,9 +33,9 @@ constexpr int kRowSlices = 8;     // stage 1: warps per block, each striding ove
 constexpr int64_t kMinRowsPerChunk = 64;
 constexpr int64_t kMaxChunks = 512;
 
-template <typename T, bool kVec>
-__global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ weight,
-                                      const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ mean_out,
+template <typename T, typename W, bool kVec>
+__global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ weight,
+                                      const W* __restrict__ bias, T* __restrict__ y, float* __restrict__ mean_out,
                                       float* __restrict__ rstd_out, int64_t n_rows, int64_t n_cols, float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / 32;
@@ -63,8 +63,8 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
 
   for_each_pack<kVec>(x_row, n_cols, lane, 32, [&](int64_t i, auto pack) {
     constexpr int N = pack_size<decltype(pack)>;
-    const Pack<T, N> w = load_pack<T, N>(weight + i);
-    const Pack<T, N> b = load_pack<T, N>(bias + i);
+    const Pack<W, N> w = load_pack<W, N>(weight + i);
+    const Pack<W, N> b = load_pack<W, N>(bias + i);
     Pack<T, N> out;
 #pragma unroll
     for (int e = 0; e < N; ++e)
@@ -77,9 +77,9 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
   }
 }
 
-template <typename T, bool kVec>
+template <typename T, typename W, bool kVec>
 __global__ void layer_norm_bwd_dx_kernel(const T* __restrict__ grad_y, const T* __restrict__ x,
-                                         const T* __restrict__ weight, const float* __restrict__ mean,
+                                         const W* __restrict__ weight, const float* __restrict__ mean,
                                          const float* __restrict__ rstd, T* __restrict__ grad_x, int64_t n_rows,
                                          int64_t n_cols) {
   const int lane = threadIdx.x % 32;
@@ -94,7 +94,7 @@ __global__ void layer_norm_bwd_dx_kernel(const T* __restrict__ grad_y, const T* 
   for_each_pack<kVec>(x + offset, n_cols, lane, 32, [&](int64_t i, auto pack) {
     constexpr int N = pack_size<decltype(pack)>;
     const Pack<T, N> dy = load_pack<T, N>(grad_y + offset + i);
-    const Pack<T, N> w = load_pack<T, N>(weight + i);
+    const Pack<W, N> w = load_pack<W, N>(weight + i);
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       const float g = to_float(dy.v[e]) * to_float(w.v[e]);
@@ -108,7 +108,7 @@ __global__ void layer_norm_bwd_dx_kernel(const T* __restrict__ grad_y, const T* 
   for_each_pack<kVec>(x + offset, n_cols, lane, 32, [&](int64_t i, auto pack) {
     constexpr int N = pack_size<decltype(pack)>;
     const Pack<T, N> dy = load_pack<T, N>(grad_y + offset + i);
-    const Pack<T, N> w = load_pack<T, N>(weight + i);
+    const Pack<W, N> w = load_pack<W, N>(weight + i);
     Pack<T, N> dx;
 #pragma unroll
     for (int e = 0; e < N; ++e) {
@@ -155,9 +155,9 @@ __global__ void layer_norm_bwd_partial_kernel(const T* __restrict__ grad_y, cons
 }
 
 // Stage 2: dweight[col] = sum over chunks of partial_dw[chunk][col] (and dbias).
-template <typename T>
+template <typename W>
 __global__ void layer_norm_bwd_final_kernel(const float* __restrict__ partial_dw, const float* __restrict__ partial_db,
-                                            T* __restrict__ grad_weight, T* __restrict__ grad_bias, int64_t n_chunks,
+                                            W* __restrict__ grad_weight, W* __restrict__ grad_bias, int64_t n_chunks,
                                             int64_t n_cols) {
   const int64_t col = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (col >= n_cols) return;
@@ -166,8 +166,8 @@ __global__ void layer_norm_bwd_final_kernel(const float* __restrict__ partial_dw
     dw += partial_dw[chunk * n_cols + col];
     db += partial_db[chunk * n_cols + col];
   }
-  grad_weight[col] = from_float<T>(dw);
-  grad_bias[col] = from_float<T>(db);
+  grad_weight[col] = from_float<W>(dw);
+  grad_bias[col] = from_float<W>(db);
 }
 
 int64_t rows_per_chunk(int64_t n_rows) {
@@ -178,6 +178,14 @@ int64_t rows_per_chunk(int64_t n_rows) {
 int64_t n_chunks(int64_t n_rows) {
   const int64_t per_chunk = rows_per_chunk(n_rows);
   return (n_rows + per_chunk - 1) / per_chunk;
+}
+
+// Calls body(W{}) with W the weight element type: T itself or fp32.
+template <typename T, typename Body>
+cudaError_t dispatch_weight_type(DType weight_dtype, Body&& body) {
+  if (weight_dtype == dtype_of<T>) return body(T{});
+  if (weight_dtype == DType::kFloat32) return body(float{});
+  return cudaErrorInvalidValue;
 }
 
 // The 16-byte path needs every row and every pointer 16-byte aligned.
@@ -193,24 +201,30 @@ unsigned row_blocks(int64_t n_rows) { return static_cast<unsigned>((n_rows + kRo
 
 }  // namespace
 
-const char* layer_norm_unsupported(int64_t n_rows, int64_t n_cols) {
+const char* layer_norm_unsupported(int64_t n_rows, int64_t n_cols, DType dtype, DType weight_dtype) {
+  if (weight_dtype != dtype && weight_dtype != DType::kFloat32)
+    return "layer_norm: weight and bias must have x's dtype or fp32";
   if (n_rows < 0 || n_cols < 1) return "layer_norm: x must have at least one column and a non-negative row count";
   if (n_rows > int64_t{INT32_MAX} * kRowsPerBlock) return "layer_norm: too many rows for one launch";
   return nullptr;
 }
 
 cudaError_t layer_norm_fwd(const void* x, const void* weight, const void* bias, void* y, float* mean, float* rstd,
-                           int64_t n_rows, int64_t n_cols, float eps, DType dtype, cudaStream_t stream) {
-  if (layer_norm_unsupported(n_rows, n_cols) != nullptr) return cudaErrorInvalidValue;
+                           int64_t n_rows, int64_t n_cols, float eps, DType dtype, DType weight_dtype,
+                           cudaStream_t stream) {
+  if (layer_norm_unsupported(n_rows, n_cols, dtype, weight_dtype) != nullptr) return cudaErrorInvalidValue;
   if (n_rows == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    auto kernel = rows_aligned<T>(n_cols, {x, weight, bias, y}) ? layer_norm_fwd_kernel<T, true>
-                                                                 : layer_norm_fwd_kernel<T, false>;
-    kernel<<<row_blocks(n_rows), kRowsPerBlock * 32, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<T*>(y),
-        mean, rstd, n_rows, n_cols, eps);
-    return cudaGetLastError();
+  return dispatch_dtype(dtype, [&](auto x_tag) {
+    using T = decltype(x_tag);
+    return dispatch_weight_type<T>(weight_dtype, [&](auto w_tag) {
+      using W = decltype(w_tag);
+      auto kernel = rows_aligned<T>(n_cols, {x, weight, bias, y}) ? layer_norm_fwd_kernel<T, W, true>
+                                                                   : layer_norm_fwd_kernel<T, W, false>;
+      kernel<<<row_blocks(n_rows), kRowsPerBlock * 32, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const W*>(weight), static_cast<const W*>(bias), static_cast<T*>(y),
+          mean, rstd, n_rows, n_cols, eps);
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -220,35 +234,40 @@ size_t layer_norm_bwd_workspace_bytes(int64_t n_rows, int64_t n_cols) {
 
 cudaError_t layer_norm_bwd(const void* grad_y, const void* x, const void* weight, const float* mean,
                            const float* rstd, void* grad_x, void* grad_weight, void* grad_bias, void* workspace,
-                           int64_t n_rows, int64_t n_cols, DType dtype, cudaStream_t stream) {
-  if (layer_norm_unsupported(n_rows, n_cols) != nullptr) return cudaErrorInvalidValue;
-  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
-    const auto* dy = static_cast<const T*>(grad_y);
-    const auto* xt = static_cast<const T*>(x);
-    if (n_rows == 0) {  // empty sums: zero gradients for weight and bias
-      PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(grad_weight, 0, n_cols * sizeof(T), stream));
-      return cudaMemsetAsync(grad_bias, 0, n_cols * sizeof(T), stream);
-    }
-    auto dx_kernel = rows_aligned<T>(n_cols, {grad_y, x, weight, grad_x}) ? layer_norm_bwd_dx_kernel<T, true>
-                                                                          : layer_norm_bwd_dx_kernel<T, false>;
-    dx_kernel<<<row_blocks(n_rows), kRowsPerBlock * 32, 0, stream>>>(dy, xt, static_cast<const T*>(weight), mean,
-                                                                     rstd, static_cast<T*>(grad_x), n_rows, n_cols);
-    PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+                           int64_t n_rows, int64_t n_cols, DType dtype, DType weight_dtype, cudaStream_t stream) {
+  if (layer_norm_unsupported(n_rows, n_cols, dtype, weight_dtype) != nullptr) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto x_tag) {
+    using T = decltype(x_tag);
+    return dispatch_weight_type<T>(weight_dtype, [&](auto w_tag) -> cudaError_t {
+      using W = decltype(w_tag);
+      const auto* dy = static_cast<const T*>(grad_y);
+      const auto* xt = static_cast<const T*>(x);
+      if (n_rows == 0) {  // empty sums: zero gradients for weight and bias
+        PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(grad_weight, 0, n_cols * sizeof(W), stream));
+        return cudaMemsetAsync(grad_bias, 0, n_cols * sizeof(W), stream);
+      }
+      auto dx_kernel = rows_aligned<T>(n_cols, {grad_y, x, weight, grad_x}) ? layer_norm_bwd_dx_kernel<T, W, true>
+                                                                            : layer_norm_bwd_dx_kernel<T, W, false>;
+      dx_kernel<<<row_blocks(n_rows), kRowsPerBlock * 32, 0, stream>>>(
+          dy, xt, static_cast<const W*>(weight), mean, rstd, static_cast<T*>(grad_x), n_rows, n_cols);
+      PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
-    const int64_t chunks = n_chunks(n_rows);
-    float* partial_dw = static_cast<float*>(workspace);
-    float* partial_db = partial_dw + chunks * n_cols;
-    const dim3 partial_grid(static_cast<unsigned>((n_cols + kColTile - 1) / kColTile), static_cast<unsigned>(chunks));
-    layer_norm_bwd_partial_kernel<T><<<partial_grid, dim3(kColTile, kRowSlices), 0, stream>>>(
-        dy, xt, mean, rstd, partial_dw, partial_db, n_rows, n_cols, rows_per_chunk(n_rows));
-    PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      const int64_t chunks = n_chunks(n_rows);
+      float* partial_dw = static_cast<float*>(workspace);
+      float* partial_db = partial_dw + chunks * n_cols;
+      const dim3 partial_grid(static_cast<unsigned>((n_cols + kColTile - 1) / kColTile),
+                              static_cast<unsigned>(chunks));
+      layer_norm_bwd_partial_kernel<T><<<partial_grid, dim3(kColTile, kRowSlices), 0, stream>>>(
+          dy, xt, mean, rstd, partial_dw, partial_db, n_rows, n_cols, rows_per_chunk(n_rows));
+      PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
-    constexpr int kFinalThreads = 256;
-    layer_norm_bwd_final_kernel<T><<<static_cast<unsigned>((n_cols + kFinalThreads - 1) / kFinalThreads),
-                                     kFinalThreads, 0, stream>>>(partial_dw, partial_db, static_cast<T*>(grad_weight),
-                                                                 static_cast<T*>(grad_bias), chunks, n_cols);
-    return cudaGetLastError();
+      constexpr int kFinalThreads = 256;
+      layer_norm_bwd_final_kernel<W><<<static_cast<unsigned>((n_cols + kFinalThreads - 1) / kFinalThreads),
+                                       kFinalThreads, 0, stream>>>(partial_dw, partial_db,
+                                                                   static_cast<W*>(grad_weight),
+                                                                   static_cast<W*>(grad_bias), chunks, n_cols);
+      return cudaGetLastError();
+    });
   });
 }
 
