@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +33,20 @@ from . import ops
 from .generation import apply_repetition_penalty, seen_tokens
 
 __all__ = [
-    "prompt_ids",
-    "evaluating",
-    "generate_text",
-    "perplexity",
-    "next_token_table",
-    "format_next_token_table",
-    "token_strings",
     "attention_maps",
-    "hidden_states",
     "embeddings",
+    "evaluating",
+    "format_next_token_table",
+    "generate_text",
+    "hidden_states",
+    "next_token_table",
     "pca",
+    "perplexity",
     "plot_attention",
-    "plot_pca",
     "plot_curve",
+    "plot_pca",
+    "prompt_ids",
+    "token_strings",
 ]
 
 
@@ -99,8 +100,9 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 # ----------------------------------------------------------------------------- generation
 
 
-def generate_text(model, tokenizer, prompt: str, stream: Callable[[str], None] | None = None, sos: bool = False,
-                  **generate_kwargs) -> list[str]:
+def generate_text(
+    model, tokenizer, prompt: str, stream: Callable[[str], None] | None = None, sos: bool = False, **generate_kwargs
+) -> list[str]:
     """Continue `prompt`; returns one string (prompt + continuation) per returned sequence.
 
     `generate_kwargs` are those of `GPT.generate` (max_new_tokens, do_sample, temperature,
@@ -117,7 +119,7 @@ def generate_text(model, tokenizer, prompt: str, stream: Callable[[str], None] |
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_id)
     with evaluating(model):
         if stream is None:
-            rows = model.generate(input_ids, **generate_kwargs)[:, input_ids.shape[1]:].tolist()
+            rows = model.generate(input_ids, **generate_kwargs)[:, input_ids.shape[1] :].tolist()
         else:
             if generate_kwargs.pop("num_return_sequences", 1) != 1:
                 raise ValueError("stream needs num_return_sequences=1")
@@ -135,9 +137,21 @@ def _until(ids: list[int], stops: set[int]) -> list[int]:
 
 
 @torch.no_grad()
-def _generate_streaming(model, tokenizer, input_ids, stream, max_new_tokens=20, do_sample=False, temperature=1.0,
-                        top_k=50, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, pad_token_id=None,
-                        generator=None) -> list[int]:  # fmt: skip
+def _generate_streaming(
+    model,
+    tokenizer,
+    input_ids,
+    stream,
+    max_new_tokens=20,
+    do_sample=False,
+    temperature=1.0,
+    top_k=50,
+    top_p=1.0,
+    repetition_penalty=1.0,
+    eos_token_id=None,
+    pad_token_id=None,
+    generator=None,
+) -> list[int]:
     """The new token ids for input_ids (1, T), one forward of one token per step on the KV cache.
 
     Each piece of decoded text goes to `stream` as its token arrives. The text is decoded
@@ -169,7 +183,7 @@ def _generate_streaming(model, tokenizer, input_ids, stream, max_new_tokens=20, 
             seen[0, token] = True
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd") and len(text) > len(sent):
-            stream(text[len(sent):])
+            stream(text[len(sent) :])
             sent = text
         tokens = next_token[:, None]
     return new
@@ -179,8 +193,14 @@ def _generate_streaming(model, tokenizer, input_ids, stream, max_new_tokens=20, 
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str | Sequence[str], stride: int | None = None, max_length: int | None = None,
-               add_special_tokens: bool = False) -> float:
+def perplexity(
+    model,
+    tokenizer,
+    text: str | Sequence[str],
+    stride: int | None = None,
+    max_length: int | None = None,
+    add_special_tokens: bool = False,
+) -> float:
     """exp(mean negative log-likelihood per token) of `text` under the model.
 
     Texts longer than the window `max_length` (default: the model's context) are scored
@@ -229,8 +249,9 @@ def _strided_nll(model, ids: torch.Tensor, stride: int, max_length: int) -> tupl
 
 
 @torch.no_grad()
-def next_token_table(model, tokenizer, prompt: str, top_n: int = 10, temperature: float = 1.0,
-                     sos: bool = False) -> list[tuple[str, float]]:
+def next_token_table(
+    model, tokenizer, prompt: str, top_n: int = 10, temperature: float = 1.0, sos: bool = False
+) -> list[tuple[str, float]]:
     """The `top_n` most likely next tokens after `prompt` as (token text, probability), best first."""
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
         raise ValueError(f"top_n must be a positive int, got {top_n!r}")
@@ -276,8 +297,9 @@ def attention_maps(model, tokenizer, text: str, add_special_tokens: bool = False
 
 
 @torch.no_grad()
-def hidden_states(model, tokenizer, texts: Sequence[str], layer: int = -1, pool: str = "mean",
-                  add_special_tokens: bool = False) -> torch.Tensor:
+def hidden_states(
+    model, tokenizer, texts: Sequence[str], layer: int = -1, pool: str = "mean", add_special_tokens: bool = False
+) -> torch.Tensor:
     """One vector per text from the residual stream: (N, n_embd), float32 on CPU.
 
     `layer` indexes the n_layer + 1 hidden states (0: the embeddings, -1: the final,
@@ -392,8 +414,7 @@ def plot_pca(vectors: torch.Tensor, labels: Sequence[str], path, title: str | No
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     ax.scatter(coords[:, 0].numpy(), coords[:, 1].numpy(), s=18, alpha=0.7)
     for (x, y), label in zip(coords.tolist(), labels):
-        ax.annotate(_visible(str(label)), (x, y), fontsize=8,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.annotate(_visible(str(label)), (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"PC 1 ({ratio[0]:.0%} of variance)")
     ax.set_ylabel(f"PC 2 ({ratio[1]:.0%} of variance)")
     ax.set_title(title or "PCA")

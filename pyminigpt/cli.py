@@ -35,10 +35,10 @@ import torch
 RUN_FILE, TOKENIZER_FILE = "run.json", "tokenizer.json"
 # Model presets: GPT-2 shapes from a toy to GPT-2 small, each with its default context.
 SIZES = {
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, context=64),
-    "small": dict(n_layer=4, n_head=4, n_embd=128, context=128),
-    "medium": dict(n_layer=6, n_head=6, n_embd=384, context=256),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, context=1024),
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "context": 64},
+    "small": {"n_layer": 4, "n_head": 4, "n_embd": 128, "context": 128},
+    "medium": {"n_layer": 6, "n_head": 6, "n_embd": 384, "context": 256},
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "context": 1024},
 }
 
 
@@ -90,10 +90,16 @@ def make_model(tokenizer, size: str, context: int, dropout: float):
 
     shape = {k: v for k, v in SIZES[size].items() if k != "context"}
     config = GPTConfig(
-        vocab_size=tokenizer.vocab_size, n_positions=context, resid_pdrop=dropout, embd_pdrop=dropout,
-        attn_pdrop=dropout, bos_token_id=tokenizer.sos_id, eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id, **shape,
-    )  # fmt: skip
+        vocab_size=tokenizer.vocab_size,
+        n_positions=context,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=tokenizer.sos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+        **shape,
+    )
     return GPT(config)
 
 
@@ -111,8 +117,10 @@ def make_datasets(source: str, corpus, tokenizer, lines: bool, context: int, eva
         if lines:
             n_eval = int(len(corpus) * eval_fraction)
             train, held_out = corpus[: len(corpus) - n_eval], corpus[len(corpus) - n_eval :]
-            return (SequenceDataset(train, tokenizer, context),
-                    SequenceDataset(held_out, tokenizer, context) if held_out else None)  # fmt: skip
+            return (
+                SequenceDataset(train, tokenizer, context),
+                SequenceDataset(held_out, tokenizer, context) if held_out else None,
+            )
         tokens = tokenizer.encode(corpus)
         if len(tokens) < context + 1:
             raise ValueError(
@@ -181,8 +189,10 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
         else:
             tokenizer_path = str(weights)
             if not ((weights / "tokenizer.json").is_file() or (weights / "vocab.json").is_file()):
-                raise UsageError(f"no tokenizer in {str(weights)!r} (tokenizer.json, or vocab.json + merges.txt); "
-                                 f"pass --tokenizer FILE")  # fmt: skip
+                raise UsageError(
+                    f"no tokenizer in {str(weights)!r} (tokenizer.json, or vocab.json + merges.txt); "
+                    f"pass --tokenizer FILE"
+                )
             tokenizer = BPETokenizer.from_pretrained(weights)
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load the tokenizer: {err}") from None
@@ -217,13 +227,21 @@ def _encode_check(loaded: Loaded, text: str, what: str) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None = None) -> None:
     g = p.add_argument_group("sampling (transformers' generate semantics)")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help="tokens to generate (default: up to the end of the context, at most 200)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help="tokens to generate (default: up to the end of the context, at most 200)",
+    )
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     g.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (> 0; default 1.0)")
     g.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = all; default 50)")
-    g.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this much probability (default 1.0 = all)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="penalize tokens already present (> 1; default 1.0 = off)")
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="keep the smallest set with this much probability (default 1.0 = all)"
+    )
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="penalize tokens already present (> 1; default 1.0 = off)"
+    )
     g.add_argument("--seed", type=int, default=None, help="seed the draws, for reproducible samples")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--tokenizer", default=None, help="tokenizer file (default: the run's tokenizer.json)")
@@ -251,8 +269,14 @@ def _sampling_kwargs(args, loaded: Loaded, prompt: str) -> dict:
     max_new = args.max_new_tokens if args.max_new_tokens is not None else min(room, 200)
     if not 1 <= max_new <= room:
         raise UsageError(f"--max-new-tokens must be in [1, {room}] (context {context} minus the prompt), got {max_new}")
-    kwargs = dict(max_new_tokens=max_new, do_sample=not args.greedy, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty)  # fmt: skip
+    kwargs = {
+        "max_new_tokens": max_new,
+        "do_sample": not args.greedy,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
     if args.seed is not None:
         kwargs["generator"] = torch.Generator(loaded.model.device).manual_seed(args.seed)
     return kwargs
@@ -280,7 +304,10 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     if args.resume:
         run = _read_json(out / RUN_FILE, "run file (needed by --resume)")
-        data = args.data if args.data is not None else run.get("data")
+        missing = [key for key in ("format", "data", "size", "context", "tokenizer") if key not in run]
+        if missing:
+            raise UsageError(f"run file {str(out / RUN_FILE)!r} is corrupt: it lacks {', '.join(missing)}")
+        data = args.data if args.data is not None else run["data"]
         lines, size, kind = run["format"] == "lines", args.size or run["size"], run["tokenizer"]
         context = args.context or run["context"]
         try:
@@ -289,7 +316,9 @@ def cmd_train(args) -> int:
             raise UsageError(f"cannot load the run's tokenizer: {err}") from None
     else:
         if (out / RUN_FILE).exists() or any(out.glob("last*")) or any(out.glob("step-*")):
-            raise UsageError(f"{str(out)!r} already holds a training run: pass --resume to continue it, or choose another --out")
+            raise UsageError(
+                f"{str(out)!r} already holds a training run: pass --resume to continue it, or choose another --out"
+            )
         data, size, kind = args.data, args.size or "small", args.tokenizer
         lines = args.lines or data is None
         context = args.context
@@ -314,22 +343,40 @@ def cmd_train(args) -> int:
     try:
         model = make_model(tokenizer, size, context, args.dropout)
         config = TrainerConfig(
-            max_steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
-            learning_rate=args.lr, warmup_steps=max(0, min(args.warmup, args.steps)), eval_interval=args.eval_interval,
-            save_interval=args.save_interval, precision=args.precision, out_dir=str(out), seed=args.seed,
-            device=str(_device(args.device)), progress=not args.no_progress,
-        )  # fmt: skip
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            grad_accum_steps=args.grad_accum,
+            learning_rate=args.lr,
+            warmup_steps=max(0, min(args.warmup, args.steps)),
+            eval_interval=args.eval_interval,
+            save_interval=args.save_interval,
+            precision=args.precision,
+            out_dir=str(out),
+            seed=args.seed,
+            device=str(_device(args.device)),
+            progress=not args.no_progress,
+        )
         trainer = Trainer(model, train_ds, eval_ds, config)
     except ValueError as err:  # a GPTConfig / TrainerConfig / Trainer check on the options or the data
         raise UsageError(f"{source}: {err}") from None
     if not args.resume:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out / TOKENIZER_FILE)
-        _write_json({"format": "lines" if lines else "stream", "data": data and str(Path(data).resolve()),
-                     "size": size, "context": context, "tokenizer": kind}, out / RUN_FILE)  # fmt: skip
-    print(f"training a {size} GPT ({model.num_parameters():,} parameters, context {context}) on the {source}: "
-          f"{len(train_ds):,} training {'texts' if lines else 'windows'}, {kind} "
-          f"tokenizer with {tokenizer.vocab_size} tokens")  # fmt: skip
+        _write_json(
+            {
+                "format": "lines" if lines else "stream",
+                "data": data and str(Path(data).resolve()),
+                "size": size,
+                "context": context,
+                "tokenizer": kind,
+            },
+            out / RUN_FILE,
+        )
+    print(
+        f"training a {size} GPT ({model.num_parameters():,} parameters, context {context}) on the {source}: "
+        f"{len(train_ds):,} training {'texts' if lines else 'windows'}, {kind} "
+        f"tokenizer with {tokenizer.vocab_size} tokens"
+    )
     history = trainer.train(resume_from="auto" if args.resume else None)
     if not history:
         print(f"nothing to do: the run in {str(out)!r} is already at step {trainer.step} (raise --steps to go on)")
@@ -339,7 +386,11 @@ def cmd_train(args) -> int:
     if evals:
         summary += f", eval loss {evals[0]:.3f} -> {evals[-1]:.3f}"
     print(summary)
-    print(f"saved {out / 'last'}" + (f" and {out / 'best'}" if (out / "best").is_dir() else "") + f"; loss curve {out / 'loss.png'}")
+    print(
+        f"saved {out / 'last'}"
+        + (f" and {out / 'best'}" if (out / "best").is_dir() else "")
+        + f"; loss curve {out / 'loss.png'}"
+    )
     print(f"try: pyminigpt generate {out}")
     return 0
 
@@ -359,12 +410,19 @@ def cmd_generate(args) -> int:
     if args.stream:
         for _ in range(args.num_samples):
             print(args.prompt, end="", flush=True)
-            generate_text(loaded.model, loaded.tokenizer, args.prompt, sos=loaded.sos,
-                          stream=lambda piece: print(piece, end="", flush=True), **kwargs)  # fmt: skip
+            generate_text(
+                loaded.model,
+                loaded.tokenizer,
+                args.prompt,
+                sos=loaded.sos,
+                stream=lambda piece: print(piece, end="", flush=True),
+                **kwargs,
+            )
             print()
     else:
-        texts = generate_text(loaded.model, loaded.tokenizer, args.prompt, sos=loaded.sos,
-                              num_return_sequences=args.num_samples, **kwargs)  # fmt: skip
+        texts = generate_text(
+            loaded.model, loaded.tokenizer, args.prompt, sos=loaded.sos, num_return_sequences=args.num_samples, **kwargs
+        )
         for text in texts:
             print(text)
     return 0
@@ -389,12 +447,20 @@ def cmd_perplexity(args) -> int:
     for piece in [texts] if isinstance(texts, str) else texts:
         _encode_check(loaded, piece, source)
     try:
-        ppl = perplexity(loaded.model, loaded.tokenizer, texts, stride=args.stride, max_length=args.max_length,
-                         add_special_tokens=loaded.sos)  # fmt: skip
+        ppl = perplexity(
+            loaded.model,
+            loaded.tokenizer,
+            texts,
+            stride=args.stride,
+            max_length=args.max_length,
+            add_special_tokens=loaded.sos,
+        )
     except ValueError as err:
         raise UsageError(f"{source}: {err}") from None
-    print(f"perplexity {ppl:.3f} of {source} under {str(loaded.path)!r}"
-          f" (a uniform guess over the vocabulary scores {loaded.tokenizer.vocab_size})")  # fmt: skip
+    print(
+        f"perplexity {ppl:.3f} of {source} under {str(loaded.path)!r}"
+        f" (a uniform guess over the vocabulary scores {loaded.tokenizer.vocab_size})"
+    )
     return 0
 
 
@@ -461,12 +527,18 @@ def cmd_chat(args) -> int:
             print(f"  cannot use this prompt: {err}")
             continue
         print(prompt, end="", flush=True)
-        [text] = generate_text(loaded.model, loaded.tokenizer, prompt, sos=loaded.sos,
-                               stream=lambda piece: print(piece, end="", flush=True), **kwargs)  # fmt: skip
+        [text] = generate_text(
+            loaded.model,
+            loaded.tokenizer,
+            prompt,
+            sos=loaded.sos,
+            stream=lambda piece: print(piece, end="", flush=True),
+            **kwargs,
+        )
         print()
         if trainer is None:
             continue
-        response = text[len(prompt):]
+        response = text[len(prompt) :]
         if not response:
             print("  (empty reply: nothing to rate)")
             continue
@@ -476,16 +548,22 @@ def cmd_chat(args) -> int:
         if rating == "":
             continue
         stats = trainer.step(prompt, response, rating)
-        print(f"  reward {stats['reward']:+.2f}, advantage {stats['advantage']:+.2f}, "
-              f"log p/token {stats['logprob']:.3f}, KL {stats['kl']:.4f}")  # fmt: skip
+        print(
+            f"  reward {stats['reward']:+.2f}, advantage {stats['advantage']:+.2f}, "
+            f"log p/token {stats['logprob']:.3f}, KL {stats['kl']:.4f}"
+        )
     if trainer is not None:
         if not trainer.rewards:
             print("no ratings given: nothing saved")
             return 0
         save_model_dir(loaded, out)
-        plot = plot_curve(trainer.rewards, out / "rewards.png", title="feedback rewards", xlabel="rating", ylabel="reward")
-        print(f"{len(trainer.rewards)} ratings (mean {sum(trainer.rewards) / len(trainer.rewards):+.2f}); "
-              f"tuned model saved to {str(out)!r}, rewards plotted in {plot!r}")  # fmt: skip
+        plot = plot_curve(
+            trainer.rewards, out / "rewards.png", title="feedback rewards", xlabel="rating", ylabel="reward"
+        )
+        print(
+            f"{len(trainer.rewards)} ratings (mean {sum(trainer.rewards) / len(trainer.rewards):+.2f}); "
+            f"tuned model saved to {str(out)!r}, rewards plotted in {plot!r}"
+        )
     return 0
 
 
@@ -504,8 +582,10 @@ def cmd_info(args) -> int:
             print(f"{name} {module.__version__}")
         except ImportError as err:
             print(f"{name}: not installed ({err})")
-    print(f"CPU: {platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} logical cores")  # fmt: skip
+    print(
+        f"CPU: {platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} logical cores"
+    )
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
@@ -556,8 +636,15 @@ def _seconds_per_step(model, dataset, batch_size: int, repeats: int = 4) -> floa
 
 
 def cmd_demo(args) -> int:
-    from .analysis import (attention_maps, format_next_token_table, generate_text, next_token_table, perplexity,
-                           plot_attention, token_strings)  # fmt: skip
+    from .analysis import (
+        attention_maps,
+        format_next_token_table,
+        generate_text,
+        next_token_table,
+        perplexity,
+        plot_attention,
+        token_strings,
+    )
     from .data import SequenceDataset, names_corpus
     from .model import GPT, GPTConfig
     from .tokenizer import CharTokenizer
@@ -567,12 +654,12 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / RUN_FILE).is_file()):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_FILE).is_file())):
         raise UsageError(f"--out {str(out)!r} exists and is not a demo output: choose another directory")
     if args.quick:
-        n_names, size, batch = 600, dict(n_layer=1, n_head=2, n_embd=32), 32
+        n_names, size, batch = 600, {"n_layer": 1, "n_head": 2, "n_embd": 32}, 32
     else:
-        n_names, size, batch = 5000, dict(n_layer=3, n_head=4, n_embd=64), 64
+        n_names, size, batch = 5000, {"n_layer": 3, "n_head": 4, "n_embd": 64}, 64
     _seed(args.seed)
     names = names_corpus(n_names, seed=args.seed)
     random.Random(args.seed).shuffle(names)
@@ -580,17 +667,32 @@ def cmd_demo(args) -> int:
     train_names, eval_names = names[n_eval:], names[:n_eval]
     tokenizer = CharTokenizer.from_text(names)
     context = max(map(len, names)) + 2  # <SOS> name <EOS>
-    print(f"pyminigpt demo: a character-level GPT learns to invent fantasy names\n"
-          f"corpus: {len(names)} names like {', '.join(train_names[:5])} ({len(train_names)} to train on, "
-          f"{len(eval_names)} held out); {tokenizer.vocab_size} tokens (characters + <PAD> <SOS> <EOS>)")  # fmt: skip
+    print(
+        f"pyminigpt demo: a character-level GPT learns to invent fantasy names\n"
+        f"corpus: {len(names)} names like {', '.join(train_names[:5])} ({len(train_names)} to train on, "
+        f"{len(eval_names)} held out); {tokenizer.vocab_size} tokens (characters + <PAD> <SOS> <EOS>)"
+    )
 
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=context, resid_pdrop=0.0, embd_pdrop=0.0,
-                       attn_pdrop=0.0, bos_token_id=tokenizer.sos_id, eos_token_id=tokenizer.eos_id,
-                       pad_token_id=tokenizer.pad_id, **size)  # fmt: skip
+    config = GPTConfig(
+        vocab_size=tokenizer.vocab_size,
+        n_positions=context,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.sos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+        **size,
+    )
     model = GPT(config)
-    train_ds, eval_ds = SequenceDataset(train_names, tokenizer, context), SequenceDataset(eval_names, tokenizer, context)
-    print(f"model: GPT-2 with {config.n_layer} layers, {config.n_head} heads, width {config.n_embd}, "
-          f"context {context}: {model.num_parameters():,} parameters")  # fmt: skip
+    train_ds, eval_ds = (
+        SequenceDataset(train_names, tokenizer, context),
+        SequenceDataset(eval_names, tokenizer, context),
+    )
+    print(
+        f"model: GPT-2 with {config.n_layer} layers, {config.n_head} heads, width {config.n_embd}, "
+        f"context {context}: {model.num_parameters():,} parameters"
+    )
     if args.steps is not None:
         steps = args.steps
     elif args.quick:
@@ -598,27 +700,45 @@ def cmd_demo(args) -> int:
     else:  # as many steps as fit in the time budget on this machine
         seconds = _seconds_per_step(model, train_ds, batch)
         steps = max(DEMO_MIN_STEPS, min(DEMO_MAX_STEPS, int(DEMO_TRAIN_SECONDS / seconds)))
-        print(f"this machine trains it at {1 / seconds:.1f} steps/s: {steps} steps of {batch} names "
-              f"(about {steps * seconds:.0f} s; --steps sets another number)")  # fmt: skip
+        print(
+            f"this machine trains it at {1 / seconds:.1f} steps/s: {steps} steps of {batch} names "
+            f"(about {steps * seconds:.0f} s; --steps sets another number)"
+        )
     print()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / TOKENIZER_FILE)
-    _write_json({"format": "lines", "data": None, "size": "demo", "context": context, "tokenizer": "char"}, out / RUN_FILE)
+    _write_json(
+        {"format": "lines", "data": None, "size": "demo", "context": context, "tokenizer": "char"}, out / RUN_FILE
+    )
 
-    trainer = Trainer(model, train_ds, eval_ds, TrainerConfig(
-        max_steps=steps, batch_size=batch, learning_rate=3e-3, warmup_steps=min(50, steps // 5),
-        weight_decay=0.05, eval_interval=max(1, steps // 6), eval_batches=4, out_dir=str(out), seed=args.seed,
-        device="cpu",
-        progress=not args.no_progress,
-    ))  # fmt: skip
+    trainer = Trainer(
+        model,
+        train_ds,
+        eval_ds,
+        TrainerConfig(
+            max_steps=steps,
+            batch_size=batch,
+            learning_rate=3e-3,
+            warmup_steps=min(50, steps // 5),
+            weight_decay=0.05,
+            eval_interval=max(1, steps // 6),
+            eval_batches=4,
+            out_dir=str(out),
+            seed=args.seed,
+            device="cpu",
+            progress=not args.no_progress,
+        ),
+    )
     history = trainer.train()
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     print("\nheld-out loss (nats per character): " + "  ".join(f"step {s}: {v:.3f}" for s, v in evals))
     model.eval()
 
     ppl = perplexity(model, tokenizer, eval_names, add_special_tokens=True)
-    print(f"perplexity on the held-out names: {ppl:.2f} (a uniform guess: {tokenizer.vocab_size}; "
-          f"the model hesitates between about {ppl:.1f} characters at each step)\n")  # fmt: skip
+    print(
+        f"perplexity on the held-out names: {ppl:.2f} (a uniform guess: {tokenizer.vocab_size}; "
+        f"the model hesitates between about {ppl:.1f} characters at each step)\n"
+    )
 
     print("what comes first? next-character probabilities after <SOS>:")
     print(format_next_token_table(next_token_table(model, tokenizer, "", top_n=5, sos=True)) + "\n")
@@ -626,22 +746,36 @@ def cmd_demo(args) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     known = set(train_names)
     generated = []
-    settings = [("greedy", dict(do_sample=False, num_return_sequences=1))]
-    settings += [(f"temperature {t}", dict(do_sample=True, temperature=t, top_k=0)) for t in (0.5, 0.8, 1.0, 1.5)]
-    settings += [("top-k 3", dict(do_sample=True, top_k=3)), ("top-p 0.7", dict(do_sample=True, top_k=0, top_p=0.7))]
+    settings = [("greedy", {"do_sample": False, "num_return_sequences": 1})]
+    settings += [(f"temperature {t}", {"do_sample": True, "temperature": t, "top_k": 0}) for t in (0.5, 0.8, 1.0, 1.5)]
+    settings += [
+        ("top-k 3", {"do_sample": True, "top_k": 3}),
+        ("top-p 0.7", {"do_sample": True, "top_k": 0, "top_p": 0.7}),
+    ]
     n_each = 4 if args.quick else 8
     print("generated names (* = also in the training set):")
     for label, kwargs in settings:
         kwargs = {"num_return_sequences": n_each, **kwargs}
-        names_out = generate_text(model, tokenizer, "", sos=True, max_new_tokens=context - 1, generator=generator,
-                                  **kwargs)  # fmt: skip
+        names_out = generate_text(
+            model, tokenizer, "", sos=True, max_new_tokens=context - 1, generator=generator, **kwargs
+        )
         generated += names_out
         shown = ", ".join(n + ("*" if n in known else "") for n in names_out)
         print(f"  {label:<16} {shown}")
     new = sum(n not in known for n in generated) / len(generated)
     print(f"{new:.0%} of the {len(generated)} generated names are new (not in the training set)")
-    prompted = generate_text(model, tokenizer, "Th", sos=True, max_new_tokens=context - 3, do_sample=True,
-                             temperature=0.8, top_k=0, num_return_sequences=n_each, generator=generator)  # fmt: skip
+    prompted = generate_text(
+        model,
+        tokenizer,
+        "Th",
+        sos=True,
+        max_new_tokens=context - 3,
+        do_sample=True,
+        temperature=0.8,
+        top_k=0,
+        num_return_sequences=n_each,
+        generator=generator,
+    )
     print(f"  starting with 'Th': {', '.join(prompted)}\n")
 
     example = next((n for n in generated if n and n not in known), generated[0] or "Aragorn")
@@ -660,33 +794,54 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="pyminigpt", description="A small GPT-2 on fused kernels: train, sample, explore.")
+    parser = argparse.ArgumentParser(
+        prog="pyminigpt", description="A small GPT-2 on fused kernels: train, sample, explore."
+    )
     parser.add_argument("--version", action="version", version=f"pyminigpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="train a character model on fantasy names and explore it (~90 s)",
-                       description="Train a character-level GPT on the built-in names corpus, then generate names at "
-                                   "several temperatures and with top-k / top-p, measure perplexity and novelty, and "
-                                   "plot the loss curve and attention maps.")  # fmt: skip
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default: what fits in {DEMO_TRAIN_SECONDS:.0f} s here; 30 with --quick)")
+    p = sub.add_parser(
+        "demo",
+        help="train a character model on fantasy names and explore it (~90 s)",
+        description="Train a character-level GPT on the built-in names corpus, then generate names at "
+        "several temperatures and with top-k / top-p, measure perplexity and novelty, and "
+        "plot the loss curve and attention maps.",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps (default: what fits in {DEMO_TRAIN_SECONDS:.0f} s here; 30 with --quick)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", default="pyminigpt-demo", help="output directory (default ./pyminigpt-demo)")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (seconds; for tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("train", help="train a model on a text file or the built-in names",
-                       description="Train a GPT on DATA (a UTF-8 text file; default: the built-in names corpus). "
-                                   "The run directory gets the tokenizer, checkpoints (best/, last/) and loss.png.")  # fmt: skip
+    p = sub.add_parser(
+        "train",
+        help="train a model on a text file or the built-in names",
+        description="Train a GPT on DATA (a UTF-8 text file; default: the built-in names corpus). "
+        "The run directory gets the tokenizer, checkpoints (best/, last/) and loss.png.",
+    )
     p.add_argument("data", nargs="?", default=None, help="UTF-8 text file (default: built-in names, one per sequence)")
     p.add_argument("--lines", action="store_true", help="each line of DATA is one sequence (<SOS> line <EOS>)")
-    p.add_argument("--tokenizer", choices=("char", "bpe"), default="char", help="character or byte-level BPE (default char)")
+    p.add_argument(
+        "--tokenizer", choices=("char", "bpe"), default="char", help="character or byte-level BPE (default char)"
+    )
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (default 1024)")
-    p.add_argument("--size", choices=tuple(SIZES), default=None,
-                   help="model preset: " + ", ".join(f"{k} ({v['n_layer']}x{v['n_embd']})" for k, v in SIZES.items())
-                        + " (default small)")  # fmt: skip
-    p.add_argument("--context", type=int, default=None, help="context length (default: the preset's, or the longest line + 2)")
+    p.add_argument(
+        "--size",
+        choices=tuple(SIZES),
+        default=None,
+        help="model preset: "
+        + ", ".join(f"{k} ({v['n_layer']}x{v['n_embd']})" for k, v in SIZES.items())
+        + " (default small)",
+    )
+    p.add_argument(
+        "--context", type=int, default=None, help="context length (default: the preset's, or the longest line + 2)"
+    )
     p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (default 0.1)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -694,7 +849,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps (default 100)")
     p.add_argument("--eval-interval", type=int, default=100, help="evaluate every N steps (default 100)")
-    p.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (default 0: best and last only)")
+    p.add_argument(
+        "--save-interval", type=int, default=0, help="also checkpoint every N steps (default 0: best and last only)"
+    )
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -703,8 +860,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("generate", help="sample text from a model",
-                       description="Continue a prompt with a trained run, checkpoint or GPT-2 directory.")
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a model",
+        description="Continue a prompt with a trained run, checkpoint or GPT-2 directory.",
+    )
     p.add_argument("model", help="run directory, checkpoint directory, or GPT-2 directory")
     p.add_argument("--prompt", default="", help="text to continue (default: start from scratch)")
     p.add_argument("--num-samples", type=int, default=5, help="how many continuations (default 5)")
@@ -712,9 +872,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("perplexity", help="perplexity of a text under a model",
-                       description="exp(mean negative log-likelihood per token), with a strided sliding window for "
-                                   "texts longer than the context. A run trained on lines scores each line as one sequence.")  # fmt: skip
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity of a text under a model",
+        description="exp(mean negative log-likelihood per token), with a strided sliding window for "
+        "texts longer than the context. A run trained on lines scores each line as one sequence.",
+    )
     p.add_argument("model", help="run directory, checkpoint directory, or GPT-2 directory")
     p.add_argument("file", nargs="?", default=None, help="UTF-8 text file to score")
     p.add_argument("--text", default=None, help="score this text instead of a file")
@@ -724,21 +887,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the run's tokenizer.json)")
     p.set_defaults(run=cmd_perplexity)
 
-    p = sub.add_parser("chat", help="talk to a model; --feedback to rate and tune it",
-                       description="Read prompts from stdin and print the model's replies. With --feedback, rate each "
-                                   "reply in [-1, 1]: every rating is a policy-gradient step (with a KL leash to the "
-                                   "starting model); at the end the tuned model and a plot of the rewards are saved.")  # fmt: skip
+    p = sub.add_parser(
+        "chat",
+        help="talk to a model; --feedback to rate and tune it",
+        description="Read prompts from stdin and print the model's replies. With --feedback, rate each "
+        "reply in [-1, 1]: every rating is a policy-gradient step (with a KL leash to the "
+        "starting model); at the end the tuned model and a plot of the rewards are saved.",
+    )
     p.add_argument("model", help="run directory, checkpoint directory, or GPT-2 directory")
     p.add_argument("--feedback", action="store_true", help="rate the replies and fine-tune on the ratings")
     p.add_argument("--lr", type=float, default=3e-4, help="feedback learning rate (default 3e-4)")
     p.add_argument("--kl-coef", type=float, default=0.1, help="weight of the KL penalty (default 0.1)")
-    p.add_argument("--out", default="pyminigpt-feedback", help="where the tuned model goes (default ./pyminigpt-feedback)")
+    p.add_argument(
+        "--out", default="pyminigpt-feedback", help="where the tuned model goes (default ./pyminigpt-feedback)"
+    )
     _add_sampling_args(p)
     p.set_defaults(run=cmd_chat)
 
-    p = sub.add_parser("info", help="version, kernel backends, CPU and GPU",
-                       description="Show the version, which kernel backends this install has (and why the others are "
-                                   "missing), the CPU capability and the GPUs.")  # fmt: skip
+    p = sub.add_parser(
+        "info",
+        help="version, kernel backends, CPU and GPU",
+        description="Show the version, which kernel backends this install has (and why the others are "
+        "missing), the CPU capability and the GPUs.",
+    )
     p.set_defaults(run=cmd_info)
     return parser
 

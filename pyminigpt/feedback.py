@@ -54,8 +54,16 @@ class FeedbackTrainer:
             sequences); an empty prompt always gets it (see `analysis.prompt_ids`).
     """
 
-    def __init__(self, model, tokenizer, lr: float = 1e-4, kl_coef: float = 0.1,
-                 baseline_momentum: float = 0.9, max_grad_norm: float | None = 1.0, sos: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        lr: float = 1e-4,
+        kl_coef: float = 0.1,
+        baseline_momentum: float = 0.9,
+        max_grad_norm: float | None = 1.0,
+        sos: bool = False,
+    ):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if not kl_coef >= 0:
@@ -78,7 +86,9 @@ class FeedbackTrainer:
     def _sequence(self, prompt: str, response: str) -> tuple[torch.Tensor, int]:
         """prompt + response token ids (1-D) and how many of them are the prompt."""
         if not isinstance(prompt, str) or not isinstance(response, str):
-            raise TypeError(f"prompt and response must be str, got {type(prompt).__name__} and {type(response).__name__}")
+            raise TypeError(
+                f"prompt and response must be str, got {type(prompt).__name__} and {type(response).__name__}"
+            )
         prompt_tokens = prompt_ids(self.tokenizer, prompt, self.sos)
         response_ids = list(self.tokenizer.encode(response))
         if not response_ids:
@@ -86,7 +96,7 @@ class FeedbackTrainer:
         context = int(self.model.config.n_positions)
         if len(response_ids) >= context:
             raise ValueError(f"response is {len(response_ids)} tokens; it must be shorter than the context ({context})")
-        prompt_tokens = prompt_tokens[-(context - len(response_ids)):]  # keep the end of a long prompt
+        prompt_tokens = prompt_tokens[-(context - len(response_ids)) :]  # keep the end of a long prompt
         device = next(self.model.parameters()).device
         return torch.tensor(prompt_tokens + response_ids, device=device), len(prompt_tokens)
 

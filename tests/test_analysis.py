@@ -23,8 +23,16 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=24, n_embd=32, n_layer=2, n_head=4,
-                       bos_token_id=tok.sos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    config = GPTConfig(
+        vocab_size=tok.vocab_size,
+        n_positions=24,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tok.sos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
     model = GPT(config).eval()
     with torch.no_grad():  # larger logits than the 0.02-std init, so that distributions are not flat
         model.lm_head.weight.normal_(0, 0.5)
@@ -44,7 +52,9 @@ def test_perplexity_is_exp_of_mean_nll(model, tok):
     assert analysis.perplexity(model, tok, "the lazy fox", stride=3) == pytest.approx(expected, rel=1e-5)
     # with <SOS> ... <EOS> the first character and the end are scored too
     with_specials = math.exp(mean_nll(model, tok.encode("the lazy fox", add_special_tokens=True)))
-    assert analysis.perplexity(model, tok, "the lazy fox", add_special_tokens=True) == pytest.approx(with_specials, rel=1e-5)
+    assert analysis.perplexity(model, tok, "the lazy fox", add_special_tokens=True) == pytest.approx(
+        with_specials, rel=1e-5
+    )
 
 
 def hf_recipe_perplexity(model, ids, stride, max_length):
@@ -82,12 +92,15 @@ def test_perplexity_of_several_texts_pools_tokens(model, tok):
     assert analysis.perplexity(model, tok, [a, b]) == pytest.approx(pooled, rel=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"text": "t"}, "at least 2 tokens"),
-    ({"text": TEXT, "stride": 0}, "stride"),
-    ({"text": TEXT, "max_length": 25}, "max_length"),
-    ({"text": "Q!"}, "not in the vocabulary"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"text": "t"}, "at least 2 tokens"),
+        ({"text": TEXT, "stride": 0}, "stride"),
+        ({"text": TEXT, "max_length": 25}, "max_length"),
+        ({"text": "Q!"}, "not in the vocabulary"),
+    ],
+)
 def test_perplexity_bad_input(model, tok, kwargs, match):
     with pytest.raises(ValueError, match=match):
         analysis.perplexity(model, tok, **kwargs)
@@ -106,23 +119,34 @@ def test_generate_text_greedy_and_stream_agree(model, tok):
     assert tok.decode(ids) == plain
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(temperature=0.7),
-    dict(temperature=1.3, top_k=5),
-    dict(top_p=0.8, repetition_penalty=1.3),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": 0.7},
+        {"temperature": 1.3, "top_k": 5},
+        {"top_p": 0.8, "repetition_penalty": 1.3},
+    ],
+)
 def test_generate_text_sampling_stream_draws_like_generate(model, tok, kwargs):
     texts = []
     for stream in (None, lambda piece: None):
         generator = torch.Generator().manual_seed(7)
-        texts += analysis.generate_text(model, tok, "a", stream=stream, max_new_tokens=15, do_sample=True,
-                                        generator=generator, **kwargs)
+        texts += analysis.generate_text(
+            model, tok, "a", stream=stream, max_new_tokens=15, do_sample=True, generator=generator, **kwargs
+        )
     assert texts[0] == texts[1]
 
 
 def test_generate_text_several_sequences_and_sos(model, tok):
-    texts = analysis.generate_text(model, tok, "", num_return_sequences=3, do_sample=True, max_new_tokens=8,
-                                   generator=torch.Generator().manual_seed(0))
+    texts = analysis.generate_text(
+        model,
+        tok,
+        "",
+        num_return_sequences=3,
+        do_sample=True,
+        max_new_tokens=8,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     with pytest.raises(ValueError, match="num_return_sequences=1"):
         analysis.generate_text(model, tok, "a", stream=print, num_return_sequences=2)

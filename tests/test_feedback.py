@@ -18,8 +18,16 @@ def tok():
 
 def tiny_model(tok, seed=0):
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                       bos_token_id=tok.sos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    config = GPTConfig(
+        vocab_size=tok.vocab_size,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tok.sos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
     return GPT(config)
 
 
@@ -98,6 +106,10 @@ def test_reward_not_a_number(bad):
 
 def test_bad_hyperparameters(tok):
     model = tiny_model(tok)
-    for kwargs, name in [({"lr": 0}, "lr"), ({"kl_coef": -1}, "kl_coef"), ({"baseline_momentum": 1.0}, "baseline_momentum")]:
+    for kwargs, name in [
+        ({"lr": 0}, "lr"),
+        ({"kl_coef": -1}, "kl_coef"),
+        ({"baseline_momentum": 1.0}, "baseline_momentum"),
+    ]:
         with pytest.raises(ValueError, match=name):
             FeedbackTrainer(model, tok, **kwargs)
