@@ -186,6 +186,19 @@ def test_gradients_non_contiguous(backend):
         assert _max_err(got, want) < 1e-4, name
 
 
+@pytest.mark.parametrize("tk", [1, 1000], ids=["Tk1", "Tk1000"])
+def test_decode_with_more_threads_than_heads(backend, tk):
+    # one head, four threads: the CPU kernel splits the keys into ranges and merges them
+    q, k, v = _inputs((1, 1, 1, tk, 64), torch.float32, backend)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        out = ops.causal_attention(q, k, v)
+    finally:
+        torch.set_num_threads(threads)
+    assert _max_err(out, _reference_f64(q, k, v)) < 1e-5
+
+
 # ---- the C++ operators themselves (cpu and cuda backends) ----------------------------
 
 

@@ -10,30 +10,33 @@
 //   dv = P^T dout,   dP = dout v^T,   delta_i = sum_d dout_id out_id,   dS = P * (dP - delta)
 //   dq = scale * dS k,   dk = scale * dS^T q
 //
-// Forward. One task per (b, h, block of kBlockQ queries). It walks the key blocks of
-// kBlockK keys from the left up to the diagonal -- blocks above the diagonal are never
-// touched -- keeping per query row the running max m, the running sum l and the
-// unnormalised output O, all fp32 (the online softmax):
+// Forward. One task per (b, h) -- or per (b, h, every n-th query block) when there are
+// fewer heads than threads -- packs the head's k (transposed) and v once, then for each
+// block of kBlockQ queries walks the key blocks of up to kFwdBlockK keys from the left
+// up to the diagonal (blocks above it are never touched), keeping per query row the
+// running max m, the running sum l and the unnormalised output O, all fp32 (the online
+// softmax):
 //
 //   m' = max(m, rowmax S_blk),  P = exp(S_blk - m'),  l' = l exp(m - m') + rowsum P,
 //   O' = O exp(m - m') + P v_blk
 //
-// and finally writes out = O / l and lse = m + log l. At most kBlockQ x kBlockK scores
+// and finally writes out = O / l and lse = m + log l. At most kBlockQ x kFwdBlockK scores
 // exist at a time; nothing of size Tq x Tk is ever allocated.
 //
-// Backward. One task per (b, h): for each key block, the query blocks from the diagonal
-// down recompute S and P, and accumulate dk and dv for the key block in fp32 buffers and
-// dq in an fp32 (Tq, D) buffer that the task owns (so no atomics).
+// Backward. One task per (b, h): for each block of kBwdBlockK keys, the query blocks from
+// the diagonal down recompute S and P, and accumulate dk and dv of the key block in fp32
+// buffers and dq in an fp32 (Tq, D) buffer that the task owns (so no atomics).
 //
-// Decoding (Tq == 1) is a row, not a tile: one task per (b, h, range of keys) computes
-// the Tk scores with dot products along D, their softmax and P v; ranges are split only
-// when there are fewer heads than threads, and merged with the same rescaling as above.
+// Decoding (Tq == 1) is a row, not a tile: one task per (b, h) computes the Tk scores
+// with dot products along D, their softmax and P v. When there are fewer heads than
+// threads the keys are split into ranges whose results are merged by the rule above.
 //
-// Memory traffic (elements, per head, causal, Tq = Tk = T, Bq = kBlockQ):
-//   forward:  q and out once, k and v once per query block that sees them: 2 T D + T^2 D / Bq
-//             (k and v are re-read ~T / (2 Bq) times, from L2: a 64 x 64 fp32 block is 16 KiB);
-//   backward: k, v, dk, dv once, q, dout, dq once per key block: ~ 4 T D + 1.5 T^2 D / Bk;
-//   decode:   k and v once, 2 Tk D: the kernel is memory-bound, read at the speed of DRAM.
+// Memory traffic (elements, per head, Tq = Tk = T, fp32 scratch per thread ~2 T D):
+//   forward:  q, k, v and out once from memory (4 T D); k and v are then re-read from the
+//             packed copy (L2) by each query block, T^2 D / kBlockQ in all;
+//   backward: q, k, v, out, dout, dq, dk, dv once (8 T D); q and dout re-read from L2 by
+//             each key block, ~T^2 D / kBwdBlockK;
+//   decode:   k and v once, 2 Tk D: memory-bound, it runs at the speed of DRAM.
 //
 // The matmuls are one register-tiled micro-kernel: C += A B with B's rows loaded as
 // vectors and A's elements broadcast one at a time from any strides, so A^T (P^T, dS^T)
@@ -251,61 +254,114 @@ void attention_fwd_tiled(const Heads<const scalar_t>& q, const Heads<const scala
   });
 }
 
-// Tq == 1: a row of Tk scores per head, keys split into `splits` ranges when heads are few.
+// acc[d0, d0 + VECS * W) = sum_j p_j v_j[d0, ...) over nk value rows, the sums in registers.
+template <int VECS, typename scalar_t>
+void weighted_sum_of_rows(const float* p, const scalar_t* values, int64_t v_stride, int64_t nk, int64_t D, int64_t d0,
+                          float* acc) {
+  fVec sums[VECS];
+  for (int u = 0; u < VECS; ++u) sums[u] = fVec(0.f);
+  for (int64_t j = 0; j < nk; ++j) {
+    const fVec p_j(p[j]);
+    const scalar_t* v_j = values + j * v_stride + d0;
+    for (int u = 0; u < VECS; ++u)
+      sums[u] = at::vec::fmadd(p_j, load_float(v_j + u * W, std::min(W, D - d0 - u * W)), sums[u]);
+  }
+  for (int u = 0; u < VECS; ++u) sums[u].store(acc + d0 + u * W);
+}
+
+struct MaxAndSum {
+  float max;  // max_j s_j
+  float sum;  // sum_j exp(s_j - max)
+};
+
+// One query row q_row (fp32, padded) against nk keys and values (row strides k_stride,
+// v_stride): scores s_j = scale q.k_j, then acc = sum_j exp(s_j - max) v_j (padded_d wide).
+// `scores` has room for nk rounded up to W.
+template <typename scalar_t>
+MaxAndSum attend_one_query(const float* q_row, const scalar_t* keys, int64_t k_stride, const scalar_t* values,
+                           int64_t v_stride, int64_t nk, int64_t D, float scale, float* scores, float* acc) {
+  constexpr int64_t kKeysInFlight = 4;  // independent dot products, to hide the FMA latency
+  fVec vmax(kNegInf);
+  for (int64_t j = 0; j < nk; j += kKeysInFlight) {
+    const int64_t n = std::min(kKeysInFlight, nk - j);
+    fVec dots[kKeysInFlight];
+    for (auto& dot : dots) dot = fVec(0.f);
+    for (int64_t d = 0; d < D; d += W) {
+      const fVec q_d = fVec::loadu(q_row + d);
+      const int64_t width = std::min(W, D - d);
+      for (int64_t u = 0; u < n; ++u)
+        dots[u] = at::vec::fmadd(q_d, load_float(keys + (j + u) * k_stride + d, width), dots[u]);
+    }
+    for (int64_t u = 0; u < n; ++u) scores[j + u] = scale * at::vec::vec_reduce_all<float>(std::plus<fVec>(), dots[u]);
+  }
+  for (int64_t j = 0; j < nk; j += W) {
+    const int64_t n = std::min(W, nk - j);
+    vmax = at::vec::maximum(vmax, fVec::set(fVec(kNegInf), fVec::loadu(scores + j, n), n));
+  }
+  const float m = at::vec::vec_reduce_all<float>([](fVec x, fVec y) { return at::vec::maximum(x, y); }, vmax);
+  fVec vsum(0.f);
+  for (int64_t j = 0; j < nk; j += W) {
+    const int64_t n = std::min(W, nk - j);
+    const fVec p = fVec::set(fVec(0.f), (fVec::loadu(scores + j, n) - fVec(m)).exp_u20(), n);
+    p.store(scores + j, n);
+    vsum = vsum + p;
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += kTileVecs * W) {
+    switch (std::min<int64_t>(kTileVecs, ceil_div(D - d0, W))) {
+      case 1: weighted_sum_of_rows<1>(scores, values, v_stride, nk, D, d0, acc); break;
+      case 2: weighted_sum_of_rows<2>(scores, values, v_stride, nk, D, d0, acc); break;
+      case 3: weighted_sum_of_rows<3>(scores, values, v_stride, nk, D, d0, acc); break;
+      default: weighted_sum_of_rows<kTileVecs>(scores, values, v_stride, nk, D, d0, acc); break;
+    }
+  }
+  return {m, at::vec::vec_reduce_all<float>(std::plus<fVec>(), vsum)};
+}
+
+// Tq == 1: a row of Tk scores per head. With fewer heads than threads the keys are split
+// into ranges (flash decoding), whose partial results are merged by their max and sum.
 template <typename scalar_t>
 void attention_fwd_decode(const Heads<const scalar_t>& q, const Heads<const scalar_t>& k,
                           const Heads<const scalar_t>& v, const Heads<scalar_t>& out, float* lse, int64_t B, int64_t H,
                           int64_t Tk, int64_t D, float scale) {
   const int64_t padded_d = round_up(D, W);
   const int64_t heads = B * H;
-  const int64_t splits =
-      std::clamp<int64_t>(ceil_div(at::get_num_threads(), heads), 1, std::max<int64_t>(1, Tk / kDecodeMinKeysPerTask));
+  const int64_t splits = std::clamp<int64_t>(ceil_div(at::get_num_threads(), heads), 1,
+                                             std::max<int64_t>(1, Tk / kDecodeMinKeysPerTask));
   const int64_t keys_per_split = ceil_div(Tk, splits);
   // Per (head, split): the partial max, sum and unnormalised output.
-  std::vector<float> part_max(heads * splits), part_sum(heads * splits), part_acc(heads * splits * padded_d);
+  std::vector<MaxAndSum> partial(heads * splits);
+  std::vector<float> partial_acc(heads * splits * padded_d, 0.f);
   at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_row(padded_d), scores(keys_per_split);
+    std::vector<float> q_row(padded_d), scores(round_up(keys_per_split, W));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits / H, h = task / splits % H;
-      const int64_t key0 = task % splits * keys_per_split, nk = std::clamp<int64_t>(Tk - key0, 0, keys_per_split);
+      const int64_t key0 = task % splits * keys_per_split, nk = std::min(keys_per_split, Tk - key0);
+      if (nk <= 0) {
+        partial[task] = {kNegInf, 0.f};  // an empty key range: weight 0 in the merge
+        continue;
+      }
       pack_rows(q.row(b, h, 0), 0, 1, 1, D, padded_d, q_row.data());
-      float m = kNegInf;
-      for (int64_t j = 0; j < nk; ++j) {
-        const scalar_t* k_j = k.row(b, h, key0 + j);
-        fVec dot(0.f);
-        for (int64_t d = 0; d < D; d += W) dot = at::vec::fmadd(fVec::loadu(q_row.data() + d), load_float(k_j + d, std::min(W, D - d)), dot);
-        scores[j] = scale * at::vec::vec_reduce_all<float>(std::plus<fVec>(), dot);
-        m = std::max(m, scores[j]);
-      }
-      float* acc = part_acc.data() + task * padded_d;
-      std::fill(acc, acc + padded_d, 0.f);
-      float sum = 0.f;
-      for (int64_t j = 0; j < nk; ++j) {
-        const float p = std::exp(scores[j] - m);
-        sum += p;
-        const scalar_t* v_j = v.row(b, h, key0 + j);
-        for (int64_t d = 0; d < D; d += W)
-          at::vec::fmadd(fVec(p), load_float(v_j + d, std::min(W, D - d)), fVec::loadu(acc + d)).store(acc + d);
-      }
-      part_max[task] = m;
-      part_sum[task] = sum;
+      partial[task] = attend_one_query(q_row.data(), k.row(b, h, key0), k.stride_t, v.row(b, h, key0), v.stride_t, nk,
+                                       D, scale, scores.data(), partial_acc.data() + task * padded_d);
     }
   });
+  std::vector<float> acc(padded_d);
   for (int64_t head = 0; head < heads; ++head) {
-    const float* maxes = part_max.data() + head * splits;
-    const float m = *std::max_element(maxes, maxes + splits);
+    const MaxAndSum* parts = partial.data() + head * splits;
+    float m = kNegInf;
+    for (int64_t s = 0; s < splits; ++s) m = std::max(m, parts[s].max);
     float sum = 0.f;
-    std::vector<float> acc(padded_d, 0.f);
+    std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t s = 0; s < splits; ++s) {
-      if (part_sum[head * splits + s] == 0.f) continue;  // an empty key range
-      const float weight = std::exp(maxes[s] - m);
-      sum += weight * part_sum[head * splits + s];
-      const float* part = part_acc.data() + (head * splits + s) * padded_d;
+      const float weight = std::exp(parts[s].max - m);
+      sum += weight * parts[s].sum;
+      const float* part = partial_acc.data() + (head * splits + s) * padded_d;
       for (int64_t d = 0; d < padded_d; d += W)
         at::vec::fmadd(fVec(weight), fVec::loadu(part + d), fVec::loadu(acc.data() + d)).store(acc.data() + d);
     }
     scalar_t* out_row = out.row(head / H, head % H, 0);
-    for (int64_t d = 0; d < D; d += W) store_float(fVec::loadu(acc.data() + d) * fVec(1.f / sum), out_row + d, std::min(W, D - d));
+    for (int64_t d = 0; d < D; d += W)
+      store_float(fVec::loadu(acc.data() + d) * fVec(1.f / sum), out_row + d, std::min(W, D - d));
     lse[head] = m + std::log(sum);
   }
 }
