@@ -124,8 +124,12 @@ def generate_text(
             if generate_kwargs.pop("num_return_sequences", 1) != 1:
                 raise ValueError("stream needs num_return_sequences=1")
             rows = [_generate_streaming(model, tokenizer, input_ids, stream, **generate_kwargs)]
-    stops = {generate_kwargs["eos_token_id"], generate_kwargs["pad_token_id"]} - {None}
+    stops = _stop_tokens(generate_kwargs["eos_token_id"])  # generate pads only after a row's <EOS>
     return [prompt + tokenizer.decode(_until(row, stops)) for row in rows]
+
+
+def _stop_tokens(eos_token_id: int | Sequence[int] | None) -> set[int]:
+    return set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
 def _until(ids: list[int], stops: set[int]) -> list[int]:
@@ -156,7 +160,8 @@ def _generate_streaming(
 
     Each piece of decoded text goes to `stream` as its token arrives. The text is decoded
     whole each step and only its growth is sent, so a byte-level BPE character split over
-    two tokens comes out once complete (held back while it ends in U+FFFD).
+    two tokens comes out once complete (held back while it ends in U+FFFD). The sequence
+    ends at <EOS>, so `pad_token_id` (taken for symmetry with `generate`) is never used.
     """
     total = input_ids.shape[1] + max_new_tokens
     if total > _context_length(model):
@@ -164,7 +169,7 @@ def _generate_streaming(
             f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
             f"n_positions={_context_length(model)}"
         )
-    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    stops = _stop_tokens(eos_token_id)
     seen = seen_tokens(input_ids, model.config.vocab_size) if repetition_penalty != 1.0 else None
     cache = model.new_cache(1, total)
     tokens, new, sent = input_ids, [], ""

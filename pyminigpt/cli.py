@@ -638,11 +638,13 @@ def _seconds_per_step(model, dataset, batch_size: int, repeats: int = 4) -> floa
 def cmd_demo(args) -> int:
     from .analysis import (
         attention_maps,
+        embeddings,
         format_next_token_table,
         generate_text,
         next_token_table,
         perplexity,
         plot_attention,
+        plot_pca,
         token_strings,
     )
     from .data import SequenceDataset, names_corpus
@@ -782,7 +784,12 @@ def cmd_demo(args) -> int:
     maps = attention_maps(model, tokenizer, example, add_special_tokens=True)
     tokens = token_strings(tokenizer, tokenizer.encode(example, add_special_tokens=True))
     attention_png = plot_attention(maps, tokens, out / "attention.png", title=f"attention on {example!r}")
-    print(f"wrote the loss curve to {out / 'loss.png'} and the attention maps on {example!r} to {attention_png}")
+    letters = tokenizer.chars
+    embeddings_png = plot_pca(
+        embeddings(model, tokenizer, letters), letters, out / "embeddings.png", title="character embeddings (PCA)"
+    )
+    print(f"wrote the loss curve to {out / 'loss.png'}, the attention maps on {example!r} to {attention_png}")
+    print(f"and the learned character embeddings on their two principal components to {embeddings_png}")
     print(f"the trained model is in {out}: try `pyminigpt generate {out}` or `pyminigpt chat {out} --feedback`")
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
