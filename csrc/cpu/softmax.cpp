@@ -1,7 +1,10 @@
 // Softmax with temperature over the last dimension, forward and backward.
 //
-//   forward:  y_i  = exp(x_i / T - m) / s,   m = max_j x_j / T,   s = sum_j exp(x_j / T - m)
+//   forward:  y_i  = exp((x_i - m) / T) / s,   m = max_j x_j,   s = sum_j exp((x_j - m) / T)
 //   backward: dx_i = y_i * (dy_i - sum_j dy_j * y_j) / T
+//
+// Subtracting the max before scaling keeps the rounding of the exponent's argument
+// proportional to |x_i - m| / T, small exactly for the large probabilities.
 //
 // The forward finds m and s in ONE pass over the row (the online softmax: when the
 // running max grows from m to m', the running sum is rescaled by exp(m - m')), then
@@ -31,8 +34,8 @@ constexpr int64_t W = fVec::size();
 int64_t rows_per_task(int64_t row_width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_width, 1)); }
 
 struct MaxAndSum {
-  float max;  // max_j x_j / T
-  float sum;  // sum_j exp(x_j / T - max)
+  float max;  // max_j x_j
+  float sum;  // sum_j exp((x_j - max) / T)
 };
 
 // One pass of the online softmax over a row.
@@ -45,9 +48,9 @@ MaxAndSum online_max_and_sum(const scalar_t* x, int64_t C, float inv_t) {
   const fVec vinv_t(inv_t);
   int64_t i = 0;
   for (; i + W <= C; i += W) {
-    fVec v = load_float(x + i) * vinv_t;
+    fVec v = load_float(x + i);
     fVec new_max = at::vec::maximum(lane_max, v);
-    lane_sum = lane_sum * (lane_max - new_max).exp() + (v - new_max).exp();
+    lane_sum = lane_sum * ((lane_max - new_max) * vinv_t).exp() + ((v - new_max) * vinv_t).exp();
     lane_max = new_max;
   }
   float maxes[W], sums[W];
@@ -55,10 +58,10 @@ MaxAndSum online_max_and_sum(const scalar_t* x, int64_t C, float inv_t) {
   lane_sum.store(sums);
   float m = lowest;
   for (int64_t l = 0; l < W; ++l) m = std::max(m, maxes[l]);
-  for (; i < C; ++i) m = std::max(m, static_cast<float>(x[i]) * inv_t);
+  for (; i < C; ++i) m = std::max(m, static_cast<float>(x[i]));
   float s = 0.f;
-  for (int64_t l = 0; l < W; ++l) s += sums[l] * std::exp(maxes[l] - m);
-  for (i = C - C % W; i < C; ++i) s += std::exp(static_cast<float>(x[i]) * inv_t - m);
+  for (int64_t l = 0; l < W; ++l) s += sums[l] * std::exp((maxes[l] - m) * inv_t);
+  for (i = C - C % W; i < C; ++i) s += std::exp((static_cast<float>(x[i]) - m) * inv_t);
   return {m, s};
 }
 
@@ -72,7 +75,7 @@ void softmax_fwd_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, f
       const fVec vmax(ms.max), vinv_t(inv_t), vinv_sum(1.f / ms.sum);
       for (int64_t i = 0; i < C; i += W) {
         const int64_t n = std::min(W, C - i);
-        store_float((load_float(xr + i, n) * vinv_t - vmax).exp() * vinv_sum, yr + i, n);
+        store_float(((load_float(xr + i, n) - vmax) * vinv_t).exp() * vinv_sum, yr + i, n);
       }
     }
   });

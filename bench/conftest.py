@@ -1,0 +1,8 @@
+import pytest
+from bench_utils import measure_copy_bandwidth
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth() -> float:
+    """The measured copy bandwidth of the benchmark device, in bytes per second."""
+    return measure_copy_bandwidth()
