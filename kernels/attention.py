@@ -32,7 +32,8 @@ program writing the normalised partial output of its chunk and its lse; then
 `attention_decode_combine_kernel` merges the chunks: o = sum_s exp(lse_s - lse) o_s.
 No matrix units are involved (a single row), so these use elementwise products and sums.
 
-Head dims 16..128 are padded to a power of two with masks; any Tq, Tk with masked edges.
+Head dims 1..128 are padded to a power of two (at least 16, the smallest tensor-core tile)
+with masks; any Tq, Tk with masked edges.
 fp32 inputs use IEEE fp32 dots (tf32 would cost ~1e-3 relative error); fp16/bf16 feed the
 tensor cores and accumulate in fp32.
 """
@@ -47,7 +48,7 @@ from . import _no_wrap
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+MAX_HEAD_DIM = 128
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -71,6 +72,10 @@ def _backward_config(dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # twice the bytes per tile: smaller tiles to fit shared memory
         return {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 4, "num_stages": 3}
+
+
+def _padded_head_dim(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -569,13 +574,13 @@ def attention_bwd_dq_kernel(
 
 def supports(q: torch.Tensor) -> bool:
     """Whether these kernels take q's head dim and dtype."""
-    return MIN_HEAD_DIM <= q.shape[-1] <= MAX_HEAD_DIM and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return 1 <= q.shape[-1] <= MAX_HEAD_DIM and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check(q, k, v):
     if not supports(q):
         raise ValueError(
-            f"attention kernels take head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM} in fp16/bf16/fp32, got q {tuple(q.shape)} {q.dtype}"
+            f"attention kernels take head dims 1..{MAX_HEAD_DIM} in fp16/bf16/fp32, got q {tuple(q.shape)} {q.dtype}"
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
@@ -602,7 +607,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     lse = torch.empty((batch, heads, n_queries), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = _padded_head_dim(head_dim)
     if n_queries == 1:
         n_splits, keys_per_split = _decode_splits(batch * heads, n_keys, q.device)
         partial_o = torch.empty((batch * heads, n_splits, block_d), dtype=torch.float32, device=q.device)
@@ -694,7 +699,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale: float, wrap=_no_wrap):
     config = _backward_config(q.dtype)
     common = {
         "HEAD_DIM": head_dim,
-        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_D": _padded_head_dim(head_dim),
         "PRECISION": _dot_precision(q.dtype),
         "num_warps": config["num_warps"],
         "num_stages": config["num_stages"],

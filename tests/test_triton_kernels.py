@@ -185,6 +185,7 @@ def check_attention(b, h, tq, tk, d, dtype, transpose_layout=False):
         (2, 1, 40, 40, 64),  # several blocks: unmasked blocks below the diagonal
         (1, 1, 7, 45, 80),  # Tk > Tq (cache), head dim padded to 128
         (1, 1, 33, 33, 128),
+        (1, 1, 3, 11, 7),  # head dim padded to 16
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -205,7 +206,7 @@ def test_attention_decode_split_k(tk, d, dtype):
 
 
 def test_attention_rejects_unsupported_head_dim():
-    q = rand(1, 1, 4, 8)
+    q = rand(1, 1, 4, 256)
     assert not attention.supports(q)
     with pytest.raises(ValueError, match="head dims"):
         attention.attention_fwd(q, q, q, 1.0)
