@@ -191,6 +191,9 @@ def _generate_streaming(
             stream(text[len(sent) :])
             sent = text
         tokens = next_token[:, None]
+    text = tokenizer.decode(new)
+    if len(text) > len(sent):  # what was held back: an incomplete character at the very end
+        stream(text[len(sent) :])
     return new
 
 

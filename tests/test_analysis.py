@@ -154,6 +154,30 @@ def test_generate_text_several_sequences_and_sos(model, tok):
         analysis.generate_text(model, tok, "a", stream=print, max_new_tokens=30)
 
 
+def test_stream_with_byte_level_bpe_sends_whole_characters():
+    """A character of several UTF-8 bytes may take several tokens: the stream sends it once complete."""
+    from pyminigpt.tokenizer import BPETokenizer
+
+    bpe = BPETokenizer.train(["h\u00e9 w\u00f6rld \u00f1 \u263a"] * 4, vocab_size=262)
+    torch.manual_seed(1)
+    bpe_model = GPT(GPTConfig(vocab_size=bpe.vocab_size, n_positions=40, n_embd=32, n_layer=1, n_head=2)).eval()
+    for seed in range(3):
+        pieces = []
+        generator = torch.Generator().manual_seed(seed)
+        [text] = analysis.generate_text(
+            bpe_model,
+            bpe,
+            "h\u00e9",
+            stream=pieces.append,
+            max_new_tokens=30,
+            do_sample=True,
+            top_k=0,
+            generator=generator,
+        )
+        assert "".join(pieces) == text[len("h\u00e9") :]
+        assert not any(p.endswith("\ufffd") for p in pieces[:-1])
+
+
 def test_next_token_table(model, tok):
     rows = analysis.next_token_table(model, tok, "the q", top_n=5)
     probs = torch.softmax(model(torch.tensor([tok.encode("the q")])).logits[0, -1], -1)
