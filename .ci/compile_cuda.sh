@@ -17,7 +17,7 @@ for source in csrc/cuda/*.cu; do
   log="$out_dir/$name.log"
   if "$NVCC" -c "$source" -o "$out_dir/$name.o" \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-      -O3 -std=c++17 --expt-relaxed-constexpr -Xcompiler -Wall -Xptxas -v -Werror all-warnings \
+      -O3 -std=c++17 -Xcompiler -Wall -Xptxas -v -Werror all-warnings \
       >"$log" 2>&1; then
     spills="$(grep -E 'bytes spill (stores|loads)' "$log" | grep -vE ' 0 bytes spill stores, 0 bytes spill loads' || true)"
     echo "ok    $source"
