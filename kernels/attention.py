@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _no_wrap
+from . import _no_wrap, rounded_to
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -134,7 +134,7 @@ def _fwd_key_blocks(
         v = tl.load(
             v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
         )
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        acc = acc * alpha[:, None] + _dot(rounded_to(p, v.dtype), v, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -238,7 +238,7 @@ def attention_fwd_kernel(
     o = acc / l_i[:, None]
     tl.store(
         o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
-        o.to(o_ptr.dtype.element_ty),
+        rounded_to(o, o_ptr.dtype.element_ty),
         mask=m_mask[:, None] & d_mask[None, :],
     )
     tl.store(lse_ptr + batch_head.to(tl.int64) * n_queries + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_mask)
@@ -333,7 +333,7 @@ def attention_decode_combine_kernel(
     o_s = tl.load(partial_o_ptr + slots[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
     o = tl.sum(o_s * weight[:, None], axis=0) / total
     o_base = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_d, o.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(o_base + offs_d, rounded_to(o, o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
     tl.store(lse_ptr + batch_head, (lse_max + tl.log2(total)) * LN2)
 
 
@@ -410,19 +410,19 @@ def attention_bwd_dkdv_kernel(
         do = tl.load(
             do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
         )
-        dv += _dot(p_t.to(do.dtype), do, PRECISION)
+        dv += _dot(rounded_to(p_t, do.dtype), do, PRECISION)
         delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
         dp_t = _dot(v, tl.trans(do), PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), PRECISION)
+        dk += _dot(rounded_to(ds_t, q_t.dtype), tl.trans(q_t), PRECISION)
     grad_offsets = (
         batch.to(tl.int64) * stride_dkb
         + head.to(tl.int64) * stride_dkh
         + offs_n[:, None] * stride_dkt
         + offs_d[None, :]
     )
-    tl.store(dk_ptr + grad_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + grad_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptr + grad_offsets, rounded_to(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + grad_offsets, rounded_to(dv, dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -461,7 +461,7 @@ def _dq_key_blocks(
             p = tl.where((offs_n[None, :] <= offs_m[:, None] + causal_offset) & n_mask[None, :], p, 0.0)
         dp = _dot(do, v_t, PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), PRECISION)
+        dq += _dot(rounded_to(ds, k_t.dtype), tl.trans(k_t), PRECISION)
     return dq
 
 
@@ -568,7 +568,9 @@ def attention_bwd_dq_kernel(
     )
     dq_base = dq_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
     tl.store(
-        dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=qo_mask
+        dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        rounded_to(dq * scale, dq_ptr.dtype.element_ty),
+        mask=qo_mask,
     )
 
 

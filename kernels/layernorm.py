@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _no_wrap
+from . import _no_wrap, rounded_to
 
 MAX_COLS = 16384
 
@@ -61,7 +61,7 @@ def layer_norm_fwd_kernel(
     w = tl.load(w_ptr + cols, mask=mask).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask).to(tl.float32)
     y = centered * rstd * w + b
-    tl.store(y_ptr + row.to(tl.int64) * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row.to(tl.int64) * y_row_stride + cols, rounded_to(y, y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
@@ -101,7 +101,7 @@ def layer_norm_bwd_kernel(
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         g = dy * w
         dx = rstd * (g - tl.sum(g, axis=0) / n_cols - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
-        tl.store(dx_ptr + row64 * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + row64 * dx_row_stride + cols, rounded_to(dx, dx_ptr.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
     tl.store(partial_dw_ptr + group * n_cols + cols, dw, mask=mask)
@@ -129,8 +129,8 @@ def column_sum_kernel(
         offsets = groups[:, None] * n_cols + cols[None, :]
         dw += tl.load(partial_dw_ptr + offsets, mask=mask, other=0.0)
         db += tl.load(partial_db_ptr + offsets, mask=mask, other=0.0)
-    tl.store(dw_ptr + cols, tl.sum(dw, axis=0).to(dw_ptr.dtype.element_ty), mask=col_mask)
-    tl.store(db_ptr + cols, tl.sum(db, axis=0).to(db_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(dw_ptr + cols, rounded_to(tl.sum(dw, axis=0), dw_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(db_ptr + cols, rounded_to(tl.sum(db, axis=0), db_ptr.dtype.element_ty), mask=col_mask)
 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, wrap=_no_wrap):

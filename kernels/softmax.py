@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _no_wrap
+from . import _no_wrap, rounded_to
 
 LOG2E = 1.4426950408889634
 
@@ -61,7 +61,7 @@ def softmax_fwd_kernel(
         z = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale_log2
         e = tl.exp2(z - tl.max(z, axis=0))
         y = e / tl.sum(e, axis=0)
-        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_row + cols, rounded_to(y, y_ptr.dtype.element_ty), mask=mask)
     else:
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
@@ -80,7 +80,7 @@ def softmax_fwd_kernel(
             mask = start + cols < n_cols
             z = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale_log2
             y = tl.exp2(z - row_max) * inv_sum
-            tl.store(y_row + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_row + start + cols, rounded_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -106,7 +106,7 @@ def softmax_bwd_kernel(
         y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
         dx = y * (dy - tl.sum(y * dy, axis=0)) * inv_temperature
-        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_row + cols, rounded_to(dx, dx_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -120,7 +120,7 @@ def softmax_bwd_kernel(
             y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             dx = y * (dy - dot) * inv_temperature
-            tl.store(dx_row + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_row + start + cols, rounded_to(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 def softmax_fwd(x: torch.Tensor, temperature: float, wrap=_no_wrap) -> torch.Tensor:
