@@ -3,6 +3,7 @@
 from . import ops
 from .data import SequenceDataset, SlidingWindowDataset, load_text, names_corpus, write_token_file
 from .model import GPT, GPTConfig
+from .patch import patch_hf_gpt2, unpatch_hf_gpt2
 from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from .trainer import Trainer, TrainerConfig
 
@@ -22,5 +23,7 @@ __all__ = [
     "load_tokenizer",
     "names_corpus",
     "ops",
+    "patch_hf_gpt2",
+    "unpatch_hf_gpt2",
     "write_token_file",
 ]
