@@ -78,28 +78,6 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// Online softmax statistics: running max m and sum s of exp(x - m). Two partial states
-// combine as (max(m1, m2), s1 exp(m1 - m) + s2 exp(m2 - m)); -inf maxima contribute 0.
-struct MaxSum {
-  float max;
-  float sum;
-};
-
-__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
-  const float m = fmaxf(a.max, b.max);
-  if (m == -INFINITY) return {m, 0.f};
-  return {m, a.sum * __expf(a.max - m) + b.sum * __expf(b.max - m)};
-}
-
-__device__ __forceinline__ MaxSum warp_combine(MaxSum x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    MaxSum other{__shfl_xor_sync(0xffffffffu, x.max, offset), __shfl_xor_sync(0xffffffffu, x.sum, offset)};
-    x = combine(x, other);
-  }
-  return x;
-}
-
 // Reduces `value` over the `group_warps` consecutive warps that share a row. `scratch`
 // holds one T per warp of the block; every thread of the group gets the result. All
 // threads of the block must call this (it synchronises the block twice).

@@ -282,7 +282,7 @@ __device__ Cut find_cut(const T* row, int64_t vocab, int top_k, float top_p, int
       row, vocab, 24, top_p, true,
       [&](int64_t, float x, uint32_t& key, float& mass) {
         key = ordered_key(x);
-        mass = __expf((nan_to_neg_inf(x) - row_max) * inv_temperature);
+        mass = expf((nan_to_neg_inf(x) - row_max) * inv_temperature);
         return key >= floor;
       },
       s);
@@ -344,13 +344,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   const Cut cut = find_cut(row, vocab, top_k, top_p, 1, inv_temperature, row_max, s);
   auto kept_mass = [&](int64_t i) {
     const float x = nan_to_neg_inf(to_float(row[i]));
-    return is_kept(cut, ordered_key(x), i) ? __expf((x - row_max) * inv_temperature) : 0.f;
+    return is_kept(cut, ordered_key(x), i) ? expf((x - row_max) * inv_temperature) : 0.f;
   };
 
   float total = 0.f;
   for_each_logit(row, vocab, [&](int64_t i, float x) {
     x = nan_to_neg_inf(x);
-    if (is_kept(cut, ordered_key(x), i)) total += __expf((x - row_max) * inv_temperature);
+    if (is_kept(cut, ordered_key(x), i)) total += expf((x - row_max) * inv_temperature);
   });
   total = block_reduce(total, false, s);
   const float target = uniform[blockIdx.x] * total;

@@ -11,7 +11,9 @@
 // vocabulary-wide row (50257). The forward keeps an *online* maximum and sum, so one
 // read of the row yields both statistics: each thread folds a 16-byte pack into
 // (max, sum) by rescaling its running sum once per pack, then the group combines the
-// per-thread states with warp shuffles and, across warps, shared memory. The second
+// per-thread states with warp shuffles and, across warps, shared memory. The maximum is
+// kept in logit units and the exponent is (x - max) / T: x - max is exact or nearly so
+// for the entries that carry the mass, where x / T - max / T would round twice. The second
 // pass writes y with 16-byte stores. Triton's softmax tutorial does the same with one
 // program per row; here the warp/shared-memory steps that `tl.max`/`tl.sum` hide are
 // spelled out.
@@ -23,6 +25,35 @@ namespace pyminigpt::cuda {
 namespace {
 
 constexpr int kMinBlockThreads = 128;
+
+// Online softmax statistics of logits x at temperature T: the running max m of x and
+// the sum s of exp((x - m) / T). Two partial states combine as (max(m1, m2),
+// s1 exp((m1 - m) / T) + s2 exp((m2 - m) / T)); a -inf maximum contributes nothing.
+struct MaxSum {
+  float max;
+  float sum;
+};
+
+struct CombineMaxSum {
+  float inv_temperature;
+  __device__ __forceinline__ MaxSum operator()(MaxSum a, MaxSum b) const {
+    const float m = fmaxf(a.max, b.max);
+    if (m == -INFINITY) return {m, 0.f};
+    return {m, a.sum * expf((a.max - m) * inv_temperature) + b.sum * expf((b.max - m) * inv_temperature)};
+  }
+};
+
+struct WarpCombineMaxSum {
+  CombineMaxSum combine;
+  __device__ __forceinline__ MaxSum operator()(MaxSum x) const {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const MaxSum other{__shfl_xor_sync(0xffffffffu, x.max, offset), __shfl_xor_sync(0xffffffffu, x.sum, offset)};
+      x = combine(x, other);
+    }
+    return x;
+  }
+};
 
 // Threads per row: a power of two from 32 to 1024, about 4 packs per thread.
 int softmax_threads_per_row(int64_t n_cols, int elem_bytes) {
@@ -46,22 +77,23 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, i
   if (active) {
     for_each_pack<kVec>(x_row, n_cols, tid, threads_per_row, [&](int64_t, auto pack) {
       constexpr int N = pack_size<decltype(pack)>;
-      float z[N];
+      float x[N];
       float pack_max = -INFINITY;
 #pragma unroll
       for (int e = 0; e < N; ++e) {
-        z[e] = to_float(pack.v[e]) * inv_temperature;
-        pack_max = fmaxf(pack_max, z[e]);
+        x[e] = to_float(pack.v[e]);
+        pack_max = fmaxf(pack_max, x[e]);
       }
       const float m = fmaxf(state.max, pack_max);
       if (m == -INFINITY) return;  // everything so far is -inf: nothing to add
-      float s = state.sum * __expf(state.max - m);
+      float s = state.sum * expf((state.max - m) * inv_temperature);
 #pragma unroll
-      for (int e = 0; e < N; ++e) s += __expf(z[e] - m);
+      for (int e = 0; e < N; ++e) s += expf((x[e] - m) * inv_temperature);
       state = {m, s};
     });
   }
-  state = group_reduce(state, threads_per_row / 32, scratch, warp_combine, combine);
+  const CombineMaxSum combine{inv_temperature};
+  state = group_reduce(state, threads_per_row / 32, scratch, WarpCombineMaxSum{combine}, combine);
   if (!active) return;
 
   const float row_max = state.max;
@@ -71,7 +103,7 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, i
     Pack<T, N> out;
 #pragma unroll
     for (int e = 0; e < N; ++e)
-      out.v[e] = from_float<T>(__expf(to_float(pack.v[e]) * inv_temperature - row_max) * inv_sum);
+      out.v[e] = from_float<T>(expf((to_float(pack.v[e]) - row_max) * inv_temperature) * inv_sum);
     store_pack(y_row + i, out);
   });
 }
