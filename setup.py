@@ -91,7 +91,8 @@ def extension():
         return CUDAExtension(
             "pyminigpt._C",
             sources,
-            extra_compile_args={"cxx": cxx + ["-DPYMINIGPT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": cxx + ["-DPYMINIGPT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension("pyminigpt._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])

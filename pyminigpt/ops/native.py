@@ -15,7 +15,7 @@ from .library import has_kernel, ops
 
 # The dtypes each backend's kernels take, per op (anything else runs on the reference).
 _FLOATS = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
-_LOGITS = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+_LOGITS = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
 def _runs_on(device_type: str, dtypes: dict, x: torch.Tensor) -> bool:
@@ -55,6 +55,10 @@ def _supports(op: str, device_type: str):
     if op in ("top_k_top_p_filter", "sample"):
         return lambda logits, *rest: _runs_on(device_type, _LOGITS, logits)
     if op == "causal_attention":
+        if device_type == "cuda":  # csrc/cuda/attention.cu: fp16/bf16 tensor cores, head dim 64 or 128
+            return lambda q, k, v, scale: (
+                q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
+            )
         return lambda q, k, v, scale: _runs_on(device_type, _FLOATS, q)
     return lambda x, *rest: _runs_on(device_type, _FLOATS, x)
 
