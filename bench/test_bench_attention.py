@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pyminigpt.ops as ops
+from pyminigpt import ops
 from pyminigpt.ops import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

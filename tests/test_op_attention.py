@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-import pyminigpt.ops as ops
+from pyminigpt import ops
 from pyminigpt.ops import reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

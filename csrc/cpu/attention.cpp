@@ -90,6 +90,11 @@ constexpr int64_t kDecodeMinKeysPerTask = 256;  // splitting the keys below this
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+float reduce_max(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec x, fVec y) { return at::vec::maximum(x, y); }, v);
+}
+float reduce_sum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
+
 // C[ROWS x VECS*W] (+)= A[ROWS x depth] B[depth x VECS*W], the accumulators in registers.
 // A(i, p) is a[i * a_row + p * a_col]; B and C are row-major with leading dims ldb, ldc.
 template <int ROWS, int VECS, bool ACCUMULATE>
@@ -180,7 +185,7 @@ float online_softmax_row(float* scores, int64_t visible, int64_t width, float sc
     const fVec s = fVec::loadu(scores + j, n) * vscale;
     vmax = at::vec::maximum(vmax, n == W ? s : fVec::set(fVec(kNegInf), s, n));
   }
-  const float m_new = std::max(m, at::vec::vec_reduce_all<float>([](fVec x, fVec y) { return at::vec::maximum(x, y); }, vmax));
+  const float m_new = std::max(m, reduce_max(vmax));
   const fVec vm_new(m_new);
   fVec vsum(0.f);
   for (int64_t j = 0; j < width; j += W) {
@@ -191,7 +196,7 @@ float online_softmax_row(float* scores, int64_t visible, int64_t width, float sc
     vsum = vsum + p;
   }
   const float alpha = std::exp(m - m_new);
-  l = l * alpha + at::vec::vec_reduce_all<float>(std::plus<fVec>(), vsum);
+  l = l * alpha + reduce_sum(vsum);
   m = m_new;
   return alpha;
 }
@@ -292,13 +297,13 @@ MaxAndSum attend_one_query(const float* q_row, const scalar_t* keys, int64_t k_s
       for (int64_t u = 0; u < n; ++u)
         dots[u] = at::vec::fmadd(q_d, load_float(keys + (j + u) * k_stride + d, width), dots[u]);
     }
-    for (int64_t u = 0; u < n; ++u) scores[j + u] = scale * at::vec::vec_reduce_all<float>(std::plus<fVec>(), dots[u]);
+    for (int64_t u = 0; u < n; ++u) scores[j + u] = scale * reduce_sum(dots[u]);
   }
   for (int64_t j = 0; j < nk; j += W) {
     const int64_t n = std::min(W, nk - j);
     vmax = at::vec::maximum(vmax, fVec::set(fVec(kNegInf), fVec::loadu(scores + j, n), n));
   }
-  const float m = at::vec::vec_reduce_all<float>([](fVec x, fVec y) { return at::vec::maximum(x, y); }, vmax);
+  const float m = reduce_max(vmax);
   fVec vsum(0.f);
   for (int64_t j = 0; j < nk; j += W) {
     const int64_t n = std::min(W, nk - j);
@@ -314,7 +319,7 @@ MaxAndSum attend_one_query(const float* q_row, const scalar_t* keys, int64_t k_s
       default: weighted_sum_of_rows<kTileVecs>(scores, values, v_stride, nk, D, d0, acc); break;
     }
   }
-  return {m, at::vec::vec_reduce_all<float>(std::plus<fVec>(), vsum)};
+  return {m, reduce_sum(vsum)};
 }
 
 // Tq == 1: a row of Tk scores per head. With fewer heads than threads the keys are split
@@ -388,7 +393,7 @@ void attention_bwd_tiled(const Heads<const scalar_t>& grad_out, const Heads<cons
           const int64_t n = std::min(W, D - d);
           dot = at::vec::fmadd(load_float(grad_out.row(b, h, i) + d, n), load_float(out.row(b, h, i) + d, n), dot);
         }
-        delta[i] = at::vec::vec_reduce_all<float>(std::plus<fVec>(), dot);
+        delta[i] = reduce_sum(dot);
       }
       std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
       for (int64_t k0 = 0; k0 < Tk; k0 += kBwdBlockK) {
@@ -403,7 +408,8 @@ void attention_bwd_tiled(const Heads<const scalar_t>& grad_out, const Heads<cons
           const int64_t nq = std::min(block_q, Tq - q0);
           pack_rows(q.row(b, h, q0), q.stride_t, nq, block_q, D, padded_d, q_blk.data());
           pack_rows(grad_out.row(b, h, q0), grad_out.stride_t, nq, block_q, D, padded_d, dout_blk.data());
-          gemm<false>(block_q, kBwdBlockK, D, q_blk.data(), padded_d, 1, kt_blk.data(), kBwdBlockK, p_blk.data(), kBwdBlockK);
+          gemm<false>(block_q, kBwdBlockK, D, q_blk.data(), padded_d, 1, kt_blk.data(), kBwdBlockK, p_blk.data(),
+                      kBwdBlockK);
           gemm<false>(block_q, kBwdBlockK, D, dout_blk.data(), padded_d, 1, vt_blk.data(), kBwdBlockK, ds_blk.data(),
                       kBwdBlockK);
           for (int64_t i = 0; i < block_q; ++i) {
@@ -421,8 +427,8 @@ void attention_bwd_tiled(const Heads<const scalar_t>& grad_out, const Heads<cons
             }
           }
           // dv += P^T dout, dk += dS^T q (scaled at the end), dq += dS k (scaled at the end)
-          gemm<true>(kBwdBlockK, padded_d, block_q, p_blk.data(), 1, kBwdBlockK, dout_blk.data(), padded_d, dv_acc.data(),
-                     padded_d);
+          gemm<true>(kBwdBlockK, padded_d, block_q, p_blk.data(), 1, kBwdBlockK, dout_blk.data(), padded_d,
+                     dv_acc.data(), padded_d);
           gemm<true>(kBwdBlockK, padded_d, block_q, ds_blk.data(), 1, kBwdBlockK, q_blk.data(), padded_d, dk_acc.data(),
                      padded_d);
           gemm<true>(block_q, padded_d, kBwdBlockK, ds_blk.data(), kBwdBlockK, 1, k_blk.data(), padded_d,
