@@ -40,7 +40,7 @@ if QUICK:
     PROMPT, NEW_TOKENS, TRAIN_BATCH, TRAIN_T, ROUNDS = 8, 8, 2, 32, 1
 else:
     MODEL = {}  # GPT2Config's defaults: GPT-2 small, 124M parameters
-    PROMPT, NEW_TOKENS, TRAIN_BATCH, TRAIN_T, ROUNDS = 32, 128, 4, 256, 3
+    PROMPT, NEW_TOKENS, TRAIN_BATCH, TRAIN_T, ROUNDS = 32, 128, 4, 256, 2
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 SAMPLING = {"greedy": {"do_sample": False}, "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9}}
 GENERATE_MEMBERS = ["eager", "transformers", "transformers+patch", "pyminigpt", "pyminigpt-bf16"]
