@@ -1,7 +1,18 @@
 """pyminigpt: a small GPT-2 whose hot operations run on fused kernels."""
 
 from . import ops
+from .analysis import (
+    attention_maps,
+    embeddings,
+    generate_text,
+    hidden_states,
+    next_token_table,
+    perplexity,
+    plot_attention,
+    plot_pca,
+)
 from .data import SequenceDataset, SlidingWindowDataset, load_text, names_corpus, write_token_file
+from .feedback import FeedbackTrainer
 from .model import GPT, GPTConfig
 from .patch import patch_hf_gpt2, unpatch_hf_gpt2
 from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
@@ -13,12 +24,21 @@ __all__ = [
     "GPT",
     "BPETokenizer",
     "CharTokenizer",
+    "FeedbackTrainer",
     "GPTConfig",
     "SequenceDataset",
     "SlidingWindowDataset",
     "Trainer",
     "TrainerConfig",
     "__version__",
+    "attention_maps",
+    "embeddings",
+    "generate_text",
+    "hidden_states",
+    "next_token_table",
+    "perplexity",
+    "plot_attention",
+    "plot_pca",
     "load_text",
     "load_tokenizer",
     "names_corpus",
