@@ -10,7 +10,12 @@ draw fused in one kernel); the processed scores themselves are computed only whe
 (`output_scores=True`), by `ops.top_k_top_p_filter`.
 
 The prompt runs once, filling a KV cache preallocated for prompt + max_new_tokens; each new
-token then costs one position, with the LM head computed for the last position only.
+token then costs one position, with the LM head computed for the last position only. The
+arguments are checked once up front; the loop itself never waits for the device on CUDA:
+the decode step is a CUDA graph (`StaticDecoder`) and "has every row stopped at eos?" is read
+only every `CUDA_EOS_CHECK_INTERVAL` steps (the extra steps are cut off, so the output is
+transformers'). On the CPU the step runs eagerly on the kernels (`ops.causal_attention` reads
+the cache in place) and the eos test is read every step, which costs nothing there.
 Prompts of different lengths are LEFT-padded and marked by attention_mask, and positions
 count from each row's first real token, as in transformers.
 """
@@ -24,6 +29,9 @@ import torch
 
 from . import ops
 from .ops import validate
+
+# On CUDA, how many decode steps run between two host reads of "has every row stopped?".
+CUDA_EOS_CHECK_INTERVAL = 16
 
 
 @dataclass
@@ -78,6 +86,81 @@ def process_scores(
 def warp_scores(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, min_tokens_to_keep: int = 1):
     """Temperature, then top-k, then top-p (the sampling-only processors); removed entries are -inf."""
     return ops.top_k_top_p_filter(scores / temperature, top_k, top_p, min_tokens_to_keep)
+
+
+class StaticDecoder:
+    """Decode steps with static shapes and addresses; on CUDA captured once in a CUDA graph and replayed.
+
+    `step(token)` feeds token (B,) at the next cache slot and returns the next-token logits (B, V).
+    Every buffer a step reads or writes is allocated here once: the token, the position ids, the
+    cache slot (a (1,) device tensor, see `KVCache.slot`) and the key mask (B, 1, 1, capacity),
+    True for the written slots that are not padding. Attention covers every slot of the cache under
+    that mask (SDPA: the causal kernels take no length argument), so each step has the same shapes
+    and the whole step (embeddings, every block, ln_f, the LM head of the last position) is one
+    graph launch; the host only updates the four small buffers with device ops. With
+    `use_graph=False` (the default off CUDA) the same step runs eagerly, which is how the CPU
+    tests check it against the dynamic-shape loop.
+    """
+
+    def __init__(self, model, cache, padding_mask: torch.Tensor | None, last_position: torch.Tensor, use_graph=None):
+        batch, capacity, device = cache.keys[0].shape[0], cache.capacity, cache.keys[0].device
+        self.model, self.cache = model, cache
+        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        self.graph, self.logits = None, None
+        for buffer in (*cache.keys, *cache.values):
+            buffer[:, :, cache.length :].zero_()  # masked-out slots must hold numbers: 0 * NaN would poison SDPA
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position_ids = last_position.expand(batch, 1).clone()  # the position of the last token fed
+        self.slot = torch.full((1,), cache.length - 1, dtype=torch.long, device=device)
+        written = torch.arange(capacity, device=device) < cache.length
+        mask = written if padding_mask is None else written & padding_mask.bool()
+        self.key_mask = mask.expand(batch, capacity)[:, None, None, :].clone()
+
+    def _forward(self) -> torch.Tensor:
+        transformer = self.model.transformer
+        x = transformer.wte(self.tokens) + transformer.wpe(self.position_ids)
+        for layer, block in enumerate(transformer.h):
+            x, _ = block(x, self.key_mask, self.cache, layer)
+        return self.model.lm_head(transformer.ln_f(x)[:, -1])
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()  # warm up (allocator, lazy kernel loads) off the capturing stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()  # rewrites the current slot with the same keys and values
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(token.unsqueeze(1))
+        self.position_ids.add_(1)
+        self.slot.add_(1)
+        self.key_mask.index_fill_(3, self.slot, True)
+        self.cache.slot = self.slot
+        try:
+            if not self.use_graph:
+                logits = self._forward()
+            else:
+                if self.graph is None:
+                    self._capture()
+                self.graph.replay()
+                logits = self.logits
+        finally:
+            self.cache.slot = None
+        self.cache.advance(1)
+        return logits
+
+
+def _static_decoding(device: torch.device) -> bool:
+    """Whether generate decodes with a `StaticDecoder` (a CUDA graph) on this device."""
+    return device.type == "cuda"
+
+
+def _eos_check_interval(device: torch.device) -> int:
+    """Decode steps between two host reads of "has every row stopped?" (a read waits for the device)."""
+    return CUDA_EOS_CHECK_INTERVAL if device.type == "cuda" else 1
 
 
 def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
@@ -170,15 +253,20 @@ def generate(
     seen = seen_tokens(input_ids, vocab, attention_mask if padded else None) if repetition_penalty != 1.0 else None
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     cache = model.new_cache(B, T + max_new_tokens)
-    new_tokens, scores, raw_logits = [], [], []
-
-    tokens = input_ids
+    prompt = model._forward(
+        input_ids, attention_mask if padded else None, cache=cache, use_cache=True,
+        position_ids=position_ids, logits_to_keep=1,
+    )  # fmt: skip
+    logits = prompt.logits[:, -1]
+    decoder = None
+    if _static_decoding(input_ids.device):
+        decoder = StaticDecoder(model, cache, full_mask if padded else None, position_ids[:, -1:])
+    # Whether every row has stopped is read on the host only every `check_every` steps (each read
+    # waits for the device); the steps run past the end are cut off below, as if never run.
+    check_every = _eos_check_interval(input_ids.device)
+    new_tokens, scores, raw_logits, any_unfinished = [], [], [], []
     for step in range(max_new_tokens):
-        out = model._forward(
-            tokens, full_mask[:, : T + step] if padded else None, cache=cache, use_cache=True,
-            position_ids=position_ids, logits_to_keep=1,
-        )  # fmt: skip
-        logits = out.logits[:, -1].float()
+        logits = logits.float()
         penalized = apply_repetition_penalty(logits, seen, repetition_penalty)
         if do_sample:
             next_token = ops.sample_unchecked(penalized, temperature, top_k, top_p, generator)
@@ -191,13 +279,27 @@ def generate(
         if len(eos):
             next_token = torch.where(unfinished, next_token, pad_token_id)
             unfinished &= ~torch.isin(next_token, eos)
+            any_unfinished.append(unfinished.any())
         new_tokens.append(next_token)
         if seen is not None:
             seen.scatter_(1, next_token.unsqueeze(1), True)
-        if len(eos) and not bool(unfinished.any()):
+        last = step + 1 == max_new_tokens
+        if last or (len(eos) and (step + 1) % check_every == 0 and not bool(any_unfinished[-1])):
             break
-        tokens = next_token.unsqueeze(1)
-        position_ids = position_ids[:, -1:] + 1
+        if decoder is not None:
+            logits = decoder.step(next_token)
+        else:
+            position_ids = position_ids[:, -1:] + 1
+            out = model._forward(
+                next_token.unsqueeze(1), full_mask[:, : T + step + 1] if padded else None, cache=cache,
+                use_cache=True, position_ids=position_ids, logits_to_keep=1,
+            )  # fmt: skip
+            logits = out.logits[:, -1]
+    if any_unfinished:  # keep the steps up to the one where every row had stopped, as transformers does
+        stopped = (~torch.stack(any_unfinished)).nonzero()
+        if len(stopped):
+            kept = int(stopped[0]) + 1
+            new_tokens, scores, raw_logits = new_tokens[:kept], scores[:kept], raw_logits[:kept]
 
     sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
     if not return_dict_in_generate:

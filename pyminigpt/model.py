@@ -110,6 +110,9 @@ class KVCache:
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0
+        # Static-shape decoding (`generation.StaticDecoder`): a (1,) device tensor, the position `update`
+        # writes to; it then returns every position of the buffers, for a masked attention.
+        self.slot: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -124,8 +127,13 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, D) at positions [length, length + T) of `layer`; return all keys and values so far.
 
-        `length` itself moves on in `advance`, once every layer has written.
+        `length` itself moves on in `advance`, once every layer has written. With `slot` set, k and v
+        (one position) go to index `slot` instead, and all `capacity` positions come back.
         """
+        if self.slot is not None:
+            self.keys[layer].index_copy_(2, self.slot, k)
+            self.values[layer].index_copy_(2, self.slot, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
         if end > self.capacity:
             self._grow(max(end, 2 * self.capacity))
