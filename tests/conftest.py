@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-import pyminigpt.ops as ops
+from pyminigpt import ops
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -13,32 +13,14 @@ NaN, and NaN never passes.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from conftest import INTERPRET
+from op_testing import attention_low_precision, max_error, poison
 
 from pyminigpt import ops
 from pyminigpt.ops import reference
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _kernel_backends() -> list:
-    """The kernel backends of this install, each with the device its tensors live on."""
-    available = ops.available_backends()
-    params = []
-    if "cpu" in available:
-        params.append(pytest.param(("cpu", "cpu"), id="cpu"))
-    if "cuda" in available:
-        params.append(pytest.param(("cuda", "cuda"), id="cuda"))
-    if "triton" in available and (torch.cuda.is_available() or INTERPRET):
-        params.append(pytest.param(("triton", "cuda" if torch.cuda.is_available() else "cpu"), id="triton"))
-    return params
-
-
-BACKENDS = _kernel_backends()
-NATIVE = [p for p in BACKENDS if p.values[0][0] in ("cpu", "cuda")]
 
 # (B, H, Tq, Tk, D)
 SHAPES = [
@@ -52,35 +34,12 @@ SHAPES = [
 GRAD_SHAPES = [s for s in SHAPES if s[3] <= 333]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    name, device = request.param
-    with ops.use_backend(name, strict=True):
-        yield device
-
-
-@pytest.fixture(params=NATIVE)
-def native_device(request):
-    return request.param[1]
-
-
-def _poison(device: str, numel: int) -> None:
-    """Leave NaN in memory the allocator is likely to hand out next, to catch unwritten outputs."""
-    for n in (numel, 2 * numel):
-        torch.full((n,), float("nan"), device=device)
-
-
 def _inputs(shape, dtype, device, spread=1.0):
     b, h, tq, tk, d = shape
     q = (torch.randn(b, h, tq, d, device=device) * spread).to(dtype)
     k = (torch.randn(b, h, tk, d, device=device) * spread).to(dtype)
     v = (torch.randn(b, h, tk, d, device=device) + 0.5).to(dtype)
     return q, k, v
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert not torch.isnan(a).any(), "NaN in the kernel's output"
-    return (a.double() - b.double()).abs().max().item()
 
 
 def _reference_f64(q, k, v, scale=None, grad_out=None):
@@ -105,10 +64,10 @@ def _shape_id(shape) -> str:
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_forward_fp32(backend, shape):
     q, k, v = _inputs(shape, torch.float32, backend)
-    _poison(backend, q.numel())
+    poison(backend, q.numel())
     out = ops.causal_attention(q, k, v)
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert _max_err(out, _reference_f64(q, k, v)) < 1e-5
+    assert max_error(out, _reference_f64(q, k, v)) < 1e-5
 
 
 @pytest.mark.parametrize("scale", [0.05, 1.0], ids=["scale0.05", "scale1"])
@@ -117,22 +76,22 @@ def test_forward_scale_and_peaked_scores(backend, scale):
     # exp would overflow without it
     shape = (1, 2, 70, 70, 64)
     q, k, v = _inputs(shape, torch.float32, backend, spread=4.0 if scale == 1.0 else 1.0)
-    _poison(backend, q.numel())
+    poison(backend, q.numel())
     out = ops.causal_attention(q, k, v, scale)
     exact = _reference_f64(q, k, v, scale)
     # scores of ~100 carry fp32 rounding errors of ~1e-5 into exp: measure against fp32
-    assert _max_err(out, exact) <= 2 * _max_err(reference.causal_attention(q, k, v, scale), exact) + 1e-5
+    assert max_error(out, exact) <= 2 * max_error(attention_low_precision(q, k, v, scale), exact) + 1e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_forward_bf16(backend, shape):
     q, k, v = _inputs(shape, torch.bfloat16, backend)
-    _poison(backend, q.numel())
+    poison(backend, q.numel())
     out = ops.causal_attention(q, k, v)
     assert out.dtype == torch.bfloat16
     exact = _reference_f64(q, k, v)
-    reference_err = _max_err(reference.causal_attention(q, k, v), exact)
-    assert _max_err(out, exact) <= 2 * reference_err + 1e-3
+    reference_err = max_error(attention_low_precision(q, k, v), exact)
+    assert max_error(out, exact) <= 2 * reference_err + 1e-3
 
 
 def _model_layout_qkv(b, t, h, d, device, dtype=torch.float32):
@@ -144,37 +103,37 @@ def _model_layout_qkv(b, t, h, d, device, dtype=torch.float32):
 def test_non_contiguous_inputs(backend):
     q, k, v = _model_layout_qkv(2, 37, 3, 64, backend)
     assert not q.is_contiguous() and q.stride(-1) == 1
-    assert _max_err(ops.causal_attention(q, k, v), _reference_f64(q, k, v)) < 1e-5
+    assert max_error(ops.causal_attention(q, k, v), _reference_f64(q, k, v)) < 1e-5
     # a last dim with a stride (costs the kernels a copy, but must be right)
     qt, kt, vt = (torch.randn(2, 3, 64, 37, device=backend).transpose(-2, -1) for _ in range(3))
     assert qt.stride(-1) != 1
-    assert _max_err(ops.causal_attention(qt, kt, vt), _reference_f64(qt, kt, vt)) < 1e-5
+    assert max_error(ops.causal_attention(qt, kt, vt), _reference_f64(qt, kt, vt)) < 1e-5
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=_shape_id)
 def test_gradients_fp32(backend, shape):
     q, k, v = (t.requires_grad_() for t in _inputs(shape, torch.float32, backend))
     grad_out = torch.randn(q.shape, device=backend)
-    _poison(backend, k.numel())
+    poison(backend, k.numel())
     out = ops.causal_attention(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     _, expected = _reference_f64(q, k, v, grad_out=grad_out)
     for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
         assert got.shape == want.shape and got.dtype == torch.float32, name
-        assert _max_err(got, want) < 1e-4, name
+        assert max_error(got, want) < 1e-4, name
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=_shape_id)
 def test_gradients_bf16(backend, shape):
     q, k, v = (t.requires_grad_() for t in _inputs(shape, torch.bfloat16, backend))
     grad_out = torch.randn(q.shape, device=backend).to(torch.bfloat16)
-    _poison(backend, k.numel())
+    poison(backend, k.numel())
     grads = torch.autograd.grad(ops.causal_attention(q, k, v), (q, k, v), grad_out)
     _, exact = _reference_f64(q, k, v, grad_out=grad_out)
-    reference_grads = torch.autograd.grad(reference.causal_attention(q, k, v), (q, k, v), grad_out)
+    reference_grads = torch.autograd.grad(attention_low_precision(q, k, v), (q, k, v), grad_out)
     for name, got, want, ref_bf16 in zip(("dq", "dk", "dv"), grads, exact, reference_grads):
         assert got.dtype == torch.bfloat16, name
-        assert _max_err(got, want) <= 3 * _max_err(ref_bf16, want) + 1e-3, name
+        assert max_error(got, want) <= 3 * max_error(ref_bf16, want) + 1e-3, name
 
 
 def test_gradients_non_contiguous(backend):
@@ -183,7 +142,7 @@ def test_gradients_non_contiguous(backend):
     grads = torch.autograd.grad(ops.causal_attention(q, k, v), (q, k, v), grad_out)
     _, expected = _reference_f64(q, k, v, grad_out=grad_out)
     for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
-        assert _max_err(got, want) < 1e-4, name
+        assert max_error(got, want) < 1e-4, name
 
 
 @pytest.mark.parametrize("tk", [1, 1000], ids=["Tk1", "Tk1000"])
@@ -196,7 +155,7 @@ def test_decode_with_more_threads_than_heads(backend, tk):
         out = ops.causal_attention(q, k, v)
     finally:
         torch.set_num_threads(threads)
-    assert _max_err(out, _reference_f64(q, k, v)) < 1e-5
+    assert max_error(out, _reference_f64(q, k, v)) < 1e-5
 
 
 # ---- the C++ operators themselves (cpu and cuda backends) ----------------------------
@@ -206,10 +165,10 @@ def test_decode_with_more_threads_than_heads(backend, tk):
 def test_native_lse(native_device, shape):
     q, k, v = _inputs(shape, torch.float32, native_device)
     scale = 1 / math.sqrt(shape[-1])
-    _poison(native_device, q.numel())
+    poison(native_device, q.numel())
     _, lse = torch.ops.pyminigpt.causal_attention_fwd(q, k, v, scale)
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
-    assert _max_err(lse, _reference_lse_f64(q, k, scale)) < 1e-5
+    assert max_error(lse, _reference_lse_f64(q, k, scale)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -8,47 +8,16 @@ land on memory poisoned with NaN, and NaN never passes.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from conftest import INTERPRET
+from op_testing import max_error, poison
 
 from pyminigpt import ops
 from pyminigpt.ops import reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _kernel_backends() -> list:
-    """The kernel backends of this install, each with the device its tensors live on."""
-    available = ops.available_backends()
-    params = []
-    if "cpu" in available:
-        params.append(pytest.param(("cpu", "cpu"), id="cpu"))
-    if "cuda" in available:
-        params.append(pytest.param(("cuda", "cuda"), id="cuda"))
-    if "triton" in available and (torch.cuda.is_available() or INTERPRET):
-        params.append(pytest.param(("triton", "cuda" if torch.cuda.is_available() else "cpu"), id="triton"))
-    return params
-
-
-BACKENDS = _kernel_backends()
-NATIVE = [p for p in BACKENDS if p.values[0][0] in ("cpu", "cuda")]
 # (N, C): one row, odd row counts, C = 1, a non-power-of-two C, GPT-2's 768, a vocabulary-wide row
 SHAPES = [(1, 80), (7, 768), (33, 1), (64, 17), (2, 5, 80)] + ([] if INTERPRET else [(3, 50257), (129, 768)])
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    name, device = request.param
-    with ops.use_backend(name, strict=True):
-        yield device
-
-
-def _poison(device: str, numel: int) -> None:
-    """Leave NaN in memory the allocator is likely to hand out next, to catch unwritten outputs."""
-    for n in (numel, 2 * numel):
-        torch.full((n,), float("nan"), device=device)
 
 
 def _inputs(shape, dtype, device, weight_dtype=None):
@@ -57,11 +26,6 @@ def _inputs(shape, dtype, device, weight_dtype=None):
     weight = (torch.rand(c, device=device) + 0.5).to(weight_dtype or dtype)
     bias = torch.randn(c, device=device).to(weight_dtype or dtype)
     return x, weight, bias
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert not torch.isnan(a).any(), "NaN in the kernel's output"
-    return (a.double() - b.double()).abs().max().item()
 
 
 def _reference_f64(x, weight, bias, grad_y=None):
@@ -75,22 +39,22 @@ def _reference_f64(x, weight, bias, grad_y=None):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_fp32(backend, shape):
     x, weight, bias = _inputs(shape, torch.float32, backend)
-    _poison(backend, x.numel())
+    poison(backend, x.numel())
     y = ops.layer_norm(x, weight, bias)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert _max_err(y, _reference_f64(x, weight, bias)) < 2e-5
+    assert max_error(y, _reference_f64(x, weight, bias)) < 2e-5
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16_weight", "fp32_weight"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_bf16(backend, shape, weight_dtype):
     x, weight, bias = _inputs(shape, torch.bfloat16, backend, weight_dtype)
-    _poison(backend, x.numel())
+    poison(backend, x.numel())
     y = ops.layer_norm(x, weight, bias)
     assert y.dtype == torch.bfloat16
     exact = _reference_f64(x, weight, bias)
-    reference_err = _max_err(reference.layer_norm(x, weight, bias), exact)
-    assert _max_err(y, exact) <= 2 * reference_err + 1e-3
+    reference_err = max_error(reference.layer_norm(x, weight, bias), exact)
+    assert max_error(y, exact) <= 2 * reference_err + 1e-3
 
 
 def test_non_contiguous_input(backend):
@@ -100,14 +64,14 @@ def test_non_contiguous_input(backend):
     weight, bias = torch.rand(80, device=backend) + 0.5, torch.randn(80, device=backend)
     for inp in (x, xt):
         assert not inp.is_contiguous()
-        assert _max_err(ops.layer_norm(inp, weight, bias), _reference_f64(inp, weight, bias)) < 2e-5
+        assert max_error(ops.layer_norm(inp, weight, bias), _reference_f64(inp, weight, bias)) < 2e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gradients_fp32(backend, shape):
     x, weight, bias = (t.requires_grad_() for t in _inputs(shape, torch.float32, backend))
     grad_y = torch.randn(shape, device=backend)
-    _poison(backend, x.numel())
+    poison(backend, x.numel())
     y = ops.layer_norm(x, weight, bias)
     grads = torch.autograd.grad(y, (x, weight, bias), grad_y)
     _, expected = _reference_f64(x, weight, bias, grad_y)
@@ -117,7 +81,7 @@ def test_gradients_fp32(backend, shape):
         ("dx", "dweight", "dbias"), grads, expected, (1e-4 if shape[-1] > 1 else 5e-2, 2e-5 * rows, 2e-5 * rows)
     ):
         assert got.shape == want.shape, name
-        assert _max_err(got, want) < tol, name
+        assert max_error(got, want) < tol, name
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16_weight", "fp32_weight"])
@@ -131,12 +95,11 @@ def test_gradients_bf16(backend, shape, weight_dtype):
     for name, got, ref_low, want in zip(("dx", "dweight", "dbias"), grads, low_precision, exact):
         assert got.dtype == ref_low.dtype, name
         scale = want.abs().max().item()
-        assert _max_err(got, want) <= 3 * _max_err(ref_low, want) + 1e-3 * scale, name
+        assert max_error(got, want) <= 3 * max_error(ref_low, want) + 1e-3 * scale, name
 
 
-@pytest.mark.parametrize("backend_and_device", NATIVE)
-def test_opcheck(backend_and_device):
-    _, device = backend_and_device
+def test_opcheck(native_device):
+    device = native_device
     x, weight, bias = _inputs((5, 80), torch.float32, device)
     torch.library.opcheck(torch.ops.pyminigpt.layer_norm_fwd, (x, weight, bias, 1e-5))
     x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
@@ -146,15 +109,14 @@ def test_opcheck(backend_and_device):
     torch.library.opcheck(torch.ops.pyminigpt.layer_norm_bwd, (grad_y, x.detach(), weight.detach(), mean, rstd))
 
 
-@pytest.mark.parametrize("backend_and_device", NATIVE)
-def test_saved_statistics(backend_and_device):
-    _, device = backend_and_device
+def test_saved_statistics(native_device):
+    device = native_device
     x, weight, bias = _inputs((9, 80), torch.float32, device)
     _, mean, rstd = torch.ops.pyminigpt.layer_norm_fwd(x, weight, bias, 1e-5)
     xd = x.double()
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (9,)
-    assert _max_err(mean, xd.mean(-1)) < 1e-6
-    assert _max_err(rstd, torch.rsqrt(xd.var(-1, unbiased=False) + 1e-5)) < 1e-5
+    assert max_error(mean, xd.mean(-1)) < 1e-6
+    assert max_error(rstd, torch.rsqrt(xd.var(-1, unbiased=False) + 1e-5)) < 1e-5
 
 
 def test_weight_gradients_are_deterministic_across_thread_counts():

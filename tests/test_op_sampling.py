@@ -11,37 +11,24 @@ generator, and follow the filtered distribution (a chi-square test on 200k draws
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from conftest import INTERPRET
+from op_testing import poison
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from pyminigpt import ops
 from pyminigpt.ops import reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 WIDE = 257 if INTERPRET else 50257  # GPT-2's vocabulary, or a small odd width in the interpreter
 BATCH = 8 if INTERPRET else 64
 # (batch, vocab) of most tests: the float64 oracles sort whole rows, so few wide rows
 SHAPES = [(1, WIDE), (6, WIDE), (BATCH, 80), (3, 1)]
 
 
-def _kernel_backends() -> list:
-    """The kernel backends of this install, each with the device its tensors live on."""
-    available = ops.available_backends()
-    params = []
-    if "cpu" in available:
-        params.append(pytest.param(("cpu", "cpu"), id="cpu"))
-    if "cuda" in available:
-        params.append(pytest.param(("cuda", "cuda"), id="cuda"))
-    if "triton" in available and (torch.cuda.is_available() or INTERPRET):
-        params.append(pytest.param(("triton", "cuda" if torch.cuda.is_available() else "cpu"), id="triton"))
-    return params
 
 
-BACKENDS = _kernel_backends()
-NATIVE = [p for p in BACKENDS if p.values[0][0] in ("cpu", "cuda")]
 
 # (top_k, top_p, min_tokens_to_keep): each warper alone, both, disabled ones, k above the
 # vocabulary, min_tokens_to_keep above k, top-p keeping a single token
@@ -57,19 +44,6 @@ FILTERS = [
     (0, 0.01, 1),
     (700, 0.99, 1),
 ]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    name, device = request.param
-    with ops.use_backend(name, strict=True):
-        yield device
-
-
-def _poison(device: str, numel: int) -> None:
-    """Leave NaN in memory the allocator is likely to hand out next, to catch unwritten outputs."""
-    for n in (numel, 2 * numel):
-        torch.full((n,), float("nan"), device=device)
 
 
 def _logits(batch: int, vocab: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -113,7 +87,7 @@ def _assert_same_kept(got: torch.Tensor, expected: torch.Tensor, logits: torch.T
 def test_filter_matches_transformers(backend, batch, vocab, top_k, top_p, min_keep):
     logits = _logits(batch, vocab, backend, seed=vocab + top_k)
     logits[0, : min(vocab - 1, 7)] = float("-inf")  # a few -inf entries
-    _poison(backend, logits.numel())
+    poison(backend, logits.numel())
     got = ops.top_k_top_p_filter(logits, top_k, top_p, min_keep)
     assert got.shape == logits.shape and got.dtype == logits.dtype
     expected = _transformers_filter(logits.cpu(), top_k, top_p, min_keep)
@@ -183,7 +157,7 @@ def test_sample_matches_reference(backend, batch, vocab, top_k, top_p, temperatu
     logits[0, 3:9] = float("-inf")
     generator = torch.Generator(device=backend).manual_seed(top_k)
     uniform = torch.rand(batch, generator=generator, device=backend)
-    _poison(backend, batch)
+    poison(backend, batch)
     tokens = ops.dispatch.call("sample", logits, temperature, top_k, top_p, uniform)
     assert tokens.dtype == torch.int64 and tokens.shape == (batch,)
     _assert_draws_match_reference(tokens, logits, temperature, top_k, top_p, uniform)
@@ -221,9 +195,8 @@ def test_sample_row_without_finite_logit(backend):
         assert ops.dispatch.call("sample", logits, 1.0, 5, 0.9, uniform)[1].item() == 17
 
 
-@pytest.mark.parametrize("backend_and_device", NATIVE)
-def test_kernel_draws_token_0_for_a_row_without_mass(backend_and_device):
-    _, device = backend_and_device
+def test_kernel_draws_token_0_for_a_row_without_mass(native_device):
+    device = native_device
     logits = torch.full((2, 80), float("-inf"), device=device)
     logits[1, 5] = float("nan")
     uniform = torch.rand(2, device=device)
@@ -231,8 +204,12 @@ def test_kernel_draws_token_0_for_a_row_without_mass(backend_and_device):
 
 
 def test_sample_frequencies_follow_the_filtered_distribution(backend):
-    """200k draws from one small-vocabulary row: a chi-square test against the filtered softmax."""
-    vocab, draws = 80, 100 if INTERPRET else 200_000  # the interpreter runs ~0.4 s per row
+    """200k draws from one small-vocabulary row: a chi-square test against the filtered softmax.
+
+    The interpreter runs ~0.4 s per row, so there only 32 draws check the kept set; the
+    Triton draw's distribution is checked by test_triton_kernels' inverse-CDF grid test.
+    """
+    vocab, draws = 80, 32 if INTERPRET else 200_000
     temperature, top_k, top_p = 0.8, 30, 0.9
     row = _logits(1, vocab, "cpu", seed=7) * 0.5
     probs = torch.softmax(reference.top_k_top_p_filter(row.double() / temperature, top_k, top_p), -1)[0]
@@ -245,15 +222,16 @@ def test_sample_frequencies_follow_the_filtered_distribution(backend):
         counts += torch.bincount(tokens.cpu(), minlength=vocab).double()
     kept = probs > 0
     assert counts[~kept].sum() == 0, "draws outside the kept set"
+    if INTERPRET:
+        return
     expected = probs[kept] * draws
     chi2 = ((counts[kept] - expected) ** 2 / expected).sum().item()
     dof = int(kept.sum()) - 1
     assert chi2 < dof + 6 * math.sqrt(2 * dof), f"chi2 {chi2:.1f} for {dof} degrees of freedom"
 
 
-@pytest.mark.parametrize("backend_and_device", NATIVE)
-def test_opcheck(backend_and_device):
-    _, device = backend_and_device
+def test_opcheck(native_device):
+    device = native_device
     logits = _logits(4, 80, device)
     uniform = torch.rand(4, device=device)
     torch.library.opcheck(torch.ops.pyminigpt.top_k_top_p_filter, (logits, 10, 0.9, 1))

@@ -14,7 +14,7 @@ import torch
 from conftest import INTERPRET
 from op_testing import assert_low_precision_close, max_error, poison
 
-import pyminigpt.ops as ops
+from pyminigpt import ops
 from pyminigpt.ops import reference
 
 # a single element, odd widths, GPT-2's width, leading batch dims, a vocabulary-wide row

@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+from op_testing import attention_low_precision
 
 if torch.cuda.is_available():
     DEVICE = "cuda"
@@ -135,15 +136,6 @@ def test_layer_norm_fwd_bwd(dtype, param_dtype, n_rows, n_cols):
 
 
 # ---- attention ------------------------------------------------------------------------
-
-
-def attention_low_precision(q, k, v, scale):
-    """The attention formula run entirely in q's dtype: the error yardstick of the FA rule."""
-    tq, tk = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * scale
-    visible = torch.arange(tk, device=q.device)[None, :] <= torch.arange(tq, device=q.device)[:, None] + (tk - tq)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 def check_attention(b, h, tq, tk, d, dtype, transpose_layout=False):
