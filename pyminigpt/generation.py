@@ -146,7 +146,7 @@ class StaticDecoder:
                 if self.graph is None:
                     self._capture()
                 self.graph.replay()
-                logits = self.logits
+                logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
         finally:
             self.cache.slot = None
         self.cache.advance(1)
