@@ -148,22 +148,42 @@ def _bench_files(bench_dir: Path, ops: bool, e2e: bool) -> list[Path]:
     return [f for f in files if (f.name == E2E_FILE and e2e) or (f.name != E2E_FILE and ops)]
 
 
-def _machine_header(benchmark_json: dict, command: list[str]) -> str:
+def _versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for package in ("torch", "transformers", "triton"):
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    flags = [f"--{name}" for name in ("ops", "e2e", "quick") if getattr(args, name)]
+    flags += [f"--out {args.out}"] + ([f"--bench-dir {args.bench_dir}"] if args.bench_dir else [])
+    return " ".join(["pyminigpt bench", *flags, *([f"-k '{args.keyword}'"] if args.keyword else [])])
+
+
+def _machine_header(benchmark_json: dict, args: argparse.Namespace) -> str:
     info = benchmark_json.get("machine_info", {})
     cpu = info.get("cpu", {}).get("brand_raw", info.get("processor", "?"))
     return (
         "# pyminigpt benchmark report\n\n"
-        f"- machine: {cpu}, {os.cpu_count()} logical CPUs; python {info.get('python_version', '?')}\n"
-        f"- command: `{' '.join(command)}`\n"
+        f"- machine: {cpu}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n"
+        f"- versions: python {info.get('python_version', '?')}, {_versions()}\n"
+        f"- command: `{_command_line(args)}`\n"
         f"- date: {benchmark_json.get('datetime', '?')}\n"
         "- `vs eager` / `vs <peer>`: the eager member's (the peer's) median over this member's; >1 is faster\n"
     )
 
 
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="pyminigpt bench", description="Run the benchmarks; write JSON, Markdown and PNG charts."
-    )
+DESCRIPTION = "Run the benchmarks; write the pytest-benchmark JSON, a Markdown report of ratios and PNG charts."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `pyminigpt bench` (this module's `main` and the `pyminigpt` command share them)."""
     parser.add_argument("--ops", action="store_true", help="the op benchmarks (every bench/test_bench_*.py but e2e)")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end generate / train-step benchmarks")
     parser.add_argument("--quick", action="store_true", help="a tiny end-to-end model and few tokens (CI)")
@@ -174,12 +194,17 @@ def _parse_args(argv):
         "--bench-dir", type=Path, default=None, help="the repository's bench/ folder (default: ./bench)"
     )
     parser.add_argument("-k", dest="keyword", default=None, help="only benchmarks matching this pytest -k expression")
-    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    """`pyminigpt bench` with argv (default sys.argv[1:]); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="pyminigpt bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     """Run the suites, write bench.json, report.md and the PNGs; returns pytest's exit status (2 for bad usage)."""
-    args = _parse_args(argv)
     bench_dir = args.bench_dir if args.bench_dir is not None else Path("bench")
     if not (bench_dir / "conftest.py").is_file():
         print(
@@ -198,7 +223,7 @@ def main(argv=None) -> int:
     command = [sys.executable, "-m", "pytest", *map(str, files), "-q", "-p", "no:cacheprovider"]
     command += [f"--benchmark-json={json_path}", "--benchmark-group-by=group"]
     if args.keyword:
-        command += ["-k", args.keyword]
+        command.append(f"-k{args.keyword}")  # one token, so an expression starting with '-' is not an option
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parent.parent)  # the subprocess imports this very pyminigpt
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -210,8 +235,7 @@ def main(argv=None) -> int:
         return status or 1
     benchmark_json = json.loads(json_path.read_text())
     groups = load_results(benchmark_json)
-    shown = ["pyminigpt", "bench", *(argv if argv is not None else sys.argv[1:])]
-    (args.out / "report.md").write_text(render_markdown(groups, _machine_header(benchmark_json, shown)))
+    (args.out / "report.md").write_text(render_markdown(groups, _machine_header(benchmark_json, args)))
     charts = plot_groups(groups, args.out)
     print(f"pyminigpt bench: {len(groups)} groups -> {json_path}, {args.out / 'report.md'}, {len(charts)} PNG charts")
     return status

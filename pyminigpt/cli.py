@@ -6,6 +6,7 @@
     pyminigpt perplexity MODEL [FILE]   score a text
     pyminigpt chat MODEL [--feedback]   talk to a model; with --feedback, rate its replies and tune it
     pyminigpt info                      version, kernel backends (and why others are missing), CPU, GPU
+    pyminigpt bench [--ops] [--e2e]     run the benchmarks (from a checkout); JSON, Markdown ratios, PNG charts
 
 A training run is a directory: `run.json` (how it was made), `tokenizer.json`, the
 trainer's checkpoints `best/`, `last/`, `step-*/` (each a GPT-2 directory that
@@ -918,6 +919,14 @@ def build_parser() -> argparse.ArgumentParser:
         "missing), the CPU capability and the GPUs.",
     )
     p.set_defaults(run=cmd_info)
+
+    from . import bench_report
+
+    p = sub.add_parser(
+        "bench", help="run the benchmarks; report ratios (JSON, Markdown, PNG)", description=bench_report.DESCRIPTION
+    )
+    bench_report.add_arguments(p)
+    p.set_defaults(run=bench_report.run)
     return parser
 
 

@@ -61,3 +61,10 @@ def test_quick_end_to_end_run_writes_json_markdown_and_png(tmp_path):
     assert "### generate sample B1 prompt8 new8" in markdown and "vs transformers" in markdown
     assert "tokens/s" in markdown
     assert list(out.glob("*.png"))
+
+
+def test_pyminigpt_bench_command_delegates_to_the_report(tmp_path, capsys):
+    from pyminigpt import cli
+
+    assert cli.main(["bench", "--e2e", "--bench-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "no benchmark folder" in capsys.readouterr().err
