@@ -41,11 +41,6 @@ ON_GPU = DEVICE == "cuda"
 LOW = (torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(abs(hash(request.node.name)) % 2**31)
-
-
 def rand(*shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
 

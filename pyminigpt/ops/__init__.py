@@ -20,15 +20,15 @@ from . import dispatch, reference, validate
 from .dispatch import available_backends, backend_status, use_backend
 
 __all__ = [
-    "layer_norm",
-    "softmax",
-    "top_k_top_p_filter",
-    "sample",
-    "causal_attention",
-    "use_backend",
     "available_backends",
     "backend_status",
+    "causal_attention",
+    "layer_norm",
     "reference",
+    "sample",
+    "softmax",
+    "top_k_top_p_filter",
+    "use_backend",
 ]
 
 

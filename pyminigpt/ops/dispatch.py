@@ -68,7 +68,7 @@ def _import_backend(backend: str) -> None:
     _imported.add(module)
     try:
         importlib.import_module(module)
-    except Exception as exc:  # a missing extension or triton must not break the reference path
+    except Exception as exc:  # noqa: BLE001  (any import failure of a backend must leave the reference path working)
         for name, mod in _BACKEND_MODULES.items():
             if mod == module:
                 _unavailable.setdefault(name, f"{module} failed to import: {type(exc).__name__}: {exc}")

@@ -2,8 +2,8 @@
 
 The schemas live in csrc/ops.cpp and the kernels register per device (csrc/cpu_ops.cpp,
 csrc/cuda_ops.cpp). Here we add what PyTorch needs to trace them (`register_fake`, for
-torch.compile and meta tensors) and to differentiate them (`register_autograd`), once
-for every device.
+torch.compile and meta tensors) and to differentiate them (autograd.py), once for every
+device.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 
 import pyminigpt._C  # noqa: F401  (registers the torch.ops.pyminigpt operators)
+
+from . import autograd
 
 ops = torch.ops.pyminigpt
 
@@ -33,19 +35,6 @@ def _(y, grad_y, temperature):
     return torch.empty_like(y)
 
 
-def _softmax_setup(ctx, inputs, output):
-    ctx.temperature = inputs[1]
-    ctx.save_for_backward(output)
-
-
-def _softmax_backward(ctx, grad_y):
-    (y,) = ctx.saved_tensors
-    return ops.softmax_bwd(y, grad_y.contiguous(), ctx.temperature), None
-
-
-torch.library.register_autograd("pyminigpt::softmax_fwd", _softmax_backward, setup_context=_softmax_setup)
-
-
 # ---- layer norm -----------------------------------------------------------------------
 
 
@@ -59,22 +48,6 @@ def _(x, weight, bias, eps):
 @torch.library.register_fake("pyminigpt::layer_norm_bwd")
 def _(grad_y, x, weight, mean, rstd):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
-
-
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = ops.layer_norm_bwd(grad_y.contiguous(), x, weight, mean, rstd)
-    return dx, dweight, dbias, None
-
-
-torch.library.register_autograd("pyminigpt::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup)
 
 
 # ---- top-k / top-p filter and sampling (not differentiable) ----------------------------
@@ -108,20 +81,4 @@ def _(grad_out, q, k, v, out, lse, scale):
     )
 
 
-def _attention_setup(ctx, inputs, output):
-    q, k, v, scale = inputs
-    out, lse = output
-    ctx.scale = scale
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.mark_non_differentiable(lse)
-
-
-def _attention_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = ops.causal_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
-
-
-torch.library.register_autograd(
-    "pyminigpt::causal_attention_fwd", _attention_backward, setup_context=_attention_setup
-)
+autograd.register("pyminigpt", ops.softmax_bwd, ops.layer_norm_bwd, ops.causal_attention_bwd)

@@ -3,7 +3,7 @@
 Each launcher becomes a `torch.library.triton_op` in the `pyminigpt_triton` namespace,
 its kernels launched through `wrap_triton`, so that torch.compile traces into them
 (fake tensors flow through the launchers; no `register_fake` needed). Layer norm, softmax
-and attention get their backward with `register_autograd`. The functions at the bottom
+and attention get their backward from autograd.py. The functions at the bottom
 have the public signatures of `pyminigpt.ops` and are registered with `dispatch`.
 
 The kernels run on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (tests).
@@ -16,7 +16,7 @@ import os
 import torch
 from torch.library import triton_op, wrap_triton
 
-from . import dispatch
+from . import autograd, dispatch
 
 try:
     from pyminigpt.kernels import attention, layernorm, sampling
@@ -51,19 +51,6 @@ def softmax_bwd(y: torch.Tensor, grad_y: torch.Tensor, temperature: float) -> to
     return softmax_kernels.softmax_bwd(y, grad_y, temperature, wrap=wrap_triton)
 
 
-def _softmax_setup(ctx, inputs, output):
-    ctx.temperature = inputs[1]
-    ctx.save_for_backward(output)
-
-
-def _softmax_backward(ctx, grad_y):
-    (y,) = ctx.saved_tensors
-    return softmax_bwd(y, _last_dim_contiguous(grad_y), ctx.temperature), None
-
-
-softmax_fwd.register_autograd(_softmax_backward, setup_context=_softmax_setup)
-
-
 # ---- layer norm -----------------------------------------------------------------------
 
 
@@ -79,22 +66,6 @@ def layer_norm_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return layernorm.layer_norm_bwd(grad_y, x, weight, mean, rstd, wrap=wrap_triton)
-
-
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = layer_norm_bwd(_last_dim_contiguous(grad_y), x, weight, mean, rstd)
-    return dx, dweight, dbias, None
-
-
-layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
 # ---- top-k / top-p filter and sampling (not differentiable) ----------------------------
@@ -135,21 +106,7 @@ def causal_attention_bwd(
     return attention.attention_bwd(grad_out, q, k, v, out, lse, scale, wrap=wrap_triton)
 
 
-def _attention_setup(ctx, inputs, output):
-    q, k, v, scale = inputs
-    out, lse = output
-    ctx.scale = scale
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.mark_non_differentiable(lse)
-
-
-def _attention_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = causal_attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
-
-
-causal_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+autograd.register("pyminigpt_triton", softmax_bwd, layer_norm_bwd, causal_attention_bwd)
 
 
 # ---- the backend: public signatures ----------------------------------------------------

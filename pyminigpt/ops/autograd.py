@@ -1,0 +1,58 @@
+"""The backward of the differentiable ops, attached to every backend's forward op.
+
+A kernel backend exposes, per differentiable op, a forward that saves what its backward
+needs and a backward op (FlashAttention style: attention saves the log-sum-exp and
+recomputes the probabilities):
+
+    softmax_fwd(x, T) -> y                         softmax_bwd(y, dy, T) -> dx
+    layer_norm_fwd(x, w, b, eps) -> y, mean, rstd  layer_norm_bwd(dy, x, w, mean, rstd) -> dx, dw, db
+    causal_attention_fwd(q, k, v, s) -> out, lse   causal_attention_bwd(dout, q, k, v, out, lse, s) -> dq, dk, dv
+
+The C++/CUDA ops (namespace `pyminigpt`) and the Triton ops (`pyminigpt_triton`) follow
+the same contract, so one set of autograd formulas serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def register(namespace: str, softmax_bwd, layer_norm_bwd, causal_attention_bwd) -> None:
+    """Make `namespace::{softmax,layer_norm,causal_attention}_fwd` differentiable through the given backward ops."""
+
+    def softmax_setup(ctx, inputs, output):
+        ctx.temperature = inputs[1]
+        ctx.save_for_backward(output)
+
+    def softmax_backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return softmax_bwd(y, grad_y.contiguous(), ctx.temperature), None
+
+    def layer_norm_setup(ctx, inputs, output):
+        x, weight, _bias, _eps = inputs
+        _y, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = layer_norm_bwd(grad_y.contiguous(), x, weight, mean, rstd)
+        return dx, dweight, dbias, None
+
+    def attention_setup(ctx, inputs, output):
+        q, k, v, scale = inputs
+        out, lse = output
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+
+    def attention_backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = causal_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    torch.library.register_autograd(f"{namespace}::softmax_fwd", softmax_backward, setup_context=softmax_setup)
+    torch.library.register_autograd(f"{namespace}::layer_norm_fwd", layer_norm_backward, setup_context=layer_norm_setup)
+    torch.library.register_autograd(
+        f"{namespace}::causal_attention_fwd", attention_backward, setup_context=attention_setup
+    )
