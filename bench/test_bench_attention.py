@@ -17,20 +17,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_utils import DEVICE, KERNELS, on_backend, synced
 
 from pyminigpt import ops
 from pyminigpt.ops import reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = [b for b in ops.available_backends() if b in (("cuda", "triton") if DEVICE == "cuda" else ("cpu",))]
 MEMBERS = ["eager", "sdpa", *KERNELS]
 TRAINING = (4, 12, 1024, 1024, 64)  # (B, H, Tq, Tk, D): GPT-2 small heads, a 1024-token context
 DECODE = (8, 12, 1, 1024, 64)  # one new token per sequence against a KV cache of 1024
-
-
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def _member(name: str):
@@ -38,12 +32,7 @@ def _member(name: str):
         return reference.causal_attention
     if name == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1)
-
-    def kernel(q, k, v):
-        with ops.use_backend(name, strict=True):
-            return ops.causal_attention(q, k, v)
-
-    return kernel
+    return on_backend(name, ops.causal_attention)
 
 
 def _forward_flops(b, h, tq, tk, d) -> int:
@@ -77,15 +66,8 @@ def _group(direction: str, shape) -> str:
 def test_attention_forward(benchmark, member):
     benchmark.group = _group("forward", TRAINING)
     q, k, v = _inputs(TRAINING)
-    fn = _member(member)
-
-    def run():
-        out = fn(q, k, v)
-        _sync()
-        return out
-
     with torch.no_grad():
-        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+        benchmark.pedantic(synced(_member(member), q, k, v), rounds=5, warmup_rounds=1)
     _report(benchmark, _forward_flops(*TRAINING))
 
 
@@ -95,13 +77,7 @@ def test_attention_forward_backward(benchmark, member):
     q, k, v = _inputs(TRAINING, requires_grad=True)
     grad_out = torch.randn_like(q)
     fn = _member(member)
-
-    def run():
-        grads = torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
-        _sync()
-        return grads
-
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(synced(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)), rounds=3, warmup_rounds=1)
     _report(benchmark, 3.5 * _forward_flops(*TRAINING))
 
 
@@ -109,13 +85,6 @@ def test_attention_forward_backward(benchmark, member):
 def test_attention_decode(benchmark, member):
     benchmark.group = _group("decode", DECODE)
     q, k, v = _inputs(DECODE)
-    fn = _member(member)
-
-    def run():
-        out = fn(q, k, v)
-        _sync()
-        return out
-
     with torch.no_grad():
-        benchmark.pedantic(run, rounds=30, warmup_rounds=2)
+        benchmark.pedantic(synced(_member(member), q, k, v), rounds=30, warmup_rounds=2)
     _report(benchmark, _forward_flops(*DECODE), moved_bytes=2 * k.numel() * k.element_size())

@@ -9,60 +9,39 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import TopKLogitsWarper, TopPLogitsWarper
+from bench_utils import DEVICE, KERNELS, on_backend, synced, transformers_filter, transformers_sample
 
 from pyminigpt import ops
 from pyminigpt.ops import reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = [b for b in ops.available_backends() if b in (("cuda", "triton") if DEVICE == "cuda" else ("cpu",))]
 BATCH, VOCAB = 64, 50257
 # (top_k, top_p): the usual setting, top-p alone over the whole vocabulary, top-k alone
 SETTINGS = [(50, 0.9), (0, 0.9), (50, 1.0)]
 TEMPERATURE = 0.8
 
-
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def _transformers_filter(logits, top_k, top_p):
-    if top_k > 0:
-        logits = TopKLogitsWarper(top_k)(None, logits)
-    if top_p < 1.0:
-        logits = TopPLogitsWarper(top_p)(None, logits)
-    return logits
+# every test: one group per setting, one member per implementation
+pytestmark = [
+    pytest.mark.parametrize("top_k, top_p", SETTINGS, ids=[f"k{k}-p{p}" for k, p in SETTINGS]),
+    pytest.mark.parametrize("member", ["transformers", "eager", *KERNELS]),
+]
 
 
 def _filter_member(name: str):
     if name == "transformers":
-        return lambda logits, k, p: _transformers_filter(logits, k, p)
+        return transformers_filter
     if name == "eager":
-        return lambda logits, k, p: reference.top_k_top_p_filter(logits, k, p)
-
-    def kernel(logits, k, p):
-        with ops.use_backend(name, strict=True):
-            return ops.top_k_top_p_filter(logits, k, p)
-
-    return kernel
+        return reference.top_k_top_p_filter
+    return on_backend(name, ops.top_k_top_p_filter)
 
 
 def _sample_member(name: str, generator: torch.Generator):
     if name == "transformers":  # what GenerationMixin does per step
-        return lambda logits, k, p: torch.multinomial(
-            torch.softmax(_transformers_filter(logits / TEMPERATURE, k, p), dim=-1), 1, generator=generator
-        )[:, 0]
+        return lambda logits, k, p: transformers_sample(logits, TEMPERATURE, k, p, generator)
     if name == "eager":
         return lambda logits, k, p: reference.sample(
             logits, TEMPERATURE, k, p, torch.rand(logits.shape[0], generator=generator, device=DEVICE)
         )
-
-    def kernel(logits, k, p):
-        with ops.use_backend(name, strict=True):
-            return ops.sample_unchecked(logits, TEMPERATURE, k, p, generator)
-
-    return kernel
+    return on_backend(name, lambda logits, k, p: ops.sample_unchecked(logits, TEMPERATURE, k, p, generator))
 
 
 def _logits() -> torch.Tensor:
@@ -73,30 +52,12 @@ def _label(top_k, top_p) -> str:
     return f"{BATCH}x{VOCAB} k={top_k} p={top_p}"
 
 
-@pytest.mark.parametrize("member", ["transformers", "eager", *KERNELS])
-@pytest.mark.parametrize("top_k, top_p", SETTINGS, ids=[f"k{k}-p{p}" for k, p in SETTINGS])
 def test_top_k_top_p_filter(benchmark, top_k, top_p, member):
     benchmark.group = f"top_k_top_p_filter {_label(top_k, top_p)}"
-    logits, fn = _logits(), _filter_member(member)
-
-    def run():
-        out = fn(logits, top_k, top_p)
-        _sync()
-        return out
-
-    benchmark(run)
+    benchmark(synced(_filter_member(member), _logits(), top_k, top_p))
 
 
-@pytest.mark.parametrize("member", ["transformers", "eager", *KERNELS])
-@pytest.mark.parametrize("top_k, top_p", SETTINGS, ids=[f"k{k}-p{p}" for k, p in SETTINGS])
 def test_sample(benchmark, top_k, top_p, member):
     benchmark.group = f"sample T={TEMPERATURE} {_label(top_k, top_p)}"
-    logits = _logits()
     fn = _sample_member(member, torch.Generator(DEVICE).manual_seed(0))
-
-    def run():
-        out = fn(logits, top_k, top_p)
-        _sync()
-        return out
-
-    benchmark(run)
+    benchmark(synced(fn, _logits(), top_k, top_p))

@@ -19,7 +19,7 @@ Skipped without a CUDA device (these numbers only mean something on a GPU).
 
 from __future__ import annotations
 
-import os
+import functools
 
 import pytest
 import torch
@@ -28,91 +28,27 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     pytest.skip("GPU benchmarks: no CUDA device", allow_module_level=True)
 
-import gpu_roofline  # bench/ is on sys.path for its test modules
-import triton
-from transformers import TopKLogitsWarper, TopPLogitsWarper
-from triton.testing import do_bench
+from bench_utils import (
+    DEVICE,
+    KernelTable,
+    causal_flops,
+    dtype_name,
+    gpu_attention_inputs,
+    layer_norm_inputs,
+    size_name,
+    transformers_filter,
+    transformers_sample,
+)
 
 from pyminigpt.ops import reference
 from pyminigpt.ops import triton as triton_ops
 
-DEVICE = "cuda"
-ROWS: list[dict] = []  # one per (group, member), for the table
-
 
 @pytest.fixture(scope="module")
-def roofline() -> dict:
-    return gpu_roofline.measure(DEVICE)
-
-
-def _target_text(row) -> str:
-    kind, bound = row["target"]
-    return f">= {bound:g} of ceiling" if kind == "ceiling" else f">= {bound:g}x {row['peer']}"
-
-
-def _table(roofline) -> str:
-    versions = f"torch {torch.__version__}, triton {triton.__version__}"
-    ceilings = f"copy {roofline['copy_GBps']} GB/s (read + write), bf16 matmul {roofline['matmul_bf16_TFLOPs']} TFLOP/s"
-    lines = [
-        f"# Triton kernels on {roofline['device']}",
-        "",
-        f"{versions}; measured {ceilings}. Medians of triton.testing.do_bench.",
-        "",
-        "| group | member | median ms | rate | of ceiling | peer ms / this | target | met |",
-        "|---|---|---:|---:|---:|---:|---|---|",
-    ]
-    for row in ROWS:
-        peer = next((r for r in ROWS if r["group"] == row["group"] and r["member"] == row["peer"]), None)
-        speedup = peer["ms"] / row["ms"] if peer else None
-        target = met = ""
-        if row["member"] == "triton" and row["target"]:
-            value = row["fraction"] if row["target"][0] == "ceiling" else speedup
-            target, met = _target_text(row), "yes" if value is not None and value >= row["target"][1] else "NO"
-        lines.append(
-            f"| {row['group']} | {row['member']} | {row['ms']:.4f} | {row['rate']} | {row['fraction']:.3f} | "
-            f"{'' if speedup is None else f'{speedup:.2f}'} | {target} | {met} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_table(roofline):
-    yield
-    table = _table(roofline)
-    print("\n" + table)
-    results_dir = os.environ.get("PYMINIGPT_RESULTS_DIR")
-    if results_dir:
-        os.makedirs(results_dir, exist_ok=True)
-        with open(os.path.join(results_dir, "triton_gpu.md"), "w") as f:
-            f.write(table)
-
-
-def _measure(benchmark, roofline, group, member, fn, *, bytes_moved=None, flops=None, peer=None, target=None):
-    """Time fn with do_bench (median) and pytest-benchmark; record rate and fraction of the ceiling."""
-    fn()  # compile, autotune, allocate
-    torch.cuda.synchronize()
-    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-    if flops is not None:
-        tflops = flops / (ms * 1e-3) / 1e12
-        rate, fraction = f"{tflops:.1f} TFLOP/s", tflops / roofline["matmul_bf16_TFLOPs"]
-    else:
-        gbps = bytes_moved / (ms * 1e-3) / 1e9
-        rate, fraction = f"{gbps:.0f} GB/s", gbps / roofline["copy_GBps"]
-    ROWS.append(
-        {"group": group, "member": member, "ms": ms, "rate": rate, "fraction": fraction, "peer": peer, "target": target}
-    )
-    benchmark.group = group
-    benchmark.extra_info.update(median_ms_do_bench=round(ms, 5), rate=rate, fraction_of_ceiling=round(fraction, 3))
-
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=20, warmup_rounds=2)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def table(roofline):
+    table = KernelTable(roofline, "triton", "Triton kernels")
+    yield table
+    table.write("triton_gpu.md")
 
 
 # ---- layer norm -----------------------------------------------------------------------
@@ -128,53 +64,33 @@ def _layer_norm_member(member):
     }[member]
 
 
-def _layer_norm_inputs(n, c, dtype, requires_grad=False):
-    x = torch.randn(n, c, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
-    w = (torch.rand(c, device=DEVICE, dtype=dtype) + 0.5).requires_grad_(requires_grad)
-    b = torch.randn(c, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
-    return x, w, b
-
-
 @pytest.mark.parametrize("member", ["eager", "torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_dtype_name)
-@pytest.mark.parametrize("size", LAYER_NORM_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_layer_norm_forward(benchmark, roofline, size, dtype, member):
-    n, c = size
-    x, w, b = _layer_norm_inputs(n, c, dtype)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_name)
+@pytest.mark.parametrize("size", LAYER_NORM_SIZES, ids=size_name)
+def test_layer_norm_forward(benchmark, table, size, dtype, member):
+    x, w, b = layer_norm_inputs(*size, dtype)
     fn = _layer_norm_member(member)
+    group = f"layer_norm fwd {size_name(size)} {dtype_name(dtype)}"
     # >= 85% of copy bandwidth for wide rows; at GPT-2's 768, at least as fast as F.layer_norm
+    c = size[1]
     target = ("ceiling", 0.85) if c >= 4096 else ("peer", 1.0) if c == 768 else None
     with torch.no_grad():
-        _measure(
-            benchmark,
-            roofline,
-            f"layer_norm fwd {n}x{c} {_dtype_name(dtype)}",
-            member,
-            lambda: fn(x, w, b),
-            bytes_moved=2 * x.numel() * x.element_size(),
-            peer="torch",
-            target=target,
+        table.measure(
+            benchmark, group, member, lambda: fn(x, w, b), bytes_moved=2 * x.nbytes, peer="torch", target=target
         )
 
 
 @pytest.mark.parametrize("member", ["eager", "torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_dtype_name)
-@pytest.mark.parametrize("size", LAYER_NORM_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_layer_norm_backward(benchmark, roofline, size, dtype, member):
-    n, c = size
-    x, w, b = _layer_norm_inputs(n, c, dtype, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_name)
+@pytest.mark.parametrize("size", LAYER_NORM_SIZES, ids=size_name)
+def test_layer_norm_backward(benchmark, table, size, dtype, member):
+    x, w, b = layer_norm_inputs(*size, dtype, requires_grad=True)
     y = _layer_norm_member(member)(x, w, b)
     grad_y = torch.randn_like(y)
-    _measure(
-        benchmark,
-        roofline,
-        f"layer_norm bwd {n}x{c} {_dtype_name(dtype)}",
-        member,
-        lambda: torch.autograd.grad(y, (x, w, b), grad_y, retain_graph=True),
-        bytes_moved=3 * x.numel() * x.element_size(),
-        peer="torch",
-        target=("peer", 1.0),
-    )
+    group = f"layer_norm bwd {size_name(size)} {dtype_name(dtype)}"
+    backward = functools.partial(torch.autograd.grad, y, (x, w, b), grad_y, retain_graph=True)
+    # read x and dy, write dx
+    table.measure(benchmark, group, member, backward, bytes_moved=3 * x.nbytes, peer="torch", target=("peer", 1.0))
 
 
 # ---- softmax --------------------------------------------------------------------------
@@ -182,41 +98,35 @@ def test_layer_norm_backward(benchmark, roofline, size, dtype, member):
 SOFTMAX_CASES = [((4096, 50257), torch.bfloat16), ((4096, 50257), torch.float32), ((16384, 1024), torch.bfloat16)]
 
 
+def _softmax_case_name(case) -> str:
+    return f"{size_name(case[0])}-{dtype_name(case[1])}"
+
+
 @pytest.mark.parametrize("member", ["eager", "torch", "triton"])
-@pytest.mark.parametrize("case", SOFTMAX_CASES, ids=lambda c: f"{c[0][0]}x{c[0][1]}-{_dtype_name(c[1])}")
-def test_softmax_forward(benchmark, roofline, case, member):
-    (n, v), dtype = case
-    x = torch.randn(n, v, device=DEVICE, dtype=dtype) * 3
+@pytest.mark.parametrize("case", SOFTMAX_CASES, ids=_softmax_case_name)
+def test_softmax_forward(benchmark, table, case, member):
+    size, dtype = case
+    x = torch.randn(size, device=DEVICE, dtype=dtype) * 3
     fn = {
         "eager": lambda: reference.softmax(x, 0.8),
         "torch": lambda: torch.softmax(x, dim=-1),  # the peer at temperature 1: one kernel, same bytes
         "triton": lambda: triton_ops.softmax(x, 0.8),
     }[member]
-    target = ("ceiling", 0.85) if (v == 50257 and dtype == torch.bfloat16) else None
-    _measure(
-        benchmark,
-        roofline,
-        f"softmax fwd {n}x{v} {_dtype_name(dtype)}",
-        member,
-        fn,
-        bytes_moved=2 * x.numel() * x.element_size(),
-        peer="torch",
-        target=target,
-    )
+    group = f"softmax fwd {size_name(size)} {dtype_name(dtype)}"
+    target = ("ceiling", 0.85) if (size[1] == 50257 and dtype == torch.bfloat16) else None
+    table.measure(benchmark, group, member, fn, bytes_moved=2 * x.nbytes, peer="torch", target=target)
 
 
 # ---- causal attention -----------------------------------------------------------------
 
-# bf16, 16384 tokens per batch, model width 2048: (head dim, sequence length)
-ATTENTION_CASES = [(d, t) for d in (64, 128) for t in (2048, 4096, 8192)]
-
-
-def _attention_inputs(d, t, requires_grad=False):
-    batch, heads = 16384 // t, 2048 // d
-    return [
-        torch.randn(batch, heads, t, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=requires_grad)
-        for _ in range(3)
-    ]
+# bf16, 16384 tokens per batch, model width 2048: (head dim, sequence length); eager only
+# up to 2048 (it holds B * H * T * T fp32)
+ATTENTION_CASES = [
+    (d, t, member)
+    for d in (64, 128)
+    for t in (2048, 4096, 8192)
+    for member in (["eager", "sdpa", "triton"] if t <= 2048 else ["sdpa", "triton"])
+]
 
 
 def _attention_member(member):
@@ -227,56 +137,35 @@ def _attention_member(member):
     }[member]
 
 
-def _attention_members(t):
-    return ["eager", "sdpa", "triton"] if t <= 2048 else ["sdpa", "triton"]  # eager holds B*H*T*T fp32
-
-
-def _causal_flops(q):
-    b, h, t, d = q.shape
-    return 4 * b * h * t * t * d / 2
-
-
-@pytest.mark.parametrize(
-    "d,t,member", [(d, t, m) for d, t in ATTENTION_CASES for m in _attention_members(t)], ids=lambda x: str(x)
-)
-def test_attention_forward(benchmark, roofline, d, t, member):
-    q, k, v = _attention_inputs(d, t)
+@pytest.mark.parametrize("d,t,member", ATTENTION_CASES, ids=str)
+def test_attention_forward(benchmark, table, d, t, member):
+    q, k, v = gpu_attention_inputs(d, t)
     fn = _attention_member(member)
+    group = f"attention fwd bf16 D={d} T={t}"
     with torch.no_grad():
-        _measure(
-            benchmark,
-            roofline,
-            f"attention fwd bf16 D={d} T={t}",
-            member,
-            lambda: fn(q, k, v),
-            flops=_causal_flops(q),
-            peer="sdpa",
-            target=("peer", 0.8),
+        table.measure(
+            benchmark, group, member, lambda: fn(q, k, v), flops=causal_flops(q), peer="sdpa", target=("peer", 0.8)
         )
 
 
-@pytest.mark.parametrize(
-    "d,t,member", [(d, t, m) for d, t in ATTENTION_CASES for m in _attention_members(t)], ids=lambda x: str(x)
-)
-def test_attention_forward_backward(benchmark, roofline, d, t, member):
-    q, k, v = _attention_inputs(d, t, requires_grad=True)
+@pytest.mark.parametrize("d,t,member", ATTENTION_CASES, ids=str)
+def test_attention_forward_backward(benchmark, table, d, t, member):
+    q, k, v = gpu_attention_inputs(d, t, requires_grad=True)
     grad_out = torch.randn_like(q)
     fn = _attention_member(member)
-    _measure(
-        benchmark,
-        roofline,
-        f"attention fwd+bwd bf16 D={d} T={t}",
-        member,
-        lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out),
-        flops=3.5 * _causal_flops(q),
-        peer="sdpa",
-        target=("peer", 0.6),
+    group = f"attention fwd+bwd bf16 D={d} T={t}"
+
+    def forward_backward():
+        return torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+
+    table.measure(
+        benchmark, group, member, forward_backward, flops=3.5 * causal_flops(q), peer="sdpa", target=("peer", 0.6)
     )
 
 
 @pytest.mark.parametrize("member", ["sdpa", "triton"])
 @pytest.mark.parametrize("cache", [4096, 16384])
-def test_attention_decode(benchmark, roofline, cache, member):
+def test_attention_decode(benchmark, table, cache, member):
     """One new query against a KV cache: the split-K path (memory-bound: k and v read once)."""
     batch, heads, d = 8, 16, 64
     q = torch.randn(batch, heads, 1, d, device=DEVICE, dtype=torch.bfloat16)
@@ -285,16 +174,9 @@ def test_attention_decode(benchmark, roofline, cache, member):
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),  # a single query sees the whole cache
         "triton": lambda: triton_ops.causal_attention(q, k, v, d**-0.5),
     }[member]
+    group = f"attention decode bf16 B={batch} H={heads} D={d} cache={cache}"
     with torch.no_grad():
-        _measure(
-            benchmark,
-            roofline,
-            f"attention decode bf16 B={batch} H={heads} D={d} cache={cache}",
-            member,
-            fn,
-            bytes_moved=2 * k.numel() * k.element_size(),
-            peer="sdpa",
-        )
+        table.measure(benchmark, group, member, fn, bytes_moved=2 * k.nbytes, peer="sdpa")
 
 
 # ---- sampling -------------------------------------------------------------------------
@@ -302,15 +184,9 @@ def test_attention_decode(benchmark, roofline, cache, member):
 VOCAB, TOP_K, TOP_P, TEMPERATURE = 50257, 50, 0.9, 0.8
 
 
-def _transformers_sample(logits, generator):
-    """What transformers' generate does per step: warpers (topk, full sort, cumsum, scatter), softmax, multinomial."""
-    scores = TopPLogitsWarper(TOP_P)(None, TopKLogitsWarper(TOP_K)(None, logits / TEMPERATURE))
-    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
-
-
 @pytest.mark.parametrize("member", ["transformers", "eager", "triton"])
 @pytest.mark.parametrize("batch", [64, 256])
-def test_sample(benchmark, roofline, batch, member):
+def test_sample(benchmark, table, batch, member):
     logits = torch.randn(batch, VOCAB, device=DEVICE) * 3
     generator = torch.Generator(device=DEVICE).manual_seed(0)
 
@@ -318,41 +194,21 @@ def test_sample(benchmark, roofline, batch, member):
         return torch.rand(batch, generator=generator, device=DEVICE)
 
     fn = {
-        "transformers": lambda: _transformers_sample(logits, generator),
+        "transformers": lambda: transformers_sample(logits, TEMPERATURE, TOP_K, TOP_P, generator),
         "eager": lambda: reference.sample(logits, TEMPERATURE, TOP_K, TOP_P, uniform()),
         "triton": lambda: triton_ops.sample(logits, TEMPERATURE, TOP_K, TOP_P, uniform()),
     }[member]
-    _measure(
-        benchmark,
-        roofline,
-        f"sample top_k={TOP_K} top_p={TOP_P} {batch}x{VOCAB} fp32",
-        member,
-        fn,
-        bytes_moved=logits.numel() * logits.element_size(),
-        peer="transformers",
-        target=("peer", 10.0),
-    )
+    group = f"sample top_k={TOP_K} top_p={TOP_P} {batch}x{VOCAB} fp32"
+    table.measure(benchmark, group, member, fn, bytes_moved=logits.nbytes, peer="transformers", target=("peer", 10.0))
 
 
 @pytest.mark.parametrize("member", ["transformers", "triton"])
 @pytest.mark.parametrize("top_k,top_p", [(50, 0.9), (0, 0.9)])
-def test_top_k_top_p_filter(benchmark, roofline, top_k, top_p, member):
+def test_top_k_top_p_filter(benchmark, table, top_k, top_p, member):
     logits = torch.randn(64, VOCAB, device=DEVICE) * 3
-
-    def transformers_filter():
-        scores = TopKLogitsWarper(top_k)(None, logits) if top_k else logits
-        return TopPLogitsWarper(top_p)(None, scores)
-
     fn = {
-        "transformers": transformers_filter,
+        "transformers": lambda: transformers_filter(logits, top_k, top_p),
         "triton": lambda: triton_ops.top_k_top_p_filter(logits, top_k, top_p, 1),
     }[member]
-    _measure(
-        benchmark,
-        roofline,
-        f"top_k_top_p_filter top_k={top_k} top_p={top_p} 64x{VOCAB} fp32",
-        member,
-        fn,
-        bytes_moved=2 * logits.numel() * logits.element_size(),
-        peer="transformers",
-    )
+    group = f"top_k_top_p_filter top_k={top_k} top_p={top_p} 64x{VOCAB} fp32"
+    table.measure(benchmark, group, member, fn, bytes_moved=2 * logits.nbytes, peer="transformers")
