@@ -136,12 +136,46 @@ __device__ __forceinline__ void load_b_kmajor(uint32_t& b0, uint32_t& b1, const 
   b1 = load_u32(p + 8);
 }
 
-// B fragments for B[k][n] = tile[k][n] (n contiguous), k in [k0, k0 + 16), for the two
-// n-tiles [n0, n0 + 8) and [n0 + 8, n0 + 16): b[0], b[1] and b[2], b[3].
+// ---------------------------------------------------------------------------------------
+// Warp-level matrix products on those fragments.
+
+// acc0 += A B[:, n0 : n0 + 8] and acc1 += A B[:, n0 + 8 : n0 + 16], where B[k][n] =
+// tile[k0 + k][n] (n contiguous) is loaded transposed, two n-tiles in one ldmatrix.
 template <int LD, typename T>
-__device__ __forceinline__ void load_b_nmajor_x2(uint32_t (&b)[4], const T* tile, int k0, int n0) {
+__device__ __forceinline__ void mma_b_nmajor_x2(float (&acc0)[4], float (&acc1)[4], const uint32_t (&a)[4],
+                                                const T* tile, int k0, int n0) {
   const int lane = threadIdx.x % 32;
+  uint32_t b[4];
   ldmatrix_x4_trans(b, tile + (k0 + lane % 16) * LD + n0 + (lane / 16) * 8);
+  mma_16816<T>(acc0, a, b[0], b[1]);
+  mma_16816<T>(acc1, a, b[2], b[3]);
+}
+
+// acc[nt] += A B^T over the K = D columns of both tiles: A is rows [a_row0, a_row0 + 16) of
+// a_tile, B^T rows [8 nt, 8 nt + 8) of b_tile (both with k contiguous).
+template <int D, int LD, int NT, typename T>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[NT][4], const T* a_tile, int a_row0, const T* b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    load_a<LD>(a, a_tile, a_row0, kk * 16);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t b0, b1;
+      load_b_kmajor<LD>(b0, b1, b_tile, nt * 8, kk * 16);
+      mma_16816<T>(acc[nt], a, b0, b1);
+    }
+  }
+}
+
+// The A fragment (16 x 16, in T) of two adjacent fp32 accumulator tiles (16 x 8 each):
+// the accumulator layout of C equals the A layout, so no data moves between lanes.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
 }
 
 // Copies rows [row0, row0 + ROWS) of a (n_rows, D) matrix into a padded shared tile,
@@ -272,16 +306,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const T* __rest
     // O += P V: the S accumulators are P's A fragments (two n-tiles per 16-key chunk).
 #pragma unroll
     for (int kc = 0; kc < kBlockK / 16; ++kc) {
-      const uint32_t p_frag[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]), pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-                                  pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                                  pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+      uint32_t p_frag[4];
+      acc_to_a<T>(p_frag, s[2 * kc], s[2 * kc + 1]);
 #pragma unroll
-      for (int dt = 0; dt < D / 8; dt += 2) {
-        uint32_t b[4];
-        load_b_nmajor_x2<LD>(b, v_tile, kc * 16, dt * 8);
-        mma_16816<T>(o[dt], p_frag, b[0], b[1]);
-        mma_16816<T>(o[dt + 1], p_frag, b[2], b[3]);
-      }
+      for (int dt = 0; dt < D / 8; dt += 2) mma_b_nmajor_x2<LD>(o[dt], o[dt + 1], p_frag, v_tile, kc * 16, dt * 8);
     }
     cp_async_wait_all();  // the next tile has landed ...
     __syncthreads();      // ... for every warp, and nobody still reads this stage
@@ -494,17 +522,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(
 
     // S^T = K Q^T (16 keys x BQ queries per warp), then P^T = exp2(S^T scale log2e - lse).
     float p[BQ / 8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      load_a<LD>(a, k_tile, warp * 16, kk * 16);
-#pragma unroll
-      for (int nt = 0; nt < BQ / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b_kmajor<LD>(b0, b1, q_tile, nt * 8, kk * 16);
-        mma_16816<T>(p[nt], a, b0, b1);
-      }
-    }
+    mma_a_bt<D, LD>(p, k_tile, warp * 16, q_tile);
     const bool crosses_diagonal = q0 + offset < k0 + kBlockK - 1;
 #pragma unroll
     for (int nt = 0; nt < BQ / 8; ++nt) {
@@ -518,17 +536,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(
 
     // dP^T = V dO^T.
     float dp[BQ / 8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      load_a<LD>(a, v_tile, warp * 16, kk * 16);
-#pragma unroll
-      for (int nt = 0; nt < BQ / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b_kmajor<LD>(b0, b1, do_tile, nt * 8, kk * 16);
-        mma_16816<T>(dp[nt], a, b0, b1);
-      }
-    }
+    mma_a_bt<D, LD>(dp, v_tile, warp * 16, do_tile);
 
     // dV += P^T dO and dK += dS^T Q, with dS^T = P^T (dP^T - delta); dS^T also to shared.
 #pragma unroll
@@ -542,20 +550,13 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(
           ds[h][e] = p[2 * kc + h][e] * (dp[2 * kc + h][e] - delta_tile[col]);
         }
       }
-      const uint32_t p_frag[4] = {pack2<T>(p[2 * kc][0], p[2 * kc][1]), pack2<T>(p[2 * kc][2], p[2 * kc][3]),
-                                  pack2<T>(p[2 * kc + 1][0], p[2 * kc + 1][1]),
-                                  pack2<T>(p[2 * kc + 1][2], p[2 * kc + 1][3])};
-      const uint32_t ds_frag[4] = {pack2<T>(ds[0][0], ds[0][1]), pack2<T>(ds[0][2], ds[0][3]),
-                                   pack2<T>(ds[1][0], ds[1][1]), pack2<T>(ds[1][2], ds[1][3])};
+      uint32_t p_frag[4], ds_frag[4];
+      acc_to_a<T>(p_frag, p[2 * kc], p[2 * kc + 1]);
+      acc_to_a<T>(ds_frag, ds[0], ds[1]);
 #pragma unroll
       for (int dt = 0; dt < D / 8; dt += 2) {
-        uint32_t b[4];
-        load_b_nmajor_x2<LD>(b, do_tile, kc * 16, dt * 8);
-        mma_16816<T>(dv[dt], p_frag, b[0], b[1]);
-        mma_16816<T>(dv[dt + 1], p_frag, b[2], b[3]);
-        load_b_nmajor_x2<LD>(b, q_tile, kc * 16, dt * 8);
-        mma_16816<T>(dk[dt], ds_frag, b[0], b[1]);
-        mma_16816<T>(dk[dt + 1], ds_frag, b[2], b[3]);
+        mma_b_nmajor_x2<LD>(dv[dt], dv[dt + 1], p_frag, do_tile, kc * 16, dt * 8);
+        mma_b_nmajor_x2<LD>(dk[dt], dk[dt + 1], ds_frag, q_tile, kc * 16, dt * 8);
       }
       // ds_tile[query][key] = dS^T[key][query] (transposed, 16-bit stores).
 #pragma unroll
@@ -577,11 +578,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(
       float acc[2][4] = {};
 #pragma unroll
       for (int kc = 0; kc < kBlockK / 16; ++kc) {
-        uint32_t a[4], b[4];
+        uint32_t a[4];
         load_a<LDS>(a, ds_tile, mt * 16, kc * 16);
-        load_b_nmajor_x2<LD>(b, k_tile, kc * 16, dt * 8);
-        mma_16816<T>(acc[0], a, b[0], b[1]);
-        mma_16816<T>(acc[1], a, b[2], b[3]);
+        mma_b_nmajor_x2<LD>(acc[0], acc[1], a, k_tile, kc * 16, dt * 8);
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -651,8 +650,7 @@ cudaError_t launch_fwd(const T* q, const T* k, const T* v, T* out, float* lse, v
     return cudaGetLastError();
   }
   constexpr size_t smem = fwd_smem_bytes<T, D>();
-  PYMINIGPT_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(attention_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  PYMINIGPT_CUDA_RETURN_IF_ERROR(allow_dynamic_smem(attention_fwd_kernel<T, D>, smem));
   const dim3 grid(static_cast<unsigned>(bh), static_cast<unsigned>((q_len + kBlockQ - 1) / kBlockQ));
   attention_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(q, k, v, out, lse, q_len, kv_len, scale_log2);
   return cudaGetLastError();
@@ -671,8 +669,7 @@ cudaError_t launch_bwd(const T* grad_out, const T* q, const T* k, const T* v, co
   PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
   constexpr size_t smem = bwd_smem_bytes<T, D>();
-  PYMINIGPT_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(attention_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  PYMINIGPT_CUDA_RETURN_IF_ERROR(allow_dynamic_smem(attention_bwd_kernel<T, D>, smem));
   const dim3 grid(static_cast<unsigned>(bh), static_cast<unsigned>((kv_len + kBlockK - 1) / kBlockK));
   attention_bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(grad_out, q, k, v, lse, delta, dq_accum, grad_k,
                                                                grad_v, q_len, kv_len, scale, scale * kLog2e);
@@ -684,9 +681,13 @@ cudaError_t launch_bwd(const T* grad_out, const T* q, const T* k, const T* v, co
   return cudaGetLastError();
 }
 
-// Calls body(T{}, std::integral_constant<int, D>{}) for a supported (dtype, head_dim).
+// Checks the arguments, then calls body(T{}, std::integral_constant<int, D>{}) for the
+// (dtype, head_dim) of a supported input.
 template <typename Body>
-cudaError_t dispatch_attention(DType dtype, int64_t head_dim, Body&& body) {
+cudaError_t dispatch_attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
+                               DType dtype, Body&& body) {
+  if (causal_attention_unsupported(batch, heads, q_len, kv_len, head_dim, dtype) != nullptr)
+    return cudaErrorInvalidValue;
   auto with_dim = [&](auto tag) -> cudaError_t {
     if (head_dim == 64) return body(tag, std::integral_constant<int, 64>{});
     if (head_dim == 128) return body(tag, std::integral_constant<int, 128>{});
@@ -720,9 +721,7 @@ size_t causal_attention_fwd_workspace_bytes(int64_t batch, int64_t heads, int64_
 cudaError_t causal_attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse,
                                  void* workspace, int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                                  int64_t head_dim, float scale, DType dtype, cudaStream_t stream) {
-  if (causal_attention_unsupported(batch, heads, q_len, kv_len, head_dim, dtype) != nullptr)
-    return cudaErrorInvalidValue;
-  return dispatch_attention(dtype, head_dim, [&](auto tag, auto dim) {
+  return dispatch_attention(batch, heads, q_len, kv_len, head_dim, dtype, [&](auto tag, auto dim) {
     using T = decltype(tag);
     return launch_fwd<T, decltype(dim)::value>(static_cast<const T*>(q), static_cast<const T*>(k),
                                                static_cast<const T*>(v), static_cast<T*>(out), lse, workspace,
@@ -738,9 +737,7 @@ cudaError_t causal_attention_bwd(const void* grad_out, const void* q, const void
                                  const void* out, const float* lse, void* grad_q, void* grad_k, void* grad_v,
                                  void* workspace, int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                                  int64_t head_dim, float scale, DType dtype, cudaStream_t stream) {
-  if (causal_attention_unsupported(batch, heads, q_len, kv_len, head_dim, dtype) != nullptr)
-    return cudaErrorInvalidValue;
-  return dispatch_attention(dtype, head_dim, [&](auto tag, auto dim) {
+  return dispatch_attention(batch, heads, q_len, kv_len, head_dim, dtype, [&](auto tag, auto dim) {
     using T = decltype(tag);
     return launch_bwd<T, decltype(dim)::value>(
         static_cast<const T*>(grad_out), static_cast<const T*>(q), static_cast<const T*>(k),

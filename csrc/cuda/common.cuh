@@ -1,5 +1,6 @@
 // Small device helpers shared by the CUDA kernels: dtype conversion, warp and block
-// reductions, 16-byte vector loads and stores, and launch-error checking.
+// reductions, 16-byte vector loads and stores, launch-error checking and the shared-memory
+// opt-in.
 //
 // Everything here is torch-free so that `nvcc -c` can compile the kernels on a machine
 // whose torch has no CUDA headers.
@@ -9,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "launchers.h"
@@ -23,6 +25,13 @@ namespace pyminigpt::cuda {
       return pyminigpt_err_;                       \
     }                                              \
   } while (0)
+
+// Lets `kernel` be launched with `bytes` of dynamic shared memory: above 48 KB a kernel
+// must opt in, up to the device's limit (227 KB on H100, 163 KB on A100).
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
 
 // ---------------------------------------------------------------------------------------
 // dtype conversion: every kernel computes in fp32.

@@ -400,9 +400,12 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   if (threadIdx.x == 0) tokens[blockIdx.x] = static_cast<int64_t>(chosen != ~0ull ? chosen : last_with_mass);
 }
 
-template <typename Kernel>
-cudaError_t prepare_smem(Kernel kernel) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sizeof(Scratch));
+// One block per row, with the Scratch in dynamic shared memory.
+template <typename... Params, typename... Args>
+cudaError_t launch_per_row(void (*kernel)(Params...), int64_t n_rows, cudaStream_t stream, Args... args) {
+  PYMINIGPT_CUDA_RETURN_IF_ERROR(allow_dynamic_smem(kernel, sizeof(Scratch)));
+  kernel<<<static_cast<unsigned>(n_rows), kThreads, sizeof(Scratch), stream>>>(args...);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -426,10 +429,8 @@ cudaError_t top_k_top_p_filter(const void* logits, void* out, int64_t n_rows, in
   const int min_keep = static_cast<int>(min_tokens_to_keep < vocab ? min_tokens_to_keep : vocab);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    PYMINIGPT_CUDA_RETURN_IF_ERROR(prepare_smem(top_k_top_p_filter_kernel<T>));
-    top_k_top_p_filter_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, sizeof(Scratch), stream>>>(
-        static_cast<const T*>(logits), static_cast<T*>(out), vocab, k, top_p, min_keep);
-    return cudaGetLastError();
+    return launch_per_row(top_k_top_p_filter_kernel<T>, n_rows, stream, static_cast<const T*>(logits),
+                          static_cast<T*>(out), vocab, k, top_p, min_keep);
   });
 }
 
@@ -441,10 +442,8 @@ cudaError_t sample(const void* logits, const float* uniform, int64_t* tokens, in
   const int k = static_cast<int>(top_k < vocab ? top_k : vocab);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    PYMINIGPT_CUDA_RETURN_IF_ERROR(prepare_smem(sample_kernel<T>));
-    sample_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, sizeof(Scratch), stream>>>(
-        static_cast<const T*>(logits), uniform, tokens, vocab, 1.f / temperature, k, top_p);
-    return cudaGetLastError();
+    return launch_per_row(sample_kernel<T>, n_rows, stream, static_cast<const T*>(logits), uniform, tokens, vocab,
+                          1.f / temperature, k, top_p);
   });
 }
 
