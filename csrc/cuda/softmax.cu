@@ -155,6 +155,19 @@ RowLaunch row_launch(int64_t n_rows, int64_t n_cols, int elem_bytes) {
   return {threads_per_row, block, static_cast<unsigned>((n_rows + rows_per_block - 1) / rows_per_block)};
 }
 
+// Checks the arguments of a softmax launcher; then, unless there are no rows, calls
+// `launch_kernel(T{}, RowLaunch)` for the element type T of `dtype` to queue the kernel
+// and returns the launch error.
+template <typename LaunchKernel>
+cudaError_t launch_rows(int64_t n_rows, int64_t n_cols, float temperature, DType dtype, LaunchKernel&& launch_kernel) {
+  if (softmax_unsupported(n_rows, n_cols, temperature) != nullptr) return cudaErrorInvalidValue;
+  if (n_rows == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    launch_kernel(tag, row_launch(n_rows, n_cols, sizeof(tag)));
+    return cudaGetLastError();
+  });
+}
+
 }  // namespace
 
 const char* softmax_unsupported(int64_t n_rows, int64_t n_cols, float temperature) {
@@ -166,42 +179,22 @@ const char* softmax_unsupported(int64_t n_rows, int64_t n_cols, float temperatur
 
 cudaError_t softmax_fwd(const void* x, void* y, int64_t n_rows, int64_t n_cols, float temperature, DType dtype,
                         cudaStream_t stream) {
-  if (softmax_unsupported(n_rows, n_cols, temperature) != nullptr) return cudaErrorInvalidValue;
-  if (n_rows == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return launch_rows(n_rows, n_cols, temperature, dtype, [&](auto tag, const RowLaunch& launch) {
     using T = decltype(tag);
-    const RowLaunch launch = row_launch(n_rows, n_cols, sizeof(T));
-    const auto* xt = static_cast<const T*>(x);
-    auto* yt = static_cast<T*>(y);
-    if (same_alignment(x, y)) {
-      softmax_fwd_kernel<T, true><<<launch.grid, launch.block, 0, stream>>>(xt, yt, n_rows, n_cols,
-                                                                            1.f / temperature, launch.threads_per_row);
-    } else {
-      softmax_fwd_kernel<T, false><<<launch.grid, launch.block, 0, stream>>>(
-          xt, yt, n_rows, n_cols, 1.f / temperature, launch.threads_per_row);
-    }
-    return cudaGetLastError();
+    auto kernel = same_alignment(x, y) ? softmax_fwd_kernel<T, true> : softmax_fwd_kernel<T, false>;
+    kernel<<<launch.grid, launch.block, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), n_rows, n_cols,
+                                                     1.f / temperature, launch.threads_per_row);
   });
 }
 
 cudaError_t softmax_bwd(const void* y, const void* grad_y, void* grad_x, int64_t n_rows, int64_t n_cols,
                         float temperature, DType dtype, cudaStream_t stream) {
-  if (softmax_unsupported(n_rows, n_cols, temperature) != nullptr) return cudaErrorInvalidValue;
-  if (n_rows == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return launch_rows(n_rows, n_cols, temperature, dtype, [&](auto tag, const RowLaunch& launch) {
     using T = decltype(tag);
-    const RowLaunch launch = row_launch(n_rows, n_cols, sizeof(T));
-    const auto* yt = static_cast<const T*>(y);
-    const auto* dyt = static_cast<const T*>(grad_y);
-    auto* dxt = static_cast<T*>(grad_x);
-    if (same_alignment(y, grad_y, grad_x)) {
-      softmax_bwd_kernel<T, true><<<launch.grid, launch.block, 0, stream>>>(
-          yt, dyt, dxt, n_rows, n_cols, 1.f / temperature, launch.threads_per_row);
-    } else {
-      softmax_bwd_kernel<T, false><<<launch.grid, launch.block, 0, stream>>>(
-          yt, dyt, dxt, n_rows, n_cols, 1.f / temperature, launch.threads_per_row);
-    }
-    return cudaGetLastError();
+    auto kernel = same_alignment(y, grad_y, grad_x) ? softmax_bwd_kernel<T, true> : softmax_bwd_kernel<T, false>;
+    kernel<<<launch.grid, launch.block, 0, stream>>>(static_cast<const T*>(y), static_cast<const T*>(grad_y),
+                                                     static_cast<T*>(grad_x), n_rows, n_cols, 1.f / temperature,
+                                                     launch.threads_per_row);
   });
 }
 
