@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <tuple>
 
@@ -36,9 +37,38 @@ void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& l
               t.scalar_type());
 }
 
+// A tensor that pairs with `like` element for element (a gradient, a saved output):
+// same device, dtype and shape.
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  check_cuda(t, name, like);
+  check_same_dtype(t, name, like);
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have ", like_name, "'s shape ", like.sizes(), ", got ",
+              t.sizes());
+}
+
+// An fp32 tensor of shape `sizes` on `like`'s device (lse, the uniforms of a draw).
+void check_float32(const at::Tensor& t, const char* name, const at::Tensor& like, at::IntArrayRef sizes) {
+  check_cuda(t, name, like);
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.sizes() == sizes, name, " must be float32 of shape ", sizes,
+              ", got ", t.scalar_type(), " ", t.sizes());
+}
+
+// Per-row fp32 statistics saved by the layer norm forward (mean, rstd): `rows` elements.
+void check_row_stats(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t rows) {
+  check_cuda(t, name, like);
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == rows, name, " must be float32 with ", rows,
+              " elements, got ", t.scalar_type(), " ", t.sizes());
+}
+
 void check_supported(const char* reason) { TORCH_CHECK(reason == nullptr, reason); }
 
-void check_launch(cudaError_t err, const char* op) {
+// Makes `device` current, queues `launcher(stream)` on its current stream and raises with
+// the CUDA error, naming `op`, if the launch failed. What a launcher sizes from the current
+// device (the attention decode split, hence its workspace) is computed inside `launcher`.
+template <typename Launcher>
+void launch(const char* op, const at::Device& device, Launcher&& launcher) {
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaError_t err = launcher(c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "pyminigpt CUDA kernel ", op, " failed: ", cudaGetErrorString(err));
 }
 
@@ -53,166 +83,143 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-// Rows and columns of a tensor viewed as (rows, last dim).
-std::pair<int64_t, int64_t> rows_cols(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() >= 1, name, " must have at least one dimension, got shape ", x.sizes());
-  const int64_t cols = x.size(-1);
-  return {cols == 0 ? 0 : x.numel() / cols, cols};
+// The main input of a row-wise op (softmax, layer norm, the filter): a CUDA tensor of a
+// kernel dtype viewed as (rows, last dim), made dense.
+struct RowInput {
+  at::Tensor data;
+  DType dtype;
+  int64_t rows, cols;
+};
+
+RowInput row_input(const at::Tensor& t, const char* name) {
+  check_cuda(t, name, t);
+  const DType dtype = dtype_of(t, name);
+  TORCH_CHECK(t.dim() >= 1, name, " must have at least one dimension, got shape ", t.sizes());
+  const int64_t cols = t.size(-1);
+  return {dense(t), dtype, cols == 0 ? 0 : t.numel() / cols, cols};
 }
 
 // ---- softmax --------------------------------------------------------------------------
 
 at::Tensor softmax_fwd(const at::Tensor& x_in, double temperature) {
-  check_cuda(x_in, "x", x_in);
-  const DType dtype = dtype_of(x_in, "x");
-  const auto [rows, cols] = rows_cols(x_in, "x");
-  const at::Tensor x = dense(x_in);
-  at::Tensor y = at::empty_like(x);
-  if (x.numel() == 0) return y;
-  check_supported(kernels::softmax_unsupported(rows, cols, static_cast<float>(temperature)));
-  const c10::cuda::CUDAGuard guard(x.device());
-  check_launch(kernels::softmax_fwd(x.data_ptr(), y.data_ptr(), rows, cols, static_cast<float>(temperature), dtype,
-                                    c10::cuda::getCurrentCUDAStream()),
-               "softmax_fwd");
+  const RowInput x = row_input(x_in, "x");
+  at::Tensor y = at::empty_like(x.data);
+  if (y.numel() == 0) return y;
+  const auto t = static_cast<float>(temperature);
+  check_supported(kernels::softmax_unsupported(x.rows, x.cols, t));
+  launch("softmax_fwd", y.device(), [&](cudaStream_t stream) {
+    return kernels::softmax_fwd(x.data.data_ptr(), y.data_ptr(), x.rows, x.cols, t, x.dtype, stream);
+  });
   return y;
 }
 
 at::Tensor softmax_bwd(const at::Tensor& y_in, const at::Tensor& grad_y_in, double temperature) {
-  check_cuda(y_in, "y", y_in);
-  check_cuda(grad_y_in, "grad_y", y_in);
-  check_same_dtype(grad_y_in, "grad_y", y_in);
-  TORCH_CHECK(grad_y_in.sizes() == y_in.sizes(), "grad_y must have y's shape ", y_in.sizes(), ", got ",
-              grad_y_in.sizes());
-  const DType dtype = dtype_of(y_in, "y");
-  const auto [rows, cols] = rows_cols(y_in, "y");
-  const at::Tensor y = dense(y_in);
+  const RowInput y = row_input(y_in, "y");
+  check_like(grad_y_in, "grad_y", y_in, "y");
   const at::Tensor grad_y = dense(grad_y_in);
-  at::Tensor grad_x = at::empty_like(y);
-  if (y.numel() == 0) return grad_x;
-  check_supported(kernels::softmax_unsupported(rows, cols, static_cast<float>(temperature)));
-  const c10::cuda::CUDAGuard guard(y.device());
-  check_launch(kernels::softmax_bwd(y.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr(), rows, cols,
-                                    static_cast<float>(temperature), dtype, c10::cuda::getCurrentCUDAStream()),
-               "softmax_bwd");
+  at::Tensor grad_x = at::empty_like(y.data);
+  if (grad_x.numel() == 0) return grad_x;
+  const auto t = static_cast<float>(temperature);
+  check_supported(kernels::softmax_unsupported(y.rows, y.cols, t));
+  launch("softmax_bwd", grad_x.device(), [&](cudaStream_t stream) {
+    return kernels::softmax_bwd(y.data.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr(), y.rows, y.cols, t, y.dtype,
+                                stream);
+  });
   return grad_x;
 }
 
 // ---- layer norm -----------------------------------------------------------------------
 
-void check_layer_norm_params(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  check_cuda(weight, "weight", x);
-  check_cuda(bias, "bias", x);
-  check_same_dtype(bias, "bias", weight);
-  const int64_t cols = x.dim() >= 1 ? x.size(-1) : 0;
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == cols, "weight must have shape (", cols, ",), got ",
-              weight.sizes());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == cols, "bias must have shape (", cols, ",), got ", bias.sizes());
+// weight (and bias) of shape (C,) on x's device; x has at least one dimension.
+void check_layer_norm_param(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_cuda(t, name, x);
+  const int64_t cols = x.size(-1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == cols, name, " must have shape (", cols, ",), got ", t.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                               const at::Tensor& bias_in, double eps) {
-  check_cuda(x_in, "x", x_in);
-  const auto [rows, cols] = rows_cols(x_in, "x");
-  check_layer_norm_params(x_in, weight_in, bias_in);
-  const DType dtype = dtype_of(x_in, "x");
+  const RowInput x = row_input(x_in, "x");
+  check_layer_norm_param(weight_in, "weight", x_in);
+  check_layer_norm_param(bias_in, "bias", x_in);
+  check_same_dtype(bias_in, "bias", weight_in);
   const DType weight_dtype = dtype_of(weight_in, "weight");
-  check_supported(kernels::layer_norm_unsupported(rows, cols, dtype, weight_dtype));
-  const at::Tensor x = dense(x_in);
+  check_supported(kernels::layer_norm_unsupported(x.rows, x.cols, x.dtype, weight_dtype));
   const at::Tensor weight = dense(weight_in);
   const at::Tensor bias = dense(bias_in);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-  if (rows == 0) return {y, mean, rstd};
-  const c10::cuda::CUDAGuard guard(x.device());
-  check_launch(kernels::layer_norm_fwd(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
-                                       mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, cols,
-                                       static_cast<float>(eps), dtype, weight_dtype, c10::cuda::getCurrentCUDAStream()),
-               "layer_norm_fwd");
+  at::Tensor y = at::empty_like(x.data);
+  at::Tensor mean = at::empty({x.rows}, y.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({x.rows}, y.options().dtype(at::kFloat));
+  if (x.rows == 0) return {y, mean, rstd};
+  launch("layer_norm_fwd", y.device(), [&](cudaStream_t stream) {
+    return kernels::layer_norm_fwd(x.data.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                                   mean.data_ptr<float>(), rstd.data_ptr<float>(), x.rows, x.cols,
+                                   static_cast<float>(eps), x.dtype, weight_dtype, stream);
+  });
   return {y, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_y_in, const at::Tensor& x_in,
                                                               const at::Tensor& weight_in, const at::Tensor& mean_in,
                                                               const at::Tensor& rstd_in) {
-  check_cuda(x_in, "x", x_in);
-  check_cuda(grad_y_in, "grad_y", x_in);
-  check_cuda(weight_in, "weight", x_in);
-  check_cuda(mean_in, "mean", x_in);
-  check_cuda(rstd_in, "rstd", x_in);
-  check_same_dtype(grad_y_in, "grad_y", x_in);
-  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), "grad_y must have x's shape ", x_in.sizes(), ", got ",
-              grad_y_in.sizes());
-  const auto [rows, cols] = rows_cols(x_in, "x");
-  TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == cols, "weight must have shape (", cols, ",), got ",
-              weight_in.sizes());
-  TORCH_CHECK(mean_in.scalar_type() == at::kFloat && mean_in.numel() == rows, "mean must be float32 with ", rows,
-              " elements, got ", mean_in.scalar_type(), " ", mean_in.sizes());
-  TORCH_CHECK(rstd_in.scalar_type() == at::kFloat && rstd_in.numel() == rows, "rstd must be float32 with ", rows,
-              " elements, got ", rstd_in.scalar_type(), " ", rstd_in.sizes());
-  const DType dtype = dtype_of(x_in, "x");
+  const RowInput x = row_input(x_in, "x");
+  check_like(grad_y_in, "grad_y", x_in, "x");
+  check_layer_norm_param(weight_in, "weight", x_in);
+  check_row_stats(mean_in, "mean", x_in, x.rows);
+  check_row_stats(rstd_in, "rstd", x_in, x.rows);
   const DType weight_dtype = dtype_of(weight_in, "weight");
-  check_supported(kernels::layer_norm_unsupported(rows, cols, dtype, weight_dtype));
+  check_supported(kernels::layer_norm_unsupported(x.rows, x.cols, x.dtype, weight_dtype));
   const at::Tensor grad_y = dense(grad_y_in);
-  const at::Tensor x = dense(x_in);
   const at::Tensor weight = dense(weight_in);
   const at::Tensor mean = mean_in.contiguous();
   const at::Tensor rstd = rstd_in.contiguous();
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = at::empty_like(x.data);
   at::Tensor grad_weight = at::empty_like(weight);
   at::Tensor grad_bias = at::empty_like(weight);
-  if (cols == 0) return {grad_x, grad_weight, grad_bias};
-  const at::Tensor scratch = workspace(kernels::layer_norm_bwd_workspace_bytes(rows, cols), x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  check_launch(kernels::layer_norm_bwd(grad_y.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr<float>(),
-                                       rstd.data_ptr<float>(), grad_x.data_ptr(), grad_weight.data_ptr(),
-                                       grad_bias.data_ptr(), scratch.data_ptr(), rows, cols, dtype, weight_dtype,
-                                       c10::cuda::getCurrentCUDAStream()),
-               "layer_norm_bwd");
+  const at::Tensor scratch = workspace(kernels::layer_norm_bwd_workspace_bytes(x.rows, x.cols), grad_x);
+  launch("layer_norm_bwd", grad_x.device(), [&](cudaStream_t stream) {
+    return kernels::layer_norm_bwd(grad_y.data_ptr(), x.data.data_ptr(), weight.data_ptr(), mean.data_ptr<float>(),
+                                   rstd.data_ptr<float>(), grad_x.data_ptr(), grad_weight.data_ptr(),
+                                   grad_bias.data_ptr(), scratch.data_ptr(), x.rows, x.cols, x.dtype, weight_dtype,
+                                   stream);
+  });
   return {grad_x, grad_weight, grad_bias};
 }
 
 // ---- top-k / top-p filter and sampling ------------------------------------------------
 
 at::Tensor top_k_top_p_filter(const at::Tensor& logits_in, int64_t top_k, double top_p, int64_t min_tokens_to_keep) {
-  check_cuda(logits_in, "logits", logits_in);
-  const DType dtype = dtype_of(logits_in, "logits");
-  const auto [rows, vocab] = rows_cols(logits_in, "logits");
-  const at::Tensor logits = dense(logits_in);
-  at::Tensor out = at::empty_like(logits);
-  if (logits.numel() == 0) return out;
-  check_supported(
-      kernels::sampling_unsupported(rows, vocab, top_k, static_cast<float>(top_p), min_tokens_to_keep));
-  const c10::cuda::CUDAGuard guard(logits.device());
-  check_launch(kernels::top_k_top_p_filter(logits.data_ptr(), out.data_ptr(), rows, vocab, top_k,
-                                           static_cast<float>(top_p), min_tokens_to_keep, dtype,
-                                           c10::cuda::getCurrentCUDAStream()),
-               "top_k_top_p_filter");
+  const RowInput logits = row_input(logits_in, "logits");
+  at::Tensor out = at::empty_like(logits.data);
+  if (out.numel() == 0) return out;
+  const auto p = static_cast<float>(top_p);
+  check_supported(kernels::sampling_unsupported(logits.rows, logits.cols, top_k, p, min_tokens_to_keep));
+  launch("top_k_top_p_filter", out.device(), [&](cudaStream_t stream) {
+    return kernels::top_k_top_p_filter(logits.data.data_ptr(), out.data_ptr(), logits.rows, logits.cols, top_k, p,
+                                       min_tokens_to_keep, logits.dtype, stream);
+  });
   return out;
 }
 
 at::Tensor sample(const at::Tensor& logits_in, double temperature, int64_t top_k, double top_p,
                   const at::Tensor& uniform_in) {
   check_cuda(logits_in, "logits", logits_in);
-  check_cuda(uniform_in, "uniform", logits_in);
   TORCH_CHECK(logits_in.dim() == 2, "logits must have shape (batch, vocab), got ", logits_in.sizes());
-  TORCH_CHECK(uniform_in.scalar_type() == at::kFloat && uniform_in.dim() == 1 &&
-                  uniform_in.size(0) == logits_in.size(0),
-              "uniform must be float32 of shape (", logits_in.size(0), ",), got ", uniform_in.scalar_type(), " ",
-              uniform_in.sizes());
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_float32(uniform_in, "uniform", logits_in, {logits_in.size(0)});
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ",
+              temperature);
   const DType dtype = dtype_of(logits_in, "logits");
   const int64_t rows = logits_in.size(0), vocab = logits_in.size(1);
   at::Tensor tokens = at::empty({rows}, logits_in.options().dtype(at::kLong));
   if (rows == 0) return tokens;
-  check_supported(kernels::sampling_unsupported(rows, vocab, top_k, static_cast<float>(top_p), 1));
+  const auto p = static_cast<float>(top_p);
+  check_supported(kernels::sampling_unsupported(rows, vocab, top_k, p, 1));
   const at::Tensor logits = dense(logits_in);
   const at::Tensor uniform = uniform_in.contiguous();
-  const c10::cuda::CUDAGuard guard(logits.device());
-  check_launch(kernels::sample(logits.data_ptr(), uniform.data_ptr<float>(), tokens.data_ptr<int64_t>(), rows, vocab,
-                               static_cast<float>(temperature), top_k, static_cast<float>(top_p), dtype,
-                               c10::cuda::getCurrentCUDAStream()),
-               "sample");
+  launch("sample", logits.device(), [&](cudaStream_t stream) {
+    return kernels::sample(logits.data_ptr(), uniform.data_ptr<float>(), tokens.data_ptr<int64_t>(), rows, vocab,
+                           static_cast<float>(temperature), top_k, p, dtype, stream);
+  });
   return tokens;
 }
 
@@ -246,14 +253,14 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q_in, 
   const at::Tensor v = dense(v_in);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(at::kFloat));
-  const at::Tensor scratch =
-      workspace(kernels::causal_attention_fwd_workspace_bytes(s.batch, s.heads, s.q_len, s.kv_len, s.head_dim), q);
-  const c10::cuda::CUDAGuard guard(q.device());
-  check_launch(kernels::causal_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                             lse.data_ptr<float>(), scratch.data_ptr(), s.batch, s.heads, s.q_len,
-                                             s.kv_len, s.head_dim, static_cast<float>(scale), dtype_of(q, "q"),
-                                             c10::cuda::getCurrentCUDAStream()),
-               "causal_attention_fwd");
+  launch("causal_attention_fwd", q.device(), [&](cudaStream_t stream) {
+    // Sized under the device guard: the decode split follows the device's SM count.
+    const at::Tensor scratch =
+        workspace(kernels::causal_attention_fwd_workspace_bytes(s.batch, s.heads, s.q_len, s.kv_len, s.head_dim), q);
+    return kernels::causal_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                         lse.data_ptr<float>(), scratch.data_ptr(), s.batch, s.heads, s.q_len,
+                                         s.kv_len, s.head_dim, static_cast<float>(scale), dtype_of(q, "q"), stream);
+  });
   return {out, lse};
 }
 
@@ -262,18 +269,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
                                                                     const at::Tensor& v_in, const at::Tensor& out_in,
                                                                     const at::Tensor& lse_in, double scale) {
   const AttentionShape s = check_attention(q_in, k_in, v_in);
-  check_cuda(grad_out_in, "grad_out", q_in);
-  check_cuda(out_in, "out", q_in);
-  check_cuda(lse_in, "lse", q_in);
-  check_same_dtype(grad_out_in, "grad_out", q_in);
-  check_same_dtype(out_in, "out", q_in);
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), "grad_out must have q's shape ", q_in.sizes(), ", got ",
-              grad_out_in.sizes());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "out must have q's shape ", q_in.sizes(), ", got ", out_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == s.batch &&
-                  lse_in.size(1) == s.heads && lse_in.size(2) == s.q_len,
-              "lse must be float32 of shape (", s.batch, ", ", s.heads, ", ", s.q_len, "), got ",
-              lse_in.scalar_type(), " ", lse_in.sizes());
+  check_like(grad_out_in, "grad_out", q_in, "q");
+  check_like(out_in, "out", q_in, "q");
+  check_float32(lse_in, "lse", q_in, {s.batch, s.heads, s.q_len});
   const at::Tensor grad_out = dense(grad_out_in);
   const at::Tensor q = dense(q_in);
   const at::Tensor k = dense(k_in);
@@ -285,13 +283,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   at::Tensor grad_v = at::empty_like(v);
   const at::Tensor scratch =
       workspace(kernels::causal_attention_bwd_workspace_bytes(s.batch, s.heads, s.q_len, s.head_dim), q);
-  const c10::cuda::CUDAGuard guard(q.device());
-  check_launch(kernels::causal_attention_bwd(grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                             out.data_ptr(), lse.data_ptr<float>(), grad_q.data_ptr(),
-                                             grad_k.data_ptr(), grad_v.data_ptr(), scratch.data_ptr(), s.batch,
-                                             s.heads, s.q_len, s.kv_len, s.head_dim, static_cast<float>(scale),
-                                             dtype_of(q, "q"), c10::cuda::getCurrentCUDAStream()),
-               "causal_attention_bwd");
+  launch("causal_attention_bwd", q.device(), [&](cudaStream_t stream) {
+    return kernels::causal_attention_bwd(grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                         out.data_ptr(), lse.data_ptr<float>(), grad_q.data_ptr(), grad_k.data_ptr(),
+                                         grad_v.data_ptr(), scratch.data_ptr(), s.batch, s.heads, s.q_len, s.kv_len,
+                                         s.head_dim, static_cast<float>(scale), dtype_of(q, "q"), stream);
+  });
   return {grad_q, grad_k, grad_v};
 }
 
