@@ -94,49 +94,67 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fwd_key_blocks(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_vt,
-    start,
-    end,
-    offs_m,
-    offs_d,
-    n_keys,
-    causal_offset,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _head_base(ptr, batch, head, stride_b, stride_h):
+    """ptr moved to the (T, D) matrix of (batch, head), in int64 (B * H * T * D may pass 2**31)."""
+    return ptr + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _tile(base, offs_t, stride_t, n_rows, offs_d, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Pointers to the rows offs_t of a (n_rows, HEAD_DIM) matrix as a (rows, BLOCK_D) tile, or
+    (BLOCK_D, rows) if TRANSPOSED, and the mask of the elements inside the matrix."""
+    if TRANSPOSED:
+        ptrs = base + offs_t[None, :] * stride_t + offs_d[:, None]
+        mask = (offs_d < HEAD_DIM)[:, None] & (offs_t < n_rows)[None, :]
+    else:
+        ptrs = base + offs_t[:, None] * stride_t + offs_d[None, :]
+        mask = (offs_t < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return ptrs, mask
+
+
+@triton.jit
+def _load_tile(base, offs_t, stride_t, n_rows, offs_d, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """A q/k/v/do tile (see `_tile`), zeros outside the matrix."""
+    ptrs, mask = _tile(base, offs_t, stride_t, n_rows, offs_d, HEAD_DIM, TRANSPOSED)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, offs_t, stride_t, n_rows, offs_d, value, HEAD_DIM: tl.constexpr):
+    """value (rows, BLOCK_D) fp32 into the rows offs_t of a (n_rows, HEAD_DIM) matrix, in its dtype."""
+    ptrs, mask = _tile(base, offs_t, stride_t, n_rows, offs_d, HEAD_DIM, False)
+    tl.store(ptrs, rounded_to(value, base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _key_range(start_m, n_keys, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr):
+    """The keys [lo, hi) the query block at start_m visits, in whole blocks of BLOCK_N.
+
+    DIAGONAL false: the blocks below every query's diagonal and inside Tk, which need no mask;
+    DIAGONAL true: the blocks after those up to the block's last visible key, which need it.
+    Blocks wholly above the diagonal are in neither.
+    """
+    full_end = tl.minimum((start_m + causal_offset + 1) // BLOCK_N, n_keys // BLOCK_N) * BLOCK_N
+    if DIAGONAL:
+        lo = full_end
+        hi = tl.minimum(start_m + BLOCK_M + causal_offset, n_keys)
+    else:
+        lo = 0
+        hi = full_end
+    return lo, hi
+
+
+@triton.jit
+def _scores(
+    q, k_t, offs_m, offs_n, n_keys, causal_offset, qk_scale, PRECISION: tl.constexpr, CAUSAL_MASK: tl.constexpr
 ):
-    """Online softmax over the key blocks [start, end); CAUSAL_MASK for the blocks the diagonal crosses."""
-    d_mask = offs_d < HEAD_DIM
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_keys
-        k_t = tl.load(
-            k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_mask[:, None] & n_mask[None, :], other=0.0
-        )
-        qk = _dot(q, k_t, PRECISION) * qk_scale
-        if CAUSAL_MASK:
-            visible = (offs_n[None, :] <= offs_m[:, None] + causal_offset) & n_mask[None, :]
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
-        )
-        acc = acc * alpha[:, None] + _dot(rounded_to(p, v.dtype), v, PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
+    """The score tile s_ij * log2(e), (BLOCK_M, BLOCK_N); with CAUSAL_MASK, -inf where query i does
+    not see key j (j > i + c, or j past Tk)."""
+    s = _dot(q, k_t, PRECISION) * qk_scale
+    if CAUSAL_MASK:
+        visible = (offs_n[None, :] <= offs_m[:, None] + causal_offset) & (offs_n < n_keys)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    return s
 
 
 @triton.autotune(configs=_forward_configs(), key=["HEAD_DIM"])
@@ -172,17 +190,13 @@ def attention_fwd_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
     batch, head = batch_head // n_heads, batch_head % n_heads
-    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-    o_base = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    k_base = _head_base(k_ptr, batch, head, stride_kb, stride_kh)
+    v_base = _head_base(v_ptr, batch, head, stride_vb, stride_vh)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < n_queries
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
+    q = _load_tile(
+        _head_base(q_ptr, batch, head, stride_qb, stride_qh), offs_m, stride_qt, n_queries, offs_d, HEAD_DIM, False
     )
 
     causal_offset = n_keys - n_queries
@@ -190,58 +204,25 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # keys below every query's diagonal and inside Tk: no mask; then the blocks the diagonal crosses
-    full_end = tl.minimum((start_m + causal_offset + 1) // BLOCK_N, n_keys // BLOCK_N) * BLOCK_N
-    end = tl.minimum(start_m + BLOCK_M + causal_offset, n_keys)
-    acc, l_i, m_i = _fwd_key_blocks(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        0,
-        full_end,
-        offs_m,
-        offs_d,
-        n_keys,
-        causal_offset,
-        qk_scale,
-        BLOCK_N,
-        HEAD_DIM,
-        False,
-        PRECISION,
-    )
-    acc, l_i, m_i = _fwd_key_blocks(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        full_end,
-        end,
-        offs_m,
-        offs_d,
-        n_keys,
-        causal_offset,
-        qk_scale,
-        BLOCK_N,
-        HEAD_DIM,
-        True,
-        PRECISION,
-    )
-    o = acc / l_i[:, None]
-    tl.store(
-        o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
-        rounded_to(o, o_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
-    )
-    tl.store(lse_ptr + batch_head.to(tl.int64) * n_queries + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_mask)
+    # online softmax over the key blocks below the diagonal (diagonal = 0, no mask), then over those
+    # the diagonal crosses (diagonal = 1, masked); unrolled, so each loop is compiled for its case
+    for diagonal in tl.static_range(2):
+        lo, hi = _key_range(start_m, n_keys, causal_offset, BLOCK_M, BLOCK_N, diagonal)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_t = _load_tile(k_base, offs_n, stride_kt, n_keys, offs_d, HEAD_DIM, True)
+            s = _scores(q, k_t, offs_m, offs_n, n_keys, causal_offset, qk_scale, PRECISION, diagonal)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _load_tile(v_base, offs_n, stride_vt, n_keys, offs_d, HEAD_DIM, False)
+            acc = acc * alpha[:, None] + _dot(rounded_to(p, v.dtype), v, PRECISION)
+            m_i = m_new
+    o_base = _head_base(o_ptr, batch, head, stride_ob, stride_oh)
+    _store_tile(o_base, offs_m, stride_ot, n_queries, offs_d, acc / l_i[:, None], HEAD_DIM)
+    lse = (m_i + tl.log2(l_i)) * LN2
+    tl.store(lse_ptr + batch_head.to(tl.int64) * n_queries + offs_m, lse, mask=offs_m < n_queries)
 
 
 @triton.jit
@@ -271,11 +252,10 @@ def attention_decode_partial_kernel(
     split = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch, head = batch_head // n_heads, batch_head % n_heads
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    k_base = _head_base(k_ptr, batch, head, stride_kb, stride_kh)
+    v_base = _head_base(v_ptr, batch, head, stride_vb, stride_vh)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_d, mask=d_mask, other=0.0)
+    q = tl.load(_head_base(q_ptr, batch, head, stride_qb, stride_qh) + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
     q = q.to(tl.float32) * (scale * LOG2E)
 
     start = split * keys_per_split
@@ -285,15 +265,13 @@ def attention_decode_partial_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.where(n_mask, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        k = _load_tile(k_base, offs_n, stride_kt, end, offs_d, HEAD_DIM, False).to(tl.float32)
+        s = tl.where(offs_n < end, tl.sum(k * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m_i, s)
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # a lane with no key yet stays at zero
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = _load_tile(v_base, offs_n, stride_vt, end, offs_d, HEAD_DIM, False).to(tl.float32)
         acc = acc * alpha[:, None] + p[:, None] * v
         l_i = l_i * alpha + p
         m_i = m_new
@@ -332,7 +310,7 @@ def attention_decode_combine_kernel(
     total = tl.sum(weight, axis=0)
     o_s = tl.load(partial_o_ptr + slots[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
     o = tl.sum(o_s * weight[:, None], axis=0) / total
-    o_base = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    o_base = _head_base(o_ptr, batch, head, stride_ob, stride_oh)
     tl.store(o_base + offs_d, rounded_to(o, o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
     tl.store(lse_ptr + batch_head, (lse_max + tl.log2(total)) * LN2)
 
@@ -375,19 +353,18 @@ def attention_bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     batch_head = tl.program_id(1)
     batch, head = batch_head // n_heads, batch_head % n_heads
-    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-    do_base = do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    q_base = _head_base(q_ptr, batch, head, stride_qb, stride_qh)
+    do_base = _head_base(do_ptr, batch, head, stride_dob, stride_doh)
     row_base = batch_head.to(tl.int64) * n_queries  # lse and delta are (B, H, Tq) contiguous
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < n_keys
-    d_mask = offs_d < HEAD_DIM
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_tile(
+        _head_base(k_ptr, batch, head, stride_kb, stride_kh), offs_n, stride_kt, n_keys, offs_d, HEAD_DIM, False
+    )
+    v = _load_tile(
+        _head_base(v_ptr, batch, head, stride_vb, stride_vh), offs_n, stride_vt, n_keys, offs_d, HEAD_DIM, False
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -400,69 +377,21 @@ def attention_bwd_dkdv_kernel(
     for start_m in range(first, n_queries, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n_queries
-        q_t = tl.load(
-            q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=d_mask[:, None] & m_mask[None, :], other=0.0
-        )
+        q_t = _load_tile(q_base, offs_m, stride_qt, n_queries, offs_d, HEAD_DIM, True)
         lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=float("inf"))  # no mass for padding rows
         p_t = tl.exp2(_dot(k, q_t, PRECISION) * qk_scale - lse[None, :] * LOG2E)
         if start_m < full_start:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
-        do = tl.load(
-            do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
-        )
+        do = _load_tile(do_base, offs_m, stride_dot, n_queries, offs_d, HEAD_DIM, False)
         dv += _dot(rounded_to(p_t, do.dtype), do, PRECISION)
         delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
         dp_t = _dot(v, tl.trans(do), PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(rounded_to(ds_t, q_t.dtype), tl.trans(q_t), PRECISION)
-    grad_offsets = (
-        batch.to(tl.int64) * stride_dkb
-        + head.to(tl.int64) * stride_dkh
-        + offs_n[:, None] * stride_dkt
-        + offs_d[None, :]
-    )
-    tl.store(dk_ptr + grad_offsets, rounded_to(dk * scale, dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + grad_offsets, rounded_to(dv, dv_ptr.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _dq_key_blocks(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_vt,
-    start,
-    end,
-    offs_m,
-    offs_d,
-    n_keys,
-    causal_offset,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """dq contributions of the key blocks [start, end); CAUSAL_MASK for the blocks the diagonal crosses."""
-    d_mask = offs_d < HEAD_DIM
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_keys
-        kv_t_mask = d_mask[:, None] & n_mask[None, :]
-        k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kv_t_mask, other=0.0)
-        v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kv_t_mask, other=0.0)
-        p = tl.exp2(_dot(q, k_t, PRECISION) * qk_scale - lse[:, None])
-        if CAUSAL_MASK:
-            p = tl.where((offs_n[None, :] <= offs_m[:, None] + causal_offset) & n_mask[None, :], p, 0.0)
-        dp = _dot(do, v_t, PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(rounded_to(ds, k_t.dtype), tl.trans(k_t), PRECISION)
-    return dq
+    dk_base = _head_base(dk_ptr, batch, head, stride_dkb, stride_dkh)
+    dv_base = _head_base(dv_ptr, batch, head, stride_dkb, stride_dkh)
+    _store_tile(dk_base, offs_n, stride_dkt, n_keys, offs_d, dk * scale, HEAD_DIM)
+    _store_tile(dv_base, offs_n, stride_dkt, n_keys, offs_d, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -502,76 +431,38 @@ def attention_bwd_dq_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
     batch, head = batch_head // n_heads, batch_head % n_heads
-    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-    do_base = do_ptr + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    k_base = _head_base(k_ptr, batch, head, stride_kb, stride_kh)
+    v_base = _head_base(v_ptr, batch, head, stride_vb, stride_vh)
     row_base = batch_head.to(tl.int64) * n_queries
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < n_queries
-    qo_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qo_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=qo_mask, other=0.0)
+    q = _load_tile(
+        _head_base(q_ptr, batch, head, stride_qb, stride_qh), offs_m, stride_qt, n_queries, offs_d, HEAD_DIM, False
+    )
+    do = _load_tile(
+        _head_base(do_ptr, batch, head, stride_dob, stride_doh), offs_m, stride_dot, n_queries, offs_d, HEAD_DIM, False
+    )
     lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     causal_offset = n_keys - n_queries
     qk_scale = scale * LOG2E
-    full_end = tl.minimum((start_m + causal_offset + 1) // BLOCK_N, n_keys // BLOCK_N) * BLOCK_N
-    end = tl.minimum(start_m + BLOCK_M + causal_offset, n_keys)
-    dq = _dq_key_blocks(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        0,
-        full_end,
-        offs_m,
-        offs_d,
-        n_keys,
-        causal_offset,
-        qk_scale,
-        BLOCK_N,
-        HEAD_DIM,
-        False,
-        PRECISION,
-    )
-    dq = _dq_key_blocks(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        full_end,
-        end,
-        offs_m,
-        offs_d,
-        n_keys,
-        causal_offset,
-        qk_scale,
-        BLOCK_N,
-        HEAD_DIM,
-        True,
-        PRECISION,
-    )
-    dq_base = dq_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
-    tl.store(
-        dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :],
-        rounded_to(dq * scale, dq_ptr.dtype.element_ty),
-        mask=qo_mask,
-    )
+    for diagonal in tl.static_range(2):  # the key blocks as in the forward: unmasked, then masked
+        lo, hi = _key_range(start_m, n_keys, causal_offset, BLOCK_M, BLOCK_N, diagonal)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_t = _load_tile(k_base, offs_n, stride_kt, n_keys, offs_d, HEAD_DIM, True)
+            v_t = _load_tile(v_base, offs_n, stride_vt, n_keys, offs_d, HEAD_DIM, True)
+            p = tl.exp2(
+                _scores(q, k_t, offs_m, offs_n, n_keys, causal_offset, qk_scale, PRECISION, diagonal) - lse[:, None]
+            )
+            ds = p * (_dot(do, v_t, PRECISION) - delta[:, None])
+            dq += _dot(rounded_to(ds, k_t.dtype), tl.trans(k_t), PRECISION)
+    dq_base = _head_base(dq_ptr, batch, head, stride_dqb, stride_dqh)
+    _store_tile(dq_base, offs_m, stride_dqt, n_queries, offs_d, dq * scale, HEAD_DIM)
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -587,6 +478,11 @@ def _check(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
+
+
+def _head_strides(*tensors: torch.Tensor) -> list[int]:
+    """The batch, head and sequence strides of each (B, H, T, D) tensor, in order (the kernels' stride arguments)."""
+    return [stride for t in tensors for stride in t.stride()[:3]]
 
 
 def _decode_splits(batch_heads: int, n_keys: int, device: torch.device) -> tuple[int, int]:
@@ -620,14 +516,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
             v,
             partial_o,
             partial_lse,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
+            *_head_strides(q)[:2],
+            *_head_strides(k, v),
             heads,
             n_keys,
             keys_per_split,
@@ -663,18 +553,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         v,
         out,
         lse,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
+        *_head_strides(q, k, v, out),
         heads,
         n_queries,
         n_keys,
@@ -706,20 +585,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale: float, wrap=_no_wrap):
         "num_warps": config["num_warps"],
         "num_stages": config["num_stages"],
     }
-    strides = (
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        grad_out.stride(2),
-    )
+    strides = _head_strides(q, k, v, grad_out)
     wrap(attention_bwd_dkdv_kernel)[(triton.cdiv(n_keys, config["BLOCK_N1"]), batch * heads)](
         q,
         k,
@@ -730,9 +596,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale: float, wrap=_no_wrap):
         dk,
         dv,
         *strides,
-        dk.stride(0),
-        dk.stride(1),
-        dk.stride(2),
+        *_head_strides(dk),
         heads,
         n_queries,
         n_keys,
@@ -750,9 +614,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale: float, wrap=_no_wrap):
         delta,
         dq,
         *strides,
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
+        *_head_strides(dq),
         heads,
         n_queries,
         n_keys,

@@ -38,6 +38,18 @@ def _row_config(n_cols: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _load_row(ptr, row, row_stride, cols, mask):
+    """Row `row` of an (N, C) matrix at cols as fp32, zeros outside the mask."""
+    return tl.load(ptr + tl.cast(row, tl.int64) * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_row(ptr, row, row_stride, cols, mask, value):
+    """fp32 value into row `row` of an (N, C) matrix at cols, in the matrix's dtype."""
+    tl.store(ptr + tl.cast(row, tl.int64) * row_stride + cols, rounded_to(value, ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def layer_norm_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -54,14 +66,14 @@ def layer_norm_fwd_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row.to(tl.int64) * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x = _load_row(x_ptr, row, x_row_stride, cols, mask)
     mean = tl.sum(x, axis=0) / n_cols
     centered = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask).to(tl.float32)
     y = centered * rstd * w + b
-    tl.store(y_ptr + row.to(tl.int64) * y_row_stride + cols, rounded_to(y, y_ptr.dtype.element_ty), mask=mask)
+    _store_row(y_ptr, row, y_row_stride, cols, mask, y)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
@@ -93,15 +105,14 @@ def layer_norm_bwd_kernel(
     first = group * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
     for row in range(first, last):
-        row64 = tl.cast(row, tl.int64)
-        x = tl.load(x_ptr + row64 * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row64 * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr, row, x_row_stride, cols, mask)
+        dy = _load_row(dy_ptr, row, dy_row_stride, cols, mask)
         mean = tl.load(mean_ptr + row)
         rstd = tl.load(rstd_ptr + row)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         g = dy * w
         dx = rstd * (g - tl.sum(g, axis=0) / n_cols - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
-        tl.store(dx_ptr + row64 * dx_row_stride + cols, rounded_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+        _store_row(dx_ptr, row, dx_row_stride, cols, mask, dx)
         dw += dy * xhat
         db += dy
     tl.store(partial_dw_ptr + group * n_cols + cols, dw, mask=mask)

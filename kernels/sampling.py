@@ -234,9 +234,11 @@ def sample_kernel(
     tl.store(token_ptr + row, tl.where(token < n_cols, token, last_kept).to(tl.int64))
 
 
-def _block(n_cols: int) -> tuple[int, int]:
+def _launch_per_row(kernel, logits: torch.Tensor, *args, wrap) -> None:
+    """kernel(logits, *args) with one program per row of logits (B, V), in tiles of up to 4096 logits."""
+    n_rows, n_cols = logits.shape
     block = min(triton.next_power_of_2(n_cols), 4096)
-    return block, 4 if block <= 1024 else 8
+    wrap(kernel)[(n_rows,)](logits, *args, BLOCK=block, num_warps=4 if block <= 1024 else 8)
 
 
 def supports(logits: torch.Tensor) -> bool:
@@ -252,9 +254,9 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float, min_token
     out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
         return out
-    block, num_warps = _block(n_cols)
     top_k = top_k if top_k < n_cols else 0
-    wrap(top_k_top_p_filter_kernel)[(n_rows,)](
+    _launch_per_row(
+        top_k_top_p_filter_kernel,
         logits,
         out,
         logits.stride(0),
@@ -263,8 +265,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float, min_token
         top_k,
         top_p,
         min_tokens_to_keep,
-        BLOCK=block,
-        num_warps=num_warps,
+        wrap=wrap,
     )
     return out
 
@@ -278,18 +279,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u
     tokens = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
     if n_rows == 0:
         return tokens
-    block, num_warps = _block(n_cols)
     top_k = top_k if top_k < n_cols else 0
-    wrap(sample_kernel)[(n_rows,)](
-        logits,
-        uniform,
-        tokens,
-        logits.stride(0),
-        n_cols,
-        LOG2E / temperature,
-        top_k,
-        top_p,
-        BLOCK=block,
-        num_warps=num_warps,
+    _launch_per_row(
+        sample_kernel, logits, uniform, tokens, logits.stride(0), n_cols, LOG2E / temperature, top_k, top_p, wrap=wrap
     )
     return tokens

@@ -42,6 +42,18 @@ def _tile_width(n_cols: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _load_row(row_ptr, cols, n_cols, other):
+    """The row's values at cols as fp32, `other` past its end."""
+    return tl.load(row_ptr + cols, mask=cols < n_cols, other=other).to(tl.float32)
+
+
+@triton.jit
+def _store_row(row_ptr, cols, n_cols, value):
+    """fp32 value into the row at cols (none past its end), in the row's dtype."""
+    tl.store(row_ptr + cols, rounded_to(value, row_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+@triton.jit
 def softmax_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -57,17 +69,14 @@ def softmax_fwd_kernel(
     y_row = y_ptr + row * y_row_stride
     cols = tl.arange(0, BLOCK)
     if ONE_TILE:
-        mask = cols < n_cols
-        z = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale_log2
+        z = _load_row(x_row, cols, n_cols, float("-inf")) * scale_log2
         e = tl.exp2(z - tl.max(z, axis=0))
-        y = e / tl.sum(e, axis=0)
-        tl.store(y_row + cols, rounded_to(y, y_ptr.dtype.element_ty), mask=mask)
+        _store_row(y_row, cols, n_cols, e / tl.sum(e, axis=0))
     else:
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            z = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale_log2
+            z = _load_row(x_row, start + cols, n_cols, float("-inf")) * scale_log2
             m_new = tl.maximum(m, z)
             # a lane that has seen only -inf keeps s = 0 (and no exp2(-inf - -inf) = NaN)
             m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
@@ -77,10 +86,8 @@ def softmax_fwd_kernel(
         row_sum = tl.sum(s * tl.exp2(m - row_max), axis=0)
         inv_sum = 1.0 / row_sum
         for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            z = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale_log2
-            y = tl.exp2(z - row_max) * inv_sum
-            tl.store(y_row + start + cols, rounded_to(y, y_ptr.dtype.element_ty), mask=mask)
+            z = _load_row(x_row, start + cols, n_cols, float("-inf")) * scale_log2
+            _store_row(y_row, start + cols, n_cols, tl.exp2(z - row_max) * inv_sum)
 
 
 @triton.jit
@@ -102,66 +109,46 @@ def softmax_bwd_kernel(
     dx_row = dx_ptr + row * dx_row_stride
     cols = tl.arange(0, BLOCK)
     if ONE_TILE:
-        mask = cols < n_cols
-        y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-        dx = y * (dy - tl.sum(y * dy, axis=0)) * inv_temperature
-        tl.store(dx_row + cols, rounded_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+        y = _load_row(y_row, cols, n_cols, 0.0)
+        dy = _load_row(dy_row, cols, n_cols, 0.0)
+        _store_row(dx_row, cols, n_cols, y * (dy - tl.sum(y * dy, axis=0)) * inv_temperature)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            acc += y * dy
+            acc += _load_row(y_row, start + cols, n_cols, 0.0) * _load_row(dy_row, start + cols, n_cols, 0.0)
         dot = tl.sum(acc, axis=0)
         for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            dx = y * (dy - dot) * inv_temperature
-            tl.store(dx_row + start + cols, rounded_to(dx, dx_ptr.dtype.element_ty), mask=mask)
+            y = _load_row(y_row, start + cols, n_cols, 0.0)
+            dy = _load_row(dy_row, start + cols, n_cols, 0.0)
+            _store_row(dx_row, start + cols, n_cols, y * (dy - dot) * inv_temperature)
+
+
+def _launch_per_row(kernel, rows: tuple[torch.Tensor, ...], scalar: float, wrap) -> torch.Tensor:
+    """kernel over the (N, V) matrices `rows` (inputs, then the output), one program per row. Returns the output."""
+    out = rows[-1]
+    n_rows, n_cols = out.shape
+    if n_rows == 0:
+        return out
+    block, num_warps = _tile_width(n_cols)
+    wrap(kernel)[(n_rows,)](
+        *rows,
+        *(t.stride(0) for t in rows),
+        n_cols,
+        scalar,
+        BLOCK=block,
+        ONE_TILE=n_cols <= block,
+        num_warps=num_warps,
+    )
+    return out
 
 
 def softmax_fwd(x: torch.Tensor, temperature: float, wrap=_no_wrap) -> torch.Tensor:
     """y = softmax(x / temperature) for x (N, V) with a contiguous last dim. Returns (N, V) in x's dtype."""
-    n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    if n_rows == 0:
-        return y
-    block, num_warps = _tile_width(n_cols)
-    wrap(softmax_fwd_kernel)[(n_rows,)](
-        x,
-        y,
-        x.stride(0),
-        y.stride(0),
-        n_cols,
-        LOG2E / temperature,
-        BLOCK=block,
-        ONE_TILE=n_cols <= block,
-        num_warps=num_warps,
-    )
-    return y
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _launch_per_row(softmax_fwd_kernel, (x, y), LOG2E / temperature, wrap)
 
 
 def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, temperature: float, wrap=_no_wrap) -> torch.Tensor:
     """dx = y * (dy - sum(dy * y)) / temperature for y, dy (N, V). Returns (N, V) in y's dtype."""
-    n_rows, n_cols = y.shape
-    dx = torch.empty((n_rows, n_cols), dtype=y.dtype, device=y.device)
-    if n_rows == 0:
-        return dx
-    block, num_warps = _tile_width(n_cols)
-    wrap(softmax_bwd_kernel)[(n_rows,)](
-        y,
-        dy,
-        dx,
-        y.stride(0),
-        dy.stride(0),
-        dx.stride(0),
-        n_cols,
-        1.0 / temperature,
-        BLOCK=block,
-        ONE_TILE=n_cols <= block,
-        num_warps=num_warps,
-    )
-    return dx
+    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    return _launch_per_row(softmax_bwd_kernel, (y, dy, dx), 1.0 / temperature, wrap)

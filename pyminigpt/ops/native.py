@@ -49,8 +49,10 @@ def _supports(op: str, device_type: str):
     """Which inputs the `device_type` kernel of `op` takes."""
     if op == "layer_norm":
         # weight and bias may stay fp32 while x is bf16 (autocast)
-        return lambda x, weight, bias, eps: _runs_on(device_type, _FLOATS, x) and weight.dtype == bias.dtype and (
-            weight.dtype in (x.dtype, torch.float32)
+        return lambda x, weight, bias, eps: (
+            _runs_on(device_type, _FLOATS, x)
+            and weight.dtype == bias.dtype
+            and (weight.dtype in (x.dtype, torch.float32))
         )
     if op in ("top_k_top_p_filter", "sample"):
         return lambda logits, *rest: _runs_on(device_type, _LOGITS, logits)

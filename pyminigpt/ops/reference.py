@@ -58,9 +58,7 @@ def top_k_top_p_filter(
     return out
 
 
-def sample(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: torch.Tensor
-) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
     """Draw one token per row from softmax(top_k_top_p_filter(logits / temperature)).
 
     logits: (B, V); uniform: (B,) fp32 in [0, 1). The token is the first index, in
@@ -75,7 +73,9 @@ def sample(
     target = uniform.double().unsqueeze(-1) * cumulative[..., -1:]
     # first index whose cumulative probability exceeds the target, among kept tokens
     exceeds = (cumulative > target) & (probs > 0)
-    token = torch.where(exceeds.any(dim=-1), exceeds.int().argmax(dim=-1), torch.zeros_like(exceeds[..., 0], dtype=torch.long))
+    token = torch.where(
+        exceeds.any(dim=-1), exceeds.int().argmax(dim=-1), torch.zeros_like(exceeds[..., 0], dtype=torch.long)
+    )
     return token.long()
 
 

@@ -19,7 +19,9 @@ def tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | None = 
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if floating and value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {value.dtype}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {value.dtype}"
+        )
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     if min_ndim is not None and value.dim() < min_ndim:
@@ -69,7 +71,7 @@ def min_tokens_to_keep(value) -> int:
 def logits(value) -> None:
     tensor("logits", value, ndim=2)
     if value.shape[-1] == 0:
-        raise ValueError("logits must have a non-empty vocabulary dimension, got shape " f"{tuple(value.shape)}")
+        raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(value.shape)}")
 
 
 def attention_inputs(q, k, v) -> None:
