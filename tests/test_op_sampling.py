@@ -24,10 +24,8 @@ from pyminigpt.ops import reference
 WIDE = 257 if INTERPRET else 50257  # GPT-2's vocabulary, or a small odd width in the interpreter
 BATCH = 8 if INTERPRET else 64
 # (batch, vocab) of most tests: the float64 oracles sort whole rows, so few wide rows
-SHAPES = [(1, WIDE), (6, WIDE), (BATCH, 80), (3, 1)]
-
-
-
+# (5, 3): min_tokens_to_keep above the vocabulary keeps every token
+SHAPES = [(1, WIDE), (6, WIDE), (BATCH, 80), (3, 1), (5, 3)]
 
 
 # (top_k, top_p, min_tokens_to_keep): each warper alone, both, disabled ones, k above the
@@ -92,6 +90,16 @@ def test_filter_matches_transformers(backend, batch, vocab, top_k, top_p, min_ke
     assert got.shape == logits.shape and got.dtype == logits.dtype
     expected = _transformers_filter(logits.cpu(), top_k, top_p, min_keep)
     _assert_same_kept(got.cpu(), expected, logits.cpu(), _near_top_p_threshold(logits.cpu(), top_k, top_p))
+
+
+@pytest.mark.parametrize("top_k, top_p, min_keep", FILTERS)
+@pytest.mark.parametrize("batch, vocab", [(BATCH, 80), (5, 3), (3, 1)])
+def test_reference_filter_matches_transformers(batch, vocab, top_k, top_p, min_keep):
+    """The oracle itself against transformers' warpers (min_tokens_to_keep above the vocabulary included)."""
+    logits = _logits(batch, vocab, "cpu", seed=vocab + top_k)
+    got = reference.top_k_top_p_filter(logits, top_k, top_p, min_keep)
+    expected = _transformers_filter(logits, top_k, top_p, min_keep)
+    _assert_same_kept(got, expected, logits, _near_top_p_threshold(logits, top_k, top_p))
 
 
 @pytest.mark.parametrize("top_k, top_p, min_keep", FILTERS)

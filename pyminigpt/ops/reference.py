@@ -52,7 +52,7 @@ def top_k_top_p_filter(
         sorted_logits, sorted_idx = torch.sort(out, dim=-1, descending=False, stable=True)
         cumulative = torch.softmax(sorted_logits.float(), dim=-1).cumsum(dim=-1)
         sorted_remove = cumulative <= (1.0 - top_p)
-        sorted_remove[..., vocab - min_tokens_to_keep :] = False
+        sorted_remove[..., max(vocab - min_tokens_to_keep, 0) :] = False  # all of them if min > vocab
         remove = sorted_remove.scatter(-1, sorted_idx, sorted_remove)
         out = out.masked_fill(remove, float("-inf"))
     return out
