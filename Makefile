@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-python test-triton compile-cuda bench gpu-check clean
+.PHONY: install demo test test-python test-triton compile-cuda test-native bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet "numpy<2.4" transformers tokenizers safetensors tqdm matplotlib triton \
-		pytest pytest-benchmark expecttest ninja
+		pytest pytest-benchmark expecttest ninja "cmake>=3.18,<4"
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps .
 	$(BIN)/pyminigpt info
 
@@ -28,7 +28,7 @@ demo: install
 
 # The tests import the installed package (not the source tree), which proves the wheel
 # carries everything: the extension, pyminigpt.kernels, the CLI.
-test: install test-python test-triton compile-cuda
+test: install test-python test-triton test-native compile-cuda
 
 test-python:
 	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu ../$(BIN)/pytest -q -p no:cacheprovider .
@@ -40,7 +40,16 @@ test-triton:
 
 # Every CUDA kernel through nvcc for sm_80 and sm_90 (skipped where there is no nvcc).
 compile-cuda:
-	@if command -v nvcc >/dev/null 2>&1; then bash .ci/compile_cuda.sh; else echo "nvcc not found: CUDA compile check skipped"; fi
+	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(BIN)/python bash .ci/compile_cuda.sh; else echo "nvcc not found: CUDA compile check skipped"; fi
+
+# The same C++ sources through CMake (CMakeLists.txt) and the native tests (ctest), against
+# the venv's torch (`make test` installs first; alone, run `make install` before).
+test-native:
+	$(BIN)/cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DPython3_EXECUTABLE="$(abspath $(BIN)/python)"
+	$(BIN)/cmake --build build/cmake -j2
+	$(BIN)/ctest --test-dir build/cmake --output-on-failure
 
 bench: install
 	$(BIN)/pyminigpt bench
