@@ -14,9 +14,10 @@
 //           exceeds u * (total kept mass), for the row's uniform u in [0, 1).
 //
 // How, in O(V) per row:
-//   * k-th largest: one vectorized scan that pushes only the values above a running
-//     threshold into a small pool; when the pool fills up, nth_element shrinks it to the
-//     k largest and raises the threshold (for k << V almost nothing passes).
+//   * k-th largest: a pool seeded with the first values, then one vectorized scan that
+//     pushes only the values above a running threshold; when the pool fills up,
+//     nth_element shrinks it to the k largest and raises the threshold (for k << V
+//     almost nothing passes).
 //   * top-p over few survivors (small k or small V): gather them, sort them, walk.
 //   * top-p over many survivors: histogram their masses over 2048 buckets of logit, find
 //     the bucket in which the ascending cumulative mass crosses (1 - top_p) * total, and
@@ -126,20 +127,33 @@ float row_max(const float* x, int64_t n) {
 }
 
 // The k-th largest of x (1 <= k <= n), NaN counting as -inf.
+//
+// The pool starts as the first `capacity` values (copied in bulk, NaN -> -inf), cut down to
+// their k largest: bound = the k-th of them, a lower bound of the answer. The scan of the
+// rest pushes only values above bound (about k / i of them at token i for a random row);
+// each time the pool fills up, nth_element cuts it back to k and raises bound. A small
+// capacity keeps bound close behind the answer: for k = 50 over 50257 random logits about
+// 1,100 values are pushed instead of ~3,000 with a 1024-value pool filled one push at a
+// time (64 x 50257, k = 50, p = 0.9, 2 threads: filter 2.30 -> 1.45 ms, sample 1.72 ->
+// 1.14 ms).
 float kth_largest(const float* x, int64_t n, int64_t k, std::vector<float>& pool) {
   const auto greater = std::greater<float>();
-  const size_t capacity = std::max<int64_t>(4 * k, 1024);
-  pool.clear();
-  float bound = kNegInf;  // every value not in the pool is <= bound (or NaN)
-  for_each_above<false>(x, n, bound, [&](int64_t i) {
-    pool.push_back(x[i]);
-    if (pool.size() == capacity) {
-      std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end(), greater);
-      bound = pool[k - 1];  // k values >= bound are kept: the answer is >= bound
-      pool.resize(k);
-    }
+  const int64_t capacity = std::max<int64_t>(4 * k, 256);
+  const int64_t seeded = std::min(capacity, n);
+  pool.resize(seeded);
+  for (int64_t i = 0; i < seeded; ++i) pool[i] = x[i] == x[i] ? x[i] : kNegInf;
+  // every value not in the pool is <= bound (or NaN), and k values >= bound are in it
+  float bound = kNegInf;
+  const auto shrink = [&] {
+    std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end(), greater);
+    bound = pool[k - 1];
+    pool.resize(k);
+  };
+  shrink();  // seeded >= k, as k <= n
+  for_each_above<false>(x + seeded, n - seeded, bound, [&](int64_t i) {
+    pool.push_back(x[seeded + i]);
+    if (static_cast<int64_t>(pool.size()) == capacity) shrink();
   });
-  if (static_cast<int64_t>(pool.size()) < k) return kNegInf;  // fewer than k values above -inf
   std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end(), greater);
   return pool[k - 1];
 }
