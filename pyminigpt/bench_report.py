@@ -160,6 +160,16 @@ def _versions() -> str:
     return ", ".join(found)
 
 
+def _backends() -> str:
+    """The kernel backends this install has, and why the others are missing (a missing one has no rows)."""
+    from pyminigpt import ops
+
+    status = ops.backend_status()
+    found = [name for name, s in status.items() if s["available"] and name != "reference"]
+    missing = [f"{name} ({s['reason']})" for name, s in status.items() if not s["available"]]
+    return ", ".join(found) + ("; unavailable: " + "; ".join(missing) if missing else "")
+
+
 def _command_line(args: argparse.Namespace) -> str:
     flags = [f"--{name}" for name in ("ops", "e2e", "quick") if getattr(args, name)]
     flags += [f"--out {args.out}"] + ([f"--bench-dir {args.bench_dir}"] if args.bench_dir else [])
@@ -173,6 +183,7 @@ def _machine_header(benchmark_json: dict, args: argparse.Namespace) -> str:
         "# pyminigpt benchmark report\n\n"
         f"- machine: {cpu}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n"
         f"- versions: python {info.get('python_version', '?')}, {_versions()}\n"
+        f"- kernel backends: {_backends()}\n"
         f"- command: `{_command_line(args)}`\n"
         f"- date: {benchmark_json.get('datetime', '?')}\n"
         "- `vs eager` / `vs <peer>`: the eager member's (the peer's) median over this member's; >1 is faster\n"
@@ -219,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"pyminigpt bench: no test_bench_*.py files selected in {str(bench_dir)!r}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "bench.json"
-    command = [sys.executable, "-m", "pytest", *map(str, files), "-q", "-p", "no:cacheprovider"]
+    json_path = (args.out / "bench.json").resolve()
+    command = [sys.executable, "-m", "pytest", *(str(f.resolve()) for f in files), "-q", "-p", "no:cacheprovider"]
     command += [f"--benchmark-json={json_path}", "--benchmark-group-by=group"]
     if args.keyword:
         command.append(f"-k{args.keyword}")  # one token, so an expression starting with '-' is not an option
@@ -229,7 +240,9 @@ def run(args: argparse.Namespace) -> int:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     if args.quick:
         env["PYMINIGPT_BENCH_QUICK"] = "1"
-    status = subprocess.call(command, env=env)
+    # `python -m` puts its working directory first on sys.path: run in bench/, not in the checkout's
+    # root, whose pyminigpt/ source folder (without the built extension) would shadow this one.
+    status = subprocess.call(command, env=env, cwd=bench_dir)
     if not json_path.is_file():
         print(f"pyminigpt bench: pytest (exit {status}) wrote no {json_path}", file=sys.stderr)
         return status or 1

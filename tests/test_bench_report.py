@@ -51,7 +51,12 @@ def test_missing_bench_dir_is_a_clear_error(tmp_path, capsys):
     assert "no benchmark folder" in capsys.readouterr().err
 
 
-def test_quick_end_to_end_run_writes_json_markdown_and_png(tmp_path):
+def test_quick_end_to_end_run_writes_json_markdown_and_png(tmp_path, monkeypatch):
+    # run from a folder holding a pyminigpt/ source tree, like a checkout's root: the benchmarks
+    # must still import the installed package
+    (tmp_path / "pyminigpt").mkdir()
+    (tmp_path / "pyminigpt" / "__init__.py").write_text("raise ImportError('the source tree shadowed pyminigpt')\n")
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "report"
     argv = ["--e2e", "--quick", "--out", str(out), "--bench-dir", str(BENCH_DIR), "-k", "sample-1- or train"]
     assert bench_report.main(argv) == 0
@@ -60,6 +65,7 @@ def test_quick_end_to_end_run_writes_json_markdown_and_png(tmp_path):
     markdown = (out / "report.md").read_text()
     assert "### generate sample B1 prompt8 new8" in markdown and "vs transformers" in markdown
     assert "tokens/s" in markdown
+    assert "- kernel backends: " in markdown
     assert list(out.glob("*.png"))
 
 
