@@ -44,7 +44,11 @@ NATIVE_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0][0] in ("cpu", "cuda
 def pytest_sessionstart(session):
     required = [b for b in os.environ.get("PYMINIGPT_REQUIRE_BACKENDS", "").split(",") if b]
     status = ops.backend_status()
-    missing = {b: status.get(b, {}).get("reason", "unknown backend") for b in required if not status.get(b, {}).get("available")}
+    missing = {
+        b: status.get(b, {}).get("reason", "unknown backend")
+        for b in required
+        if not status.get(b, {}).get("available")
+    }
     if missing:
         raise pytest.UsageError(f"required kernel backends are missing: {missing}")
 
