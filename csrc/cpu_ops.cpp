@@ -40,4 +40,6 @@ TORCH_LIBRARY_IMPL(pyminigpt, CPU, m) {
   // attention.cpp
   m.impl("causal_attention_fwd", PYMINIGPT_CPU_KERNEL(causal_attention_fwd));
   m.impl("causal_attention_bwd", PYMINIGPT_CPU_KERNEL(causal_attention_bwd));
+  // linear.cpp (CPU only: on a GPU, cuBLAS already streams the weights at full bandwidth)
+  m.impl("linear", PYMINIGPT_CPU_KERNEL(linear));
 }

@@ -21,6 +21,8 @@ TORCH_LIBRARY(pyminigpt, m) {
   m.def(
       "causal_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale)"
       " -> (Tensor, Tensor, Tensor)");
+  // y = x weight^T + bias for x (M, K), weight (N, K); a few rows (decoding) read the weights once.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 // pyminigpt._C is imported from Python only for the side effect above (registering the

@@ -4,7 +4,7 @@
 
 Parameter names and shapes follow transformers' `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, ...)
 except that the projections are `nn.Linear` (HF stores them transposed, as `Conv1D`); `pyminigpt.hf`
-converts. Layer norm and causal attention go through `pyminigpt.ops`, so the kernels of the active
+converts. Layer norm, causal attention and the projections (`ops.linear`) go through `pyminigpt.ops`, so the kernels of the active
 backend run them; attention falls back to plain PyTorch only where the kernel's contract does not
 reach: padding in `attention_mask`, attention dropout while training, or `output_attentions=True`.
 """
@@ -165,6 +165,13 @@ class LayerNorm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear computed by `ops.linear` (decoding's few-row matmuls stream the weights once on the CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 def allowed_keys(tq: int, tk: int, device, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask, True where query i may see key j: causal (j <= i + Tk - Tq) and attention_mask[:, j] != 0.
 
@@ -184,8 +191,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -220,9 +227,9 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_fc = Linear(config.n_embd, inner)
         self.act = ACTIVATIONS[config.activation_function]
-        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.c_proj = Linear(inner, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
@@ -260,7 +267,7 @@ class GPT(nn.Module):
                 "ln_f": LayerNorm(config.n_embd, config.layer_norm_epsilon),
             }
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)

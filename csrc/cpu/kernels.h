@@ -8,7 +8,15 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
+
+namespace pyminigpt::cpu {
+// linear.cpp streams the weights itself for x with 1 to kLinearMaxRows rows (decoding), bf16
+// x with up to kLinearMaxRowsBFloat16; more go to ATen's GEMM.
+constexpr int kLinearMaxRows = 8;
+constexpr int kLinearMaxRowsBFloat16 = 2;
+}  // namespace pyminigpt::cpu
 
 #define PYMINIGPT_DECLARE_CPU_KERNELS(CAPABILITY)                                                          \
   namespace pyminigpt::cpu::CAPABILITY {                                                                   \
@@ -31,6 +39,8 @@
   std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(                                     \
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,           \
       const at::Tensor& out, const at::Tensor& lse, double scale);                                         \
+  /* linear.cpp */                                                                                         \
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);  \
   }
 
 PYMINIGPT_DECLARE_CPU_KERNELS(DEFAULT)

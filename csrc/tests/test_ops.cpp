@@ -20,6 +20,7 @@
 #include <functional>
 #include <iostream>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -217,6 +218,21 @@ void test_causal_attention_bwd() {
   check_close(dv, ref[2], "attention_bwd dv");
 }
 
+// --- linear ------------------------------------------------------------------------------
+
+void test_linear() {
+  const auto linear = op<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&)>("linear");
+  // rows 1 to 8 run on the kernel (bf16 up to 2), more on ATen's GEMM; K = 769 leaves a partial vector
+  for (const int64_t rows : {1, 2, 3, 8, 9}) {
+    const Tensor x = at::randn({rows, 769}), w = at::randn({50, 769}) / 28, b = at::randn({50});
+    check_close(linear.call(x, w, b), at::linear(x, w, b), "linear y (" + std::to_string(rows) + " rows)");
+    check_close(linear.call(x, w, std::nullopt), at::linear(x, w), "linear y without bias");
+    const Tensor xb = x.to(at::kBFloat16), wb = w.to(at::kBFloat16), bb = b.to(at::kBFloat16);
+    check_close(linear.call(xb, wb, bb), at::linear(xb.to(at::kFloat), wb.to(at::kFloat), bb.to(at::kFloat)),
+                "linear y bf16 (" + std::to_string(rows) + " rows)", 2e-2, 2e-2);
+  }
+}
+
 // ATEN_CPU_CAPABILITY forces a variant without asking the CPU: refuse one it cannot run.
 bool cpu_can_run_requested_capability() {
   const char* requested = std::getenv("ATEN_CPU_CAPABILITY");
@@ -259,6 +275,7 @@ int main(int argc, char** argv) {
       {"sample", test_sample},
       {"causal_attention_fwd", test_causal_attention_fwd},
       {"causal_attention_bwd", test_causal_attention_bwd},
+      {"linear", test_linear},
   };
   int failures = 0;
   for (const auto& [name, test] : tests) {

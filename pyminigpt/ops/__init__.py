@@ -6,6 +6,10 @@
     sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None)     (B, V) -> (B,) int64
     causal_attention(q, k, v, scale=None)                       (B, H, Tq, D) -> (B, H, Tq, D)
 
+and nn.Linear's op, for the model's decoding steps (a `cpu` kernel only):
+
+    linear(x, weight, bias=None)                                x (..., K), weight (N, K) -> (..., N)
+
 Backends: 'reference' (plain PyTorch, the oracle), 'cpu' (C++ kernels), 'triton',
 'cuda' (CUDA C++ kernels). See `dispatch` for how one is chosen.
 """
@@ -24,6 +28,7 @@ __all__ = [
     "backend_status",
     "causal_attention",
     "layer_norm",
+    "linear",
     "reference",
     "sample",
     "softmax",
@@ -107,3 +112,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     validate.attention_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else validate.positive_float("scale", scale)
     return dispatch.call("causal_attention", q, k, v, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x weight^T + bias for x (..., K), weight (N, K), bias (N,) or None: nn.Linear's op.
+
+    A decoding step multiplies a few rows by every weight matrix, which is bound by reading
+    the weights. On the CPU, up to 8 fp32 rows (2 bf16 rows) run on a kernel that streams
+    each weight once (csrc/cpu/linear.cpp); more rows, other devices and the reference
+    backend use torch's matmul.
+    """
+    validate.tensor("x", x, min_ndim=1)
+    validate.tensor("weight", weight, ndim=2)
+    if bias is not None:
+        validate.tensor("bias", bias, ndim=1)
+    if weight.shape[1] != x.shape[-1] or (bias is not None and bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"linear: x {tuple(x.shape)} needs weight (N, {x.shape[-1]}) and bias (N,), got weight "
+            f"{tuple(weight.shape)} and bias {None if bias is None else tuple(bias.shape)}"
+        )
+    return dispatch.call("linear", x, weight, bias)

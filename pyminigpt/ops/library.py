@@ -81,4 +81,27 @@ def _(grad_out, q, k, v, out, lse, scale):
     )
 
 
+# ---- linear (CPU only) ------------------------------------------------------------------
+
+
+@torch.library.register_fake("pyminigpt::linear")
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad_y):
+    """dx = dy W, dW = dy^T x, db = sum over rows of dy (torch's matmuls: no kernel of ours)."""
+    x, weight = ctx.saved_tensors
+    grad_bias = grad_y.sum(0) if ctx.has_bias else None
+    return grad_y @ weight, grad_y.t() @ x, grad_bias
+
+
+torch.library.register_autograd("pyminigpt::linear", _linear_backward, setup_context=_linear_setup)
+
 autograd.register("pyminigpt", ops.softmax_bwd, ops.layer_norm_bwd, ops.causal_attention_bwd)

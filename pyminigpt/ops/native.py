@@ -18,6 +18,10 @@ _FLOATS = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch
 _LOGITS = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
+# The rows csrc/cpu/linear.cpp streams the weights for (kLinearMaxRows* in csrc/cpu/kernels.h).
+LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
+
+
 def _runs_on(device_type: str, dtypes: dict, x: torch.Tensor) -> bool:
     return x.device.type == device_type and x.dtype in dtypes[device_type]
 
@@ -45,6 +49,13 @@ def causal_attention(q, k, v, scale):
     return out
 
 
+def linear(x, weight, bias):
+    shape = x.shape
+    if x.numel() > LINEAR_MAX_ROWS[x.dtype] * shape[-1]:  # the kernel would call torch's GEMM, after an op's overhead
+        return torch.nn.functional.linear(x, weight, bias)
+    return ops.linear(x.reshape(-1, shape[-1]), weight, bias).view(*shape[:-1], weight.shape[0])
+
+
 def _supports(op: str, device_type: str):
     """Which inputs the `device_type` kernel of `op` takes."""
     if op == "layer_norm":
@@ -53,6 +64,14 @@ def _supports(op: str, device_type: str):
             _runs_on(device_type, _FLOATS, x)
             and weight.dtype == bias.dtype
             and (weight.dtype in (x.dtype, torch.float32))
+        )
+    if op == "linear":  # csrc/cpu/linear.cpp: x, weight and bias of one dtype, fp32 or bf16
+        # under autocast, torch's matmul casts its inputs (a custom op would not)
+        return lambda x, weight, bias: (
+            not torch.is_autocast_enabled(device_type)
+            and _runs_on(device_type, _FLOATS, x)
+            and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype)
         )
     if op in ("top_k_top_p_filter", "sample"):
         return lambda logits, *rest: _runs_on(device_type, _LOGITS, logits)
@@ -72,6 +91,7 @@ _OPS = {
     "top_k_top_p_filter": (top_k_top_p_filter, ("top_k_top_p_filter",)),
     "sample": (sample, ("sample",)),
     "causal_attention": (causal_attention, ("causal_attention_fwd", "causal_attention_bwd")),
+    "linear": (linear, ("linear",)),
 }
 
 

@@ -95,3 +95,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     return (weights @ v.to(compute_dtype)).to(q.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x weight^T + bias for x (..., K), weight (N, K), bias (N,) or None: nn.Linear's op."""
+    return torch.nn.functional.linear(x, weight, bias)

@@ -1,0 +1,40 @@
+"""Linear benchmarks for decoding's few-row matmuls: eager F.linear (torch's MKL / oneDNN
+matmul, also the reference) and the `cpu` kernel (csrc/cpu/linear.cpp), one group per rows,
+shape and dtype: GPT-2's LM head (768 -> 50257) and MLP (768 -> 3072).
+
+Bound by reading the weights: each member reports GB/s of weight bytes and that as a
+fraction of the measured copy bandwidth.
+
+    pytest bench/test_bench_linear.py --benchmark-group-by=group
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bench_utils import DEVICE, KERNELS, dtype_name, on_backend, report_bandwidth, synced
+
+from pyminigpt import ops
+from pyminigpt.ops.native import LINEAR_MAX_ROWS
+
+pytestmark = [
+    pytest.mark.skipif(DEVICE != "cpu", reason="linear has only a CPU kernel"),
+    pytest.mark.parametrize("rows", [1, 8]),
+    pytest.mark.parametrize("k, n", [(768, 50257), (768, 3072)], ids=["lm_head", "mlp"]),
+    pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name),
+    pytest.mark.parametrize("member", ["eager", *KERNELS]),
+]
+
+
+def test_linear(benchmark, copy_bandwidth, rows, k, n, dtype, member):
+    benchmark.group = f"linear {rows}x{k} -> {n} {dtype_name(dtype)}"
+    x = torch.randn(rows, k).to(dtype)
+    weight = (torch.randn(n, k) / k**0.5).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    if member != "eager" and rows > LINEAR_MAX_ROWS[dtype]:
+        pytest.skip(f"{rows} {dtype_name(dtype)} rows run on torch's matmul, not on the {member} kernel")
+    fn = F.linear if member == "eager" else on_backend(member, ops.linear)
+    with torch.no_grad():
+        benchmark(synced(fn, x, weight, bias))
+    report_bandwidth(benchmark, weight.numel() * weight.element_size(), copy_bandwidth)
