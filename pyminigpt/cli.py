@@ -679,8 +679,8 @@ def cmd_demo(args) -> int:
     config = GPTConfig(
         vocab_size=tokenizer.vocab_size,
         n_positions=context,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
         attn_pdrop=0.0,
         bos_token_id=tokenizer.sos_id,
         eos_token_id=tokenizer.eos_id,
