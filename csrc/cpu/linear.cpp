@@ -14,11 +14,12 @@
 //     reduce each accumulator across its lanes, add the bias
 //
 // Memory traffic: N * K weights read once (4 bytes fp32, 2 bytes bf16), M * (K + N) for x
-// and y. bf16 weights halve the bytes, which is the point of running a model in bf16 on a
-// CPU without bf16 arithmetic (no AVX512_BF16 / AMX): the arithmetic stays fp32 here.
-// Storage of x, W, b and y: all float, or all bfloat16. Inputs with more rows than
-// kLinearMaxRows (kLinearMaxRowsBFloat16 for bf16) go to ATen's GEMM, which reuses each
-// weight across the rows.
+// and y. bf16 weights halve the bytes; the arithmetic stays fp32 (widening bf16 is a shift),
+// so no AVX512_BF16 / AMX is needed. Storage of x, W, b and y: all float, or all bfloat16.
+// Inputs with more rows than kLinearMaxRows (kLinearMaxRowsBFloat16 for bf16) go to ATen's
+// GEMM, which reuses each weight across the rows; with bf16 it is oneDNN, which uses the
+// CPU's bf16 dot products where it has them (the benchmark machine does) and so wins as soon
+// as the rows make the work compute-bound.
 #include "kernels.h"
 #include "vec_utils.h"
 
