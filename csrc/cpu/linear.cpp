@@ -69,7 +69,12 @@ void linear_block(const float* xf, const scalar_t* w, const scalar_t* bias, scal
   for (int64_t k = 0; k < K; k += 2 * W) {
     const int64_t count = std::min<int64_t>(2 * W, K - k);
     fVec w_low[R], w_high[R];
-    for (int r = 0; r < R; ++r) load_weights(w + (n + r) * K + k, count, w_low[r], w_high[r]);
+    for (int r = 0; r < R; ++r) {
+      load_weights(w + (n + r) * K + k, count, w_low[r], w_high[r]);
+      // the same chunk of the next block's rows: rows of 1.5-3 KiB are too short a stream for
+      // the hardware prefetcher to ramp up (bf16 1 x 768 -> 50257: 4.1 -> 3.5-3.7 ms)
+      __builtin_prefetch(w + std::min<int64_t>(n + R + r, N - 1) * K + k);
+    }
     for (int m = 0; m < M; ++m) {  // x rows come from L1, one at a time
       const fVec x_low = load_float(xf + m * K + k, std::min<int64_t>(W, count));
       const fVec x_high = count > W ? load_float(xf + m * K + k + W, count - W) : fVec(0.f);
