@@ -71,7 +71,8 @@ def _supports(op: str, device_type: str):
             not torch.is_autocast_enabled(device_type)
             and _runs_on(device_type, _FLOATS, x)
             and weight.dtype == x.dtype
-            and (bias is None or bias.dtype == x.dtype)
+            and weight.device == x.device
+            and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
         )
     if op in ("top_k_top_p_filter", "sample"):
         return lambda logits, *rest: _runs_on(device_type, _LOGITS, logits)
