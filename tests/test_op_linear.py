@@ -2,7 +2,7 @@
 
 Against F.linear in float64, with the FlashAttention rule (the kernel's error at most 2x
 that of torch's matmul in the same precision, plus a small atol): 1 to 8 rows run on the
-kernel, more on ATen's GEMM; awkward widths (K not a multiple of the vector, N = 1),
+kernel, more on ATen's GEMM; awkward widths (K not a multiple of the vector, K = 0, N = 1),
 bf16, leading dims, non-contiguous inputs, gradients, opcheck, a bf16 model's logits.
 Only the `cpu` backend has this kernel (no Triton or CUDA form).
 """
@@ -35,7 +35,7 @@ def _check(got, x, weight, bias):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
-@pytest.mark.parametrize("k, n", [(768, 2304), (80, 7), (33, 1), (769, 50)])
+@pytest.mark.parametrize("k, n", [(768, 2304), (80, 7), (33, 1), (769, 50), (0, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_float64(rows, k, n, dtype):
     x, weight, bias = _inputs(rows, k, n, dtype)
@@ -71,6 +71,11 @@ def test_gradients_match_torch():
     want = torch.autograd.grad(F.linear(x, weight, bias), (x, weight, bias), grad_y)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_kernel_takes_an_empty_inner_dim():
+    x, weight, bias = torch.randn(3, 0), torch.randn(5, 0), torch.randn(5)
+    torch.testing.assert_close(torch.ops.pyminigpt.linear(x, weight, bias), bias.expand(3, 5))
 
 
 def test_opcheck():

@@ -146,7 +146,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   // (mostly above 1) at 1 or 2 rows, 0.75-1.3x at 4 and 0.4-0.8x at 8, where the FMAs, not
   // the bytes, limit it.
   const int64_t max_rows = x.scalar_type() == at::kBFloat16 ? kLinearMaxRowsBFloat16 : kLinearMaxRows;
-  if (M == 0 || M > max_rows) return at::linear(x, weight, bias);
+  if (M == 0 || M > max_rows || K == 0) return at::linear(x, weight, bias);
   at::Tensor y = at::empty({M, N}, x.options());
   if (N == 0) return y;
   const at::Tensor xf = x.to(at::kFloat).contiguous();  // M * K floats: a few KiB, kept in L1

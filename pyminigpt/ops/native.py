@@ -51,7 +51,8 @@ def causal_attention(q, k, v, scale):
 
 def linear(x, weight, bias):
     shape = x.shape
-    if x.numel() > LINEAR_MAX_ROWS[x.dtype] * shape[-1]:  # the kernel would call torch's GEMM, after an op's overhead
+    # more rows: the kernel would call torch's GEMM itself, after a custom op's overhead
+    if x.numel() == 0 or x.numel() > LINEAR_MAX_ROWS[x.dtype] * shape[-1]:
         return torch.nn.functional.linear(x, weight, bias)
     return ops.linear(x.reshape(-1, shape[-1]), weight, bias).view(*shape[:-1], weight.shape[0])
 
