@@ -4,9 +4,10 @@
 
 Parameter names and shapes follow transformers' `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, ...)
 except that the projections are `nn.Linear` (HF stores them transposed, as `Conv1D`); `pyminigpt.hf`
-converts. Layer norm, causal attention and the projections (`ops.linear`) go through `pyminigpt.ops`, so the kernels of the active
-backend run them; attention falls back to plain PyTorch only where the kernel's contract does not
-reach: padding in `attention_mask`, attention dropout while training, or `output_attentions=True`.
+converts. Layer norm, causal attention and the projections (`ops.linear`) go through `pyminigpt.ops`,
+so the kernels of the active backend run them; attention falls back to plain PyTorch only where the
+kernel's contract does not reach: padding in `attention_mask`, attention dropout while training, or
+`output_attentions=True`.
 """
 
 from __future__ import annotations
