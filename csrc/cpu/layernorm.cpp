@@ -39,8 +39,6 @@ constexpr int64_t kGradientBlocks = 32;
 // Rows per parallel task: enough elements (~32k) to amortise the task overhead.
 int64_t rows_per_task(int64_t row_width) { return std::max<int64_t>(1, 32768 / row_width); }
 
-float sum_lanes(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
-
 // The first n lanes of v, the rest zero.
 fVec first_lanes(const fVec& v, int64_t n) { return n == W ? v : fVec::set(fVec(0.f), v, n); }
 
@@ -53,7 +51,7 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, scal
       scalar_t* yr = y + r * C;
       fVec sum(0.f);
       for (int64_t i = 0; i < C; i += W) sum += load_float(xr + i, std::min(W, C - i));  // missing lanes are 0
-      const float mu = sum_lanes(sum) / C;
+      const float mu = reduce_sum(sum) / C;
       const fVec vmu(mu);
       fVec sum_sq(0.f);
       for (int64_t i = 0; i < C; i += W) {
@@ -61,7 +59,7 @@ void layer_norm_fwd_rows(const scalar_t* x, const float* w, const float* b, scal
         const fVec d = first_lanes(load_float(xr + i, n) - vmu, n);
         sum_sq = at::vec::fmadd(d, d, sum_sq);
       }
-      const float rs = 1.f / std::sqrt(sum_lanes(sum_sq) / C + eps);
+      const float rs = 1.f / std::sqrt(reduce_sum(sum_sq) / C + eps);
       mean[r] = mu;
       rstd[r] = rs;
       const fVec vrs(rs);
@@ -98,7 +96,7 @@ void layer_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const float* w, 
           at::vec::fmadd(d, xhat, fVec::loadu(dw + i, n)).store(dw + i, n);
           (d + fVec::loadu(db + i, n)).store(db + i, n);
         }
-        const fVec mean_g(sum_lanes(sum_g) / C), mean_g_xhat(sum_lanes(sum_g_xhat) / C);
+        const fVec mean_g(reduce_sum(sum_g) / C), mean_g_xhat(reduce_sum(sum_g_xhat) / C);
         scalar_t* dxr = dx + r * C;
         for (int64_t i = 0; i < C; i += W) {
           const int64_t n = std::min(W, C - i);

@@ -94,7 +94,7 @@ void linear_block(const float* xf, const scalar_t* w, const scalar_t* bias, scal
   for (int r = 0; r < R; ++r) {
     const float b = bias == nullptr ? 0.f : static_cast<float>(bias[n + r]);
     for (int m = 0; m < M; ++m) {
-      y[m * N + n + r] = static_cast<scalar_t>(at::vec::vec_reduce_all<float>(std::plus<fVec>(), acc[r][m]) + b);
+      y[m * N + n + r] = static_cast<scalar_t>(reduce_sum(acc[r][m]) + b);
     }
   }
 }

@@ -121,7 +121,7 @@ float row_max(const float* x, int64_t n) {
     const fVec v = fVec::loadu(x + i);
     lanes = at::vec::maximum(lanes, fVec::blendv(fVec(kNegInf), v, v == v));
   }
-  float m = at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, lanes);
+  float m = reduce_max(lanes);
   for (; i < n; ++i) m = std::max(m, x[i]);  // std::max(m, NaN) keeps m
   return m;
 }
@@ -341,7 +341,7 @@ int64_t draw_from_row(const float* x, int64_t n, const Threshold& t, float max, 
     fVec m = fVec::blendv(zero, ((v - vmax) * vinv_t).exp(), kept_lanes(v, i, t));
     if (lanes < W) m = fVec::set(zero, m, lanes);
     m.store(ws.mass.data() + i);
-    ws.block_mass[g] = at::vec::vec_reduce_all<float>(std::plus<fVec>(), m);
+    ws.block_mass[g] = reduce_sum(m);
     total += ws.block_mass[g];
   }
   const double target = u * total;

@@ -51,7 +51,7 @@ float block_max(const scalar_t* x, int64_t n) {
   fVec lanes(LOWEST);
   int64_t i = 0;
   for (; i + W <= n; i += W) lanes = at::vec::maximum(lanes, load_float(x + i));
-  float m = at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, lanes);
+  float m = reduce_max(lanes);
   for (; i < n; ++i) m = std::max(m, static_cast<float>(x[i]));
   return m;
 }
@@ -67,7 +67,7 @@ float exp_and_sum(const scalar_t* x, float* e, int64_t n, float m, float inv_t) 
     v.store(e + i, count);
     lanes = lanes + v;
   }
-  return at::vec::vec_reduce_all<float>(std::plus<fVec>(), lanes);
+  return reduce_sum(lanes);
 }
 
 template <typename scalar_t>
@@ -119,7 +119,7 @@ void softmax_bwd_rows(const scalar_t* y, const scalar_t* dy, scalar_t* dx, int64
         const int64_t n = std::min(W, C - i);  // missing lanes load as 0 and add nothing
         acc = at::vec::fmadd(load_float(yr + i, n), load_float(dyr + i, n), acc);
       }
-      const fVec vdot(at::vec::vec_reduce_all<float>(std::plus<fVec>(), acc)), vinv_t(inv_t);
+      const fVec vdot(reduce_sum(acc)), vinv_t(inv_t);
       for (int64_t i = 0; i < C; i += W) {
         const int64_t n = std::min(W, C - i);
         store_float(load_float(yr + i, n) * (load_float(dyr + i, n) - vdot) * vinv_t, dxr + i, n);

@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <functional>
 #include <type_traits>
 
 // Runs the lambda with scalar_t = float or c10::BFloat16, the storage types the CPU kernels take.
@@ -48,5 +49,11 @@ inline void store_float(const fVec& v, scalar_t* p, int64_t count = fVec::size()
     at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
   }
 }
+
+// The largest (the sum) of v's lanes.
+inline float reduce_max(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+inline float reduce_sum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
 
 }  // namespace pyminigpt::cpu::CPU_CAPABILITY
