@@ -11,13 +11,6 @@
 #include <optional>
 #include <tuple>
 
-namespace pyminigpt::cpu {
-// linear.cpp streams the weights itself for x with 1 to kLinearMaxRows rows (decoding), bf16
-// x with up to kLinearMaxRowsBFloat16; more go to ATen's GEMM.
-constexpr int kLinearMaxRows = 8;
-constexpr int kLinearMaxRowsBFloat16 = 2;
-}  // namespace pyminigpt::cpu
-
 #define PYMINIGPT_DECLARE_CPU_KERNELS(CAPABILITY)                                                          \
   namespace pyminigpt::cpu::CAPABILITY {                                                                   \
   /* softmax.cpp */                                                                                        \

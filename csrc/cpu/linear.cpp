@@ -16,10 +16,9 @@
 // Memory traffic: N * K weights read once (4 bytes fp32, 2 bytes bf16), M * (K + N) for x
 // and y. bf16 weights halve the bytes; the arithmetic stays fp32 (widening bf16 is a shift),
 // so no AVX512_BF16 / AMX is needed. Storage of x, W, b and y: all float, or all bfloat16.
-// Inputs with more rows than kLinearMaxRows (kLinearMaxRowsBFloat16 for bf16) go to ATen's
-// GEMM, which reuses each weight across the rows; with bf16 it is oneDNN, which uses the
-// CPU's bf16 dot products where it has them (the benchmark machine does) and so wins as soon
-// as the rows make the work compute-bound.
+// Inputs with more rows than kLinearMaxRows go to ATen's GEMM, which reuses each weight across
+// the rows. Which row counts are worth sending here is the caller's choice
+// (pyminigpt/ops/native.py: fewer for bf16, where oneDNN uses the CPU's bf16 dot products).
 #include "kernels.h"
 #include "vec_utils.h"
 
@@ -39,6 +38,7 @@ namespace pyminigpt::cpu::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t W = fVec::size();
+constexpr int kLinearMaxRows = 8;  // the most rows of x the kernel is compiled for
 // Vector registers: 32 with AVX-512, 16 with AVX2.
 constexpr int kVectorRegisters = W >= 16 ? 32 : 16;
 // Weight rows per block for M rows of x, at most 4: a block holds R x M accumulators, the R
@@ -140,13 +140,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
                 "linear: bias must be a ", x.scalar_type(), " CPU tensor of shape (", N, ",), got ",
                 bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
   }
-  // More rows reuse each weight often enough for ATen's blocked GEMM (MKL / oneDNN) to win.
-  // Measured (2 cores, AVX-512, 768 -> 50257 and 768 -> 3072, four sweeps on a shared machine):
-  // fp32, this kernel is 1.4-4.0x MKL at 1 to 4 rows and 1.1-2.0x at 8; bf16, 0.8-2.3x oneDNN
-  // (mostly above 1) at 1 or 2 rows, 0.75-1.3x at 4 and 0.4-0.8x at 8, where the FMAs, not
-  // the bytes, limit it.
-  const int64_t max_rows = x.scalar_type() == at::kBFloat16 ? kLinearMaxRowsBFloat16 : kLinearMaxRows;
-  if (M == 0 || M > max_rows || K == 0) return at::linear(x, weight, bias);
+  if (M == 0 || M > kLinearMaxRows || K == 0) return at::linear(x, weight, bias);
   at::Tensor y = at::empty({M, N}, x.options());
   if (N == 0) return y;
   const at::Tensor xf = x.to(at::kFloat).contiguous();  // M * K floats: a few KiB, kept in L1

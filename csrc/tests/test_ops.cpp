@@ -222,7 +222,7 @@ void test_causal_attention_bwd() {
 
 void test_linear() {
   const auto linear = op<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&)>("linear");
-  // rows 1 to 8 run on the kernel (bf16 up to 2), more on ATen's GEMM; K = 769 leaves a partial vector
+  // rows 1 to 8 run on the kernel, more on ATen's GEMM; K = 769 leaves a partial vector
   for (const int64_t rows : {1, 2, 3, 8, 9}) {
     const Tensor x = at::randn({rows, 769}), w = at::randn({50, 769}) / 28, b = at::randn({50});
     check_close(linear.call(x, w, b), at::linear(x, w, b), "linear y (" + std::to_string(rows) + " rows)");
