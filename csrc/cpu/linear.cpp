@@ -41,9 +41,15 @@ constexpr int64_t W = fVec::size();
 constexpr int kLinearMaxRows = 8;  // the most rows of x the kernel is compiled for
 // Vector registers: 32 with AVX-512, 16 with AVX2.
 constexpr int kVectorRegisters = W >= 16 ? 32 : 16;
-// Weight rows per block for M rows of x, at most 4: a block holds R x M accumulators, the R
-// rows' weights (2 vectors each), one row of x (2 vectors) and a few temporaries in registers.
-constexpr int rows_per_block(int M) { return std::clamp((kVectorRegisters - 4) / (M + 2), 1, 4); }
+// Weight rows per block for M rows of x.
+// - Up to 4 rows of x: one weight row at a time. W is then read as one sequential stream, which
+//   the hardware prefetcher follows at full speed; R interleaved rows are R short streams of
+//   1.5-3 KiB that it does not (x86 microbenchmark, 768 -> 150771: 1 row of x, one thread, fp32
+//   15.6 -> 23.8 GB/s, bf16 10.6 -> 19.4 GB/s; 4 rows, two threads, fp32 21 -> 28 GB/s).
+// - More rows: each weight is used M times, the arithmetic shows, and blocks of R rows reuse each
+//   chunk of x from registers. At most 4: a block holds R x M accumulators, the R rows' weights
+//   (2 vectors each), one row of x (2 vectors) and a few temporaries in registers.
+constexpr int rows_per_block(int M) { return M <= 4 ? 1 : std::clamp((kVectorRegisters - 4) / (M + 2), 1, 4); }
 
 // The k-th chunk of 2W weights of row w as two fp32 vectors; lanes past `count` are 0.
 template <typename scalar_t>
@@ -67,9 +73,11 @@ C10_ALWAYS_INLINE void accumulate_chunk(fVec (&acc)[R][M], const float* xf, cons
   fVec w_low[R], w_high[R];
   for (int r = 0; r < R; ++r) {
     load_weights(w + (n + r) * K + k, count, w_low[r], w_high[r]);
-    // the same chunk of the next block's rows: rows of 1.5-3 KiB are too short a stream for
-    // the hardware prefetcher to ramp up (bf16 1 x 768 -> 50257: 4.1 -> 3.5-3.7 ms)
-    __builtin_prefetch(w + std::min<int64_t>(n + R + r, N - 1) * K + k);
+    if constexpr (R > 1) {
+      // the same chunk of the next block's rows: R interleaved rows are too short streams for
+      // the hardware prefetcher (one sequential stream, R = 1, needs no help; there this costs)
+      __builtin_prefetch(w + std::min<int64_t>(n + R + r, N - 1) * K + k);
+    }
   }
   for (int m = 0; m < M; ++m) {  // x rows come from L1, one at a time
     const fVec x_low = load_float(xf + m * K + k, std::min<int64_t>(W, count));
