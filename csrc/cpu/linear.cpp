@@ -18,7 +18,7 @@
 // so no AVX512_BF16 / AMX is needed. Storage of x, W, b and y: all float, or all bfloat16.
 // Inputs with more rows than kLinearMaxRows go to ATen's GEMM, which reuses each weight across
 // the rows. Which row counts are worth sending here is the caller's choice
-// (pyminigpt/ops/native.py: fewer for bf16, where oneDNN uses the CPU's bf16 dot products).
+// (pyminigpt/ops/native.py, LINEAR_MAX_ROWS, with its measurements).
 #include "kernels.h"
 #include "vec_utils.h"
 

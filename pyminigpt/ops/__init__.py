@@ -118,7 +118,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """y = x weight^T + bias for x (..., K), weight (N, K), bias (N,) or None: nn.Linear's op.
 
     A decoding step multiplies a few rows by every weight matrix, which is bound by reading
-    the weights. On the CPU, up to 8 fp32 rows (2 bf16 rows) run on a kernel that streams
+    the weights. On the CPU, up to 8 rows (fp32 or bf16) run on a kernel that streams
     each weight once (csrc/cpu/linear.cpp); more rows, other devices and the reference
     backend use torch's matmul.
     """

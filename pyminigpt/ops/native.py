@@ -18,12 +18,14 @@ _FLOATS = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch
 _LOGITS = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
-# The most rows of x sent to csrc/cpu/linear.cpp (compiled for up to 8); more reuse each weight
-# often enough for ATen's blocked GEMM to win. Measured (2 cores, AVX-512 with avx512_bf16,
-# 768 -> 50257 and 768 -> 3072, four sweeps on a shared machine): fp32, the kernel is 1.4-4.0x
-# MKL at 1 to 4 rows and 1.1-2.0x at 8; bf16, 0.8-2.3x oneDNN (mostly above 1) at 1 or 2 rows,
-# 0.75-1.3x at 4 and 0.4-0.8x at 8, where oneDNN's bf16 dot products win the compute-bound work.
-LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
+# The most rows of x sent to csrc/cpu/linear.cpp (all it is compiled for); more reuse each weight
+# often enough for ATen's blocked GEMM to win. Measured with bench/linear_rows.py (2 cores, AVX-512
+# with avx512_bf16, kernel against torch's matmul, members interleaved, two sweeps): from memory
+# (768 -> 50257, as every weight is read when decoding) the kernel is 2.4-7.5x MKL for 1 to 8
+# fp32 rows and 1.1-2.3x oneDNN for 1 to 8 bf16 rows; from the L3 cache (768 -> 3072) 2.2-4.8x
+# fp32, and bf16 1.2-2.5x up to 4 rows but 0.77-1.07x at 6-8. Batch-8 bf16 decoding, which reads
+# its weights from memory, went from 250 to 301 tokens/s when its 8 rows came here.
+LINEAR_MAX_ROWS = 8
 
 
 def _runs_on(device_type: str, dtypes: dict, x: torch.Tensor) -> bool:
@@ -56,7 +58,7 @@ def causal_attention(q, k, v, scale):
 def linear(x, weight, bias):
     shape = x.shape
     # more rows: the kernel would call torch's GEMM itself, after a custom op's overhead
-    if x.numel() == 0 or x.numel() > LINEAR_MAX_ROWS[x.dtype] * shape[-1]:
+    if x.numel() == 0 or x.numel() > LINEAR_MAX_ROWS * shape[-1]:
         return torch.nn.functional.linear(x, weight, bias)
     return ops.linear(x.reshape(-1, shape[-1]), weight, bias).view(*shape[:-1], weight.shape[0])
 
