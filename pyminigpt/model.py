@@ -408,9 +408,10 @@ class GPT(nn.Module):
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+            # Position t predicts labels[t + 1]. Shift the labels, not the logits (as transformers does):
+            # logits[:, :-1] would copy the (B, T, V) logits, and its backward zero-fill and copy them again.
+            targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)  # the last position predicts nothing
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return GPTOutput(
             logits=logits,
             loss=loss,
