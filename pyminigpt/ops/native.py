@@ -23,7 +23,7 @@ _LOGITS = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch
 # with avx512_bf16, kernel against torch's matmul, members interleaved, two sweeps): from memory
 # (768 -> 50257, as every weight is read when decoding) the kernel is 2.4-7.5x MKL for 1 to 8
 # fp32 rows and 1.1-2.3x oneDNN for 1 to 8 bf16 rows; from the L3 cache (768 -> 3072) 2.2-4.8x
-# fp32, and bf16 1.2-2.5x up to 4 rows but 0.77-1.07x at 6-8. Batch-8 bf16 decoding, which reads
+# fp32, and bf16 1.2-2.5x up to 4 rows but 0.77-1.18x at 6-8. Batch-8 bf16 decoding, which reads
 # its weights from memory, went from 250 to 301 tokens/s when its 8 rows came here.
 LINEAR_MAX_ROWS = 8
 
