@@ -90,7 +90,6 @@ constexpr int64_t kDecodeMinKeysPerTask = 256;  // splitting the keys below this
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-
 // C[ROWS x VECS*W] (+)= A[ROWS x depth] B[depth x VECS*W], the accumulators in registers.
 // A(i, p) is a[i * a_row + p * a_col]; B and C are row-major with leading dims ldb, ldc.
 template <int ROWS, int VECS, bool ACCUMULATE>

@@ -29,7 +29,6 @@
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
-#include <functional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
