@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from bench_utils import DEVICE, KERNELS, dtype_name, on_backend, report_bandwidth, synced
 
 from pyminigpt import ops
-from pyminigpt.ops.native import LINEAR_MAX_ROWS
 
 pytestmark = [
     pytest.mark.skipif(DEVICE != "cpu", reason="linear has only a CPU kernel"),
-    pytest.mark.parametrize("rows", [1, 8]),
+    pytest.mark.parametrize("rows", [1, 8]),  # both within native.LINEAR_MAX_ROWS: they run on the kernel
     pytest.mark.parametrize("k, n", [(768, 50257), (768, 3072)], ids=["lm_head", "mlp"]),
     pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name),
     pytest.mark.parametrize("member", ["eager", *KERNELS]),
@@ -32,8 +31,6 @@ def test_linear(benchmark, copy_bandwidth, rows, k, n, dtype, member):
     x = torch.randn(rows, k).to(dtype)
     weight = (torch.randn(n, k) / k**0.5).to(dtype)
     bias = torch.randn(n).to(dtype)
-    if member != "eager" and rows > LINEAR_MAX_ROWS:
-        pytest.skip(f"{rows} rows run on torch's matmul, not on the {member} kernel")
     fn = F.linear if member == "eager" else on_backend(member, ops.linear)
     with torch.no_grad():
         benchmark(synced(fn, x, weight, bias))
