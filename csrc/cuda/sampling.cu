@@ -49,6 +49,11 @@ __device__ __forceinline__ uint32_t ordered_key(float x) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
+// The float a key stands for (the inverse of ordered_key on non-NaN values).
+__device__ __forceinline__ float key_to_float(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
 __device__ __forceinline__ float nan_to_neg_inf(float x) { return x != x ? -INFINITY : x; }
 
 // Calls visit(index, value) for every element of the row, value converted to fp32.
@@ -79,7 +84,6 @@ struct Scratch {
   int above_count;   // keys in play above the chosen bin (all passes so far)
   float above_mass;  // their mass (mass selections)
   int bin_count;     // keys in the chosen bin
-  float bin_mass;
   float target;  // a relative target, scaled by the first pass's total mass
   float reduce[kWarps];
 };
@@ -89,7 +93,6 @@ struct Selection {
   int above_count;    // keys in play strictly above it
   float above_mass;   // their mass (mass selections only)
   int tie_count;      // keys in play equal to it
-  float tie_mass;     // their mass (mass selections only)
   float target;       // the target, scaled to absolute mass when it was relative
 };
 
@@ -158,11 +161,10 @@ __device__ void choose_bin(Scratch& s, Weight<kMass> target, bool relative, Weig
     s.bin = static_cast<uint32_t>(top - j);
     s.above_count = found_lanes ? found_c : last_c;
     s.above_mass = static_cast<float>(found_lanes ? found_w : last_w);
-    s.bin_count = c[j];
-    // Unrolled select: c and w stay in registers (a run-time index would spill them).
+    // Unrolled select: c stays in registers (a run-time index would put it in local memory).
 #pragma unroll
     for (int k = 0; k < 8; ++k)
-      if (k == j) s.bin_mass = static_cast<float>(w[k]);
+      if (k == j) s.bin_count = c[k];
     s.target = static_cast<float>(target);
   }
 }
@@ -213,9 +215,11 @@ __device__ Selection radix_select(const T* row, int64_t vocab, int first_shift, 
     if constexpr (kMass) {
       above_w = s.above_mass;
       target = s.target;
+    } else {
+      above_w = above_c;  // by count, the weight above the prefix is its count
     }
   }
-  Selection sel{prefix, above_c, static_cast<float>(above_w), s.bin_count, s.bin_mass, static_cast<float>(target)};
+  Selection sel{prefix, above_c, static_cast<float>(above_w), s.bin_count, static_cast<float>(target)};
   __syncthreads();  // the next selection overwrites the scratch
   return sel;
 }
@@ -286,8 +290,10 @@ __device__ Cut find_cut(const T* row, int64_t vocab, int top_k, float top_p, int
         return key >= floor;
       },
       s);
-  // Ties of the selected key kept: the fewest whose mass reaches the target.
-  const float tie_each = sel.tie_mass / static_cast<float>(sel.tie_count);
+  // Ties of the selected key kept: the fewest whose mass reaches the target. One tie's
+  // mass is computed exactly as the histogram computed it, not as the atomically summed
+  // mass of the run divided by its count, which can be off by a rounding.
+  const float tie_each = expf((key_to_float(sel.key) - row_max) * inv_temperature);
   int keep = sel.tie_count;
   if (tie_each > 0.f) {
     const float needed = ceilf((sel.target - sel.above_mass) / tie_each);
