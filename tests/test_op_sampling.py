@@ -129,6 +129,14 @@ def test_filter_bf16(backend):
     _assert_same_kept(got.cpu().float(), expected, logits.cpu().float(), ambiguous)
 
 
+def test_filter_top_k_below_a_larger_logit_with_other_leading_bits(backend):
+    """1.0, 1.25 and 1.5 share their leading bits and 100 does not: the 2nd largest is 1.5.
+    (A radix selection that forgot the keys above its prefix after the first digit kept 1.25.)"""
+    logits = torch.tensor([[100.0, 1.0, 1.5, 1.25]], device=backend)
+    got = ops.top_k_top_p_filter(logits, 2, 1.0)
+    assert (got.cpu() > float("-inf")).tolist() == [[True, False, True, False]]
+
+
 def test_filter_row_without_finite_logit(backend):
     logits = _logits(4, 80, backend)
     logits[1] = float("-inf")
@@ -238,9 +246,12 @@ def test_sample_frequencies_follow_the_filtered_distribution(backend):
     assert chi2 < dof + 6 * math.sqrt(2 * dof), f"chi2 {chi2:.1f} for {dof} degrees of freedom"
 
 
-def test_opcheck(native_device):
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_opcheck(native_device, transposed):
+    """Fake tensors must match the kernels, strides included (a transposed input gives a
+    row-major output)."""
     device = native_device
-    logits = _logits(4, 80, device)
+    logits = _logits(80, 4, device).t() if transposed else _logits(4, 80, device)
     uniform = torch.rand(4, device=device)
     torch.library.opcheck(torch.ops.pyminigpt.top_k_top_p_filter, (logits, 10, 0.9, 1))
     torch.library.opcheck(torch.ops.pyminigpt.sample, (logits, 0.8, 10, 0.9, uniform))
