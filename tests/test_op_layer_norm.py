@@ -98,14 +98,19 @@ def test_gradients_bf16(backend, shape, weight_dtype):
         assert max_error(got, want) <= 3 * max_error(ref_low, want) + 1e-3 * scale, name
 
 
-def test_opcheck(native_device):
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_opcheck(native_device, transposed):
+    """Fake tensors must match the kernels, strides included (a transposed input gives a
+    row-major output)."""
     device = native_device
     x, weight, bias = _inputs((5, 80), torch.float32, device)
+    if transposed:
+        x = x.t().contiguous().t()  # (5, 80) with strides (1, 5)
     torch.library.opcheck(torch.ops.pyminigpt.layer_norm_fwd, (x, weight, bias, 1e-5))
     x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
     torch.library.opcheck(torch.ops.pyminigpt.layer_norm_fwd, (x, weight, bias, 1e-5))
     _, mean, rstd = torch.ops.pyminigpt.layer_norm_fwd(x.detach(), weight.detach(), bias.detach(), 1e-5)
-    grad_y = torch.randn(5, 80, device=device)
+    grad_y = torch.randn(80, 5, device=device).t() if transposed else torch.randn(5, 80, device=device)
     torch.library.opcheck(torch.ops.pyminigpt.layer_norm_bwd, (grad_y, x.detach(), weight.detach(), mean, rstd))
 
 

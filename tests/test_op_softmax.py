@@ -97,12 +97,20 @@ def test_gradient_low_precision(backend, shape):
         assert_low_precision_close(dx, _reference_f64(x, 0.8, grad_y), dx_low, factor=3.0, atol=1e-3)
 
 
-def test_opcheck(native_device):
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_opcheck(native_device, transposed):
+    """Fake tensors must match the kernels, strides included (a transposed input gives a
+    row-major output)."""
     x = _inputs((5, 37), torch.float32, native_device)
+    if transposed:
+        x = x.t().contiguous().t()  # (5, 37) with strides (1, 5)
     torch.library.opcheck(torch.ops.pyminigpt.softmax_fwd, (x, 0.7))
     torch.library.opcheck(torch.ops.pyminigpt.softmax_fwd, (x.clone().requires_grad_(), 0.7))
     y = torch.ops.pyminigpt.softmax_fwd(x, 0.7)
-    torch.library.opcheck(torch.ops.pyminigpt.softmax_bwd, (y, torch.randn_like(y), 0.7))
+    grad_y = torch.randn_like(y)
+    if transposed:
+        y, grad_y = y.t().contiguous().t(), grad_y.t().contiguous().t()
+    torch.library.opcheck(torch.ops.pyminigpt.softmax_bwd, (y, grad_y, 0.7))
 
 
 def test_composes_with_torch_compile(native_device):

@@ -17,6 +17,12 @@ from . import autograd
 ops = torch.ops.pyminigpt
 
 
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh row-major tensor of t's shape: the kernels make their inputs contiguous, so
+    their outputs are contiguous even for a transposed input (empty_like would copy its strides)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether the extension registered a kernel for pyminigpt::op_name on this dispatch key."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyminigpt::{op_name}", dispatch_key)
@@ -27,12 +33,12 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
 
 @torch.library.register_fake("pyminigpt::softmax_fwd")
 def _(x, temperature):
-    return torch.empty_like(x)
+    return _dense_like(x)
 
 
 @torch.library.register_fake("pyminigpt::softmax_bwd")
 def _(y, grad_y, temperature):
-    return torch.empty_like(y)
+    return _dense_like(y)
 
 
 # ---- layer norm -----------------------------------------------------------------------
@@ -42,12 +48,12 @@ def _(y, grad_y, temperature):
 def _(x, weight, bias, eps):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     stats = x.new_empty((rows,), dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return _dense_like(x), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("pyminigpt::layer_norm_bwd")
 def _(grad_y, x, weight, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return _dense_like(x), _dense_like(weight), _dense_like(weight)
 
 
 # ---- top-k / top-p filter and sampling (not differentiable) ----------------------------
@@ -55,7 +61,7 @@ def _(grad_y, x, weight, mean, rstd):
 
 @torch.library.register_fake("pyminigpt::top_k_top_p_filter")
 def _(logits, top_k, top_p, min_tokens_to_keep):
-    return torch.empty_like(logits)
+    return _dense_like(logits)
 
 
 @torch.library.register_fake("pyminigpt::sample")
@@ -69,16 +75,12 @@ def _(logits, temperature, top_k, top_p, uniform):
 @torch.library.register_fake("pyminigpt::causal_attention_fwd")
 def _(q, k, v, scale):
     b, h, tq, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, tq), dtype=torch.float32)
+    return _dense_like(q), q.new_empty((b, h, tq), dtype=torch.float32)
 
 
 @torch.library.register_fake("pyminigpt::causal_attention_bwd")
 def _(grad_out, q, k, v, out, lse, scale):
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
-    )
+    return _dense_like(q), _dense_like(k), _dense_like(v)
 
 
 # ---- linear (CPU only) ------------------------------------------------------------------
