@@ -101,8 +101,15 @@ RowInput row_input(const at::Tensor& t, const char* name) {
 
 // ---- softmax --------------------------------------------------------------------------
 
+// Checked before the empty-input return, so that an empty x still gets the error.
+void check_softmax_temperature(double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "softmax: temperature must be a finite number > 0, got ",
+              temperature);
+}
+
 at::Tensor softmax_fwd(const at::Tensor& x_in, double temperature) {
   const RowInput x = row_input(x_in, "x");
+  check_softmax_temperature(temperature);
   at::Tensor y = at::empty_like(x.data);
   if (y.numel() == 0) return y;
   const auto t = static_cast<float>(temperature);
@@ -116,6 +123,7 @@ at::Tensor softmax_fwd(const at::Tensor& x_in, double temperature) {
 at::Tensor softmax_bwd(const at::Tensor& y_in, const at::Tensor& grad_y_in, double temperature) {
   const RowInput y = row_input(y_in, "y");
   check_like(grad_y_in, "grad_y", y_in, "y");
+  check_softmax_temperature(temperature);
   const at::Tensor grad_y = dense(grad_y_in);
   at::Tensor grad_x = at::empty_like(y.data);
   if (grad_x.numel() == 0) return grad_x;
@@ -143,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   check_layer_norm_param(weight_in, "weight", x_in);
   check_layer_norm_param(bias_in, "bias", x_in);
   check_same_dtype(bias_in, "bias", weight_in);
+  TORCH_CHECK(eps >= 0, "layer_norm: eps must be >= 0, got ", eps);
   const DType weight_dtype = dtype_of(weight_in, "weight");
   check_supported(kernels::layer_norm_unsupported(x.rows, x.cols, x.dtype, weight_dtype));
   const at::Tensor weight = dense(weight_in);

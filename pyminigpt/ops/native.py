@@ -63,6 +63,10 @@ def linear(x, weight, bias):
     return ops.linear(x.reshape(-1, shape[-1]), weight, bias).view(*shape[:-1], weight.shape[0])
 
 
+# csrc/cuda/attention.cu launches one block per 64 keys along a grid dimension (<= 65535)
+_CUDA_ATTENTION_MAX_KV_LEN = 65535 * 64
+
+
 def _supports(op: str, device_type: str):
     """Which inputs the `device_type` kernel of `op` takes."""
     if op == "layer_norm":
@@ -86,7 +90,11 @@ def _supports(op: str, device_type: str):
     if op == "causal_attention":
         if device_type == "cuda":  # csrc/cuda/attention.cu: fp16/bf16 tensor cores, head dim 64 or 128
             return lambda q, k, v, scale: (
-                q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
+                q.device.type == "cuda"
+                and q.dtype in (torch.float16, torch.bfloat16)
+                and q.shape[-1] in (64, 128)
+                and q.numel() > 0
+                and k.shape[-2] <= _CUDA_ATTENTION_MAX_KV_LEN
             )
         return lambda q, k, v, scale: _runs_on(device_type, _FLOATS, q)
     return lambda x, *rest: _runs_on(device_type, _FLOATS, x)
