@@ -1,7 +1,7 @@
 """Shared pieces of the op benchmarks: the device, the kernel backends measured on it,
 the measured copy bandwidth (the roof of a memory-bound kernel), the inputs and peers
 several files measure, the extra_info each member reports, and the do_bench table of
-the GPU benchmarks (test_bench_cuda_gpu.py, test_bench_triton_gpu.py)."""
+the GPU benchmarks (test_bench_gpu.py)."""
 
 from __future__ import annotations
 
@@ -118,9 +118,11 @@ class KernelTable:
     def measure(self, benchmark, group, member, fn, *, bytes_moved=None, flops=None, peer=None, target=None):
         """Time fn with do_bench and pytest-benchmark; record its rate and fraction of the ceiling.
 
+        member: "kernel" for this table's kernel backend, else the peer's or eager's name.
         target: ("ceiling", fraction) or ("peer", speedup over the peer) for the kernel, or None."""
         from triton.testing import do_bench
 
+        member = self.kernel if member == "kernel" else member
         fn()  # first call: compile, autotune, load modules, allocate
         torch.cuda.synchronize()
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")

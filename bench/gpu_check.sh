@@ -7,7 +7,8 @@
 # Writes into RESULTS_DIR: environment.txt (GPU, driver, versions), build.log,
 # roofline.json (measured copy bandwidth and matmul rates), tests.log + tests.xml (the whole
 # suite, unchanged, on the GPU), bench.log + bench.json (pytest-benchmark, every bench/
-# file) and triton_gpu.md (the Triton kernels against eager and the peers, with targets).
+# file), triton_gpu.md and cuda_gpu.md (each kernel backend against eager and the peers, with
+# the issues' targets; from bench/test_bench_gpu.py).
 # Each stage runs even when an earlier one failed; the exit status is the first failure's.
 set -uo pipefail
 
@@ -58,6 +59,8 @@ case " $STAGES " in *" bench "*)
 esac
 
 [ -f "$results/roofline.log" ] && cat "$results/roofline.log"
-[ -f "$results/triton_gpu.md" ] && cat "$results/triton_gpu.md"
+for table in triton_gpu.md cuda_gpu.md; do
+    [ -f "$results/$table" ] && cat "$results/$table"
+done
 echo "results in $results (exit $status)"
 exit $status
