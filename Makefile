@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-python test-triton compile-cuda test-native bench gpu-check clean
+.PHONY: install demo test test-python test-triton compile-triton compile-cuda test-native bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ demo: install
 
 # The tests import the installed package (not the source tree), which proves the wheel
 # carries everything: the extension, pyminigpt.kernels, the CLI.
-test: install test-python test-triton test-native compile-cuda
+test: install test-python test-triton compile-triton test-native compile-cuda
 
 test-python:
 	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu ../$(BIN)/pytest -q -p no:cacheprovider .
@@ -37,6 +37,12 @@ test-python:
 test-triton:
 	cd tests && TRITON_INTERPRET=1 PYMINIGPT_REQUIRE_BACKENDS=triton ../$(BIN)/pytest -q -p no:cacheprovider \
 		test_op_softmax.py test_op_layer_norm.py test_op_sampling.py test_op_attention.py test_triton_kernels.py
+
+# Every Triton kernel of the installed package compiled for sm_80 and sm_90 through its
+# launcher, down to ptxas (no GPU needed): the interpreter above checks what the kernels
+# compute, this that a GPU's compiler accepts them.
+compile-triton:
+	$(BIN)/python .ci/compile_triton.py
 
 # Every CUDA kernel through nvcc for sm_80 and sm_90 (skipped where there is no nvcc).
 compile-cuda:

@@ -46,11 +46,21 @@ import triton.language as tl
 
 from . import _no_wrap, rounded_to
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# constexpr: a compiled @triton.jit function may read only constexpr globals (the
+# interpreter reads any global, so only a GPU compile would catch a plain float here)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 128
+MAX_BATCH_HEADS = 65535  # batch * heads is grid axis 1 (queries or keys go on axis 0)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# fp32 dots ("ieee") run on CUDA cores, not tensor cores, and hold their tiles in registers:
+# the tensor-core tiles spill kilobytes per thread there. These fit without spilling on
+# sm_90 (.ci/compile_triton.py prints registers and spills): 32 x 32 up to head dim 64
+# (108 registers), 16 x 16 for the 128-wide padded head dims (96; 32 x 32 spills 880 bytes).
+_FP32_TILES = ({"BLOCK_M": 32, "BLOCK_N": 32}, {"BLOCK_M": 16, "BLOCK_N": 16})
 
 
 def _forward_configs():
@@ -62,15 +72,27 @@ def _forward_configs():
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        *(triton.Config(tile, num_warps=4, num_stages=2) for tile in _FP32_TILES),
     ]
+
+
+def _prune_forward_configs(configs, named_args, **kwargs):
+    """The fp32 tile of this head dim alone for fp32 dots, the tensor-core tiles otherwise
+    (no time spent compiling and timing configs that cannot win)."""
+    if len(configs) == 1:  # the interpreter's
+        return configs
+    if kwargs.get("PRECISION") == "ieee":
+        tile = _FP32_TILES[0] if kwargs["BLOCK_D"] <= 64 else _FP32_TILES[1]
+        return [c for c in configs if c.kwargs == tile]
+    return [c for c in configs if c.kwargs not in _FP32_TILES]
 
 
 def _backward_config(dtype: torch.dtype) -> dict:
     """Block sizes of the two backward kernels (dk/dv: M1 x N1, dq: M2 x N2)."""
     if _INTERPRET:
         return {"BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 1}
-    if dtype == torch.float32:  # twice the bytes per tile: smaller tiles to fit shared memory
-        return {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32, "num_warps": 4, "num_stages": 2}
+    if dtype == torch.float32:  # CUDA-core dots: small tiles, no register spills up to head dim 128 on sm_90
+        return {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32, "num_warps": 4, "num_stages": 3}
 
 
@@ -157,7 +179,9 @@ def _scores(
     return s
 
 
-@triton.autotune(configs=_forward_configs(), key=["HEAD_DIM"])
+@triton.autotune(
+    configs=_forward_configs(), key=["HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_forward_configs}
+)
 @triton.jit
 def attention_fwd_kernel(
     q_ptr,
@@ -466,14 +490,19 @@ def attention_bwd_dq_kernel(
 
 
 def supports(q: torch.Tensor) -> bool:
-    """Whether these kernels take q's head dim and dtype."""
-    return 1 <= q.shape[-1] <= MAX_HEAD_DIM and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    """Whether these kernels take q's head dim, dtype and batch * heads."""
+    return (
+        1 <= q.shape[-1] <= MAX_HEAD_DIM
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.shape[0] * q.shape[1] <= MAX_BATCH_HEADS
+    )
 
 
 def _check(q, k, v):
     if not supports(q):
         raise ValueError(
-            f"attention kernels take head dims 1..{MAX_HEAD_DIM} in fp16/bf16/fp32, got q {tuple(q.shape)} {q.dtype}"
+            f"attention kernels take head dims 1..{MAX_HEAD_DIM} in fp16/bf16/fp32 and batch * heads <= "
+            f"{MAX_BATCH_HEADS}, got q {tuple(q.shape)} {q.dtype}"
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
@@ -525,7 +554,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
             scale,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            BLOCK_N=16 if _INTERPRET else 64,
+            BLOCK_N=16 if _INTERPRET else (64 if block_d <= 64 else 32),  # D = 128: 64 keys spill registers
             num_warps=4,
         )
         wrap(attention_decode_combine_kernel)[(batch * heads,)](

@@ -40,7 +40,10 @@ import triton.language as tl
 
 from . import _no_wrap
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # host side: the sample kernel gets log2(e) / temperature
+# constexpr: a compiled @triton.jit function may read only constexpr globals (the
+# interpreter reads any global, so only a GPU compile would catch a plain float here)
+LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -190,7 +193,7 @@ def top_k_top_p_filter_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
-    threshold, ties_skipped, _, _ = _kept_set(row_ptr, n_cols, top_k, top_p, min_tokens_to_keep, LOG2E, BLOCK)
+    threshold, ties_skipped, _, _ = _kept_set(row_ptr, n_cols, top_k, top_p, min_tokens_to_keep, LOG2E_IN_KERNEL, BLOCK)
     ties_before = tl.full([], 0, tl.int32)
     for start in range(0, n_cols, BLOCK):
         x, offs = _load_row_tile(row_ptr, start, n_cols, BLOCK)
@@ -255,6 +258,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float, min_token
     if n_rows == 0:
         return out
     top_k = top_k if top_k < n_cols else 0
+    min_tokens_to_keep = min(min_tokens_to_keep, n_cols)  # more than the row keeps the row (and fits int32)
     _launch_per_row(
         top_k_top_p_filter_kernel,
         logits,

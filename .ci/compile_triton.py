@@ -1,0 +1,176 @@
+"""Compiles every Triton kernel for sm_80 and sm_90 on a machine without a GPU.
+
+CI runs the Triton kernels through the interpreter (TRITON_INTERPRET=1), which checks what
+they compute but not that they compile: the interpreter runs Python code the compiler
+rejects (a global that is not a tl.constexpr, say). Here the real launchers run on small CPU
+tensors with a `wrap` that records each launch instead of running it; every recorded launch,
+with each of its autotune configs, then goes through triton.compile for a CUDA target, down
+to ptxas. Prints one line per kernel and config (registers, stack: spills show there, shared
+memory) and exits non-zero if any compile fails.
+
+    python .ci/compile_triton.py            (must run without TRITON_INTERPRET=1)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_triton.py: unset TRITON_INTERPRET (the launchers would pick the interpreter's configs)")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+try:
+    from pyminigpt.kernels import attention, layernorm, sampling, softmax
+except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
+    from kernels import attention, layernorm, sampling, softmax
+
+ARCHS = (80, 90)
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+class Launch:
+    """One recorded `kernel[grid](*args, **kwargs)`."""
+
+    def __init__(self, kernel, args, kwargs):
+        self.kernel, self.args, self.kwargs = kernel, args, kwargs
+
+
+launches: list[Launch] = []
+
+
+def record(kernel):
+    """A `wrap` for the launchers: kernel[grid](...) records the launch instead of running it."""
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(Launch(kernel, args, kwargs))
+
+    return Recorder()
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def _variants(launch: Launch):
+    """(jit function, constexprs, options) per config the launch can compile to."""
+    kernel, kwargs = launch.kernel, dict(launch.kwargs)
+    configs = [None]
+    if isinstance(kernel, triton.runtime.Autotuner):
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            named = dict(zip(kernel.fn.arg_names, launch.args))
+            configs = kernel.early_config_prune(configs, named, **kwargs)
+        kernel = kernel.fn
+    for config in configs:
+        constexprs = {k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS}
+        options = {k: kwargs[k] for k in _LAUNCH_OPTIONS if k in kwargs}
+        if config is not None:
+            constexprs.update(config.kwargs)
+            options.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        yield kernel, constexprs, options
+
+
+def compile_launch(launch: Launch, arch: int) -> list[str]:
+    """Compiles every variant of launch for sm_<arch>; a report line per variant."""
+    lines = []
+    for fn, constexprs, options in _variants(launch):
+        signature = dict(zip(fn.arg_names, map(_arg_type, launch.args)))
+        signature.update({name: "constexpr" for name in constexprs})
+        shown = {k: v for k, v in constexprs.items() if k.isupper()}
+        label = f"sm_{arch} {fn.__name__} {_signature_dtypes(launch)} {shown} {options}"
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                                  options=options)  # fmt: skip
+        lines.append(f"ok    {label}: {_resource_usage(compiled)}")
+    return lines
+
+
+def _signature_dtypes(launch: Launch) -> str:
+    return "/".join(sorted({_DTYPES[a.dtype] for a in launch.args if isinstance(a, torch.Tensor)}))
+
+
+def _resource_usage(compiled) -> str:
+    """Registers and stack (spills) of the compiled cubin, from the bundled cuobjdump, and the
+    shared memory Triton allocates (dynamic, so cuobjdump does not see it)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        result = subprocess.run([cuobjdump, "-res-usage", cubin.name], check=False, capture_output=True, text=True)
+    usage = [line.split()[:2] for line in result.stdout.splitlines() if line.strip().startswith("REG:")]
+    if not usage:
+        return (result.stdout + result.stderr).strip()[-200:]
+    return f"{' '.join(usage[0])} (bytes: spills) SHARED:{compiled.metadata.shared}"
+
+
+def record_all_launches() -> None:
+    """Every launcher on the shapes that select its distinct code paths (tiles, loops, head dims, dtypes)."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for width in (80, 50257):  # one tile; the looped online softmax
+            x = randn(4, width, dtype=dtype)
+            softmax.softmax_fwd(x, 0.8, wrap=record)
+            softmax.softmax_bwd(x, x, 0.8, wrap=record)
+        for width in (80, 1600, 16384):
+            x = randn(4, width, dtype=dtype)
+            for weight_dtype in {dtype, torch.float32}:
+                w, b = randn(width, dtype=weight_dtype), randn(width, dtype=weight_dtype)
+                _, mean, rstd = layernorm.layer_norm_fwd(x, w, b, 1e-5, wrap=record)
+                layernorm.layer_norm_bwd(x, x, w, mean.float(), rstd.float(), wrap=record)
+        for width in (300, 50257):
+            logits = randn(4, width, dtype=dtype)
+            sampling.top_k_top_p_filter(logits, 50, 0.9, 1, wrap=record)
+            sampling.sample(logits, 0.8, 50, 0.9, torch.rand(4, generator=g), wrap=record)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for head_dim in (16, 64, 80, 128):
+            q, k, v = (randn(1, 2, 64, head_dim, dtype=dtype) for _ in range(3))
+            _, lse = attention.attention_fwd(q, k, v, head_dim**-0.5, wrap=record)
+            attention.attention_bwd(q, q, k, v, q, lse.zero_(), head_dim**-0.5, wrap=record)
+            attention.attention_fwd(q[:, :, :1], k, v, head_dim**-0.5, wrap=record)  # split-K decode
+
+
+def main() -> int:
+    start = time.perf_counter()
+    record_all_launches()
+    seen, failures = set(), 0
+    for arch in ARCHS:
+        for launch in launches:
+            key = (arch, launch.kernel, tuple(map(_arg_type, launch.args)), tuple(sorted(launch.kwargs.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                print("\n".join(compile_launch(launch, arch)), flush=True)
+            except Exception as exc:  # noqa: BLE001  (report every failing kernel, not just the first)
+                failures += 1
+                message = " | ".join(str(exc).strip().splitlines()[-6:])
+                print(
+                    f"FAIL  sm_{arch} {getattr(launch.kernel, '__name__', launch.kernel)}: {type(exc).__name__}: {message}"
+                )
+    print(f"{len(seen)} launches compiled for {ARCHS} in {time.perf_counter() - start:.0f} s, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
