@@ -190,10 +190,7 @@ def _check_generate_args(model, input_ids, attention_mask, max_new_tokens, do_sa
     validate.positive_float("repetition_penalty", repetition_penalty)
     if do_sample:
         validate.positive_float("temperature", temperature)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != input_ids.device.type:
-        raise ValueError(f"generator is on {generator.device} but input_ids is on {input_ids.device}")
+    validate.generator(generator, input_ids.device)
 
 
 def _token_ids(name: str, value) -> list[int]:

@@ -1,8 +1,39 @@
-"""Helpers for the op tests: poisoned memory, error measurement, the low-precision rule."""
+"""Helpers for the op tests: poisoned memory, error measurement, the low-precision rule,
+and skipping the inputs a CUDA backend declines by its documented limits."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from pyminigpt.ops import dispatch
+
+# The documented input limits of the kernel backends on CUDA, by (backend, op). `auto` sends
+# inputs outside them to another backend, so a strict test of such an input is skipped there.
+DOCUMENTED_LIMITS = {
+    ("cuda", "causal_attention"): "csrc/cuda/attention.cu takes fp16/bf16, head dim 64 or 128, non-empty q",
+    ("triton", "layer_norm"): "kernels/layernorm.py takes rows of at most MAX_COLS (16384) columns",
+}
+
+
+def skip_if_declined(op: str, *args) -> None:
+    """Skip the test if the active backend (the `backend` fixture's) declines `op` on `args`
+    (the op's dispatch arguments) by a limit in DOCUMENTED_LIMITS, on CUDA tensors only.
+
+    On the CPU and under the interpreter, and for any other decline, the test fails instead:
+    there every input of the op tests must run on the kernel, so CI cannot pass vacuously.
+    """
+    backend = dispatch.current_backend()
+    with dispatch.use_backend(backend):  # not strict: ask which backend would run, without raising
+        chosen, _ = dispatch.choose(op, *args)
+    if chosen == backend:
+        return
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    inputs = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors]
+    limit = DOCUMENTED_LIMITS.get((backend, op))
+    if tensors[0].device.type == "cuda" and limit is not None:
+        pytest.skip(f"{backend} declines {op} on {inputs}: {limit}")
+    raise AssertionError(f"backend {backend!r} declines {op} on {inputs} ({tensors[0].device.type} tensors)")
 
 
 def poison(device, numel: int) -> None:

@@ -200,6 +200,17 @@ def test_sample_is_reproducible_with_a_generator(backend):
     assert torch.equal(draws[0], draws[1])
 
 
+def test_sample_rejects_a_generator_that_is_not_one(backend):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        ops.sample(_logits(2, 80, backend), generator=1234)
+
+
+def test_filter_min_tokens_to_keep_beyond_int32_keeps_the_row(backend):
+    logits = _logits(3, 80, backend)
+    got = ops.top_k_top_p_filter(logits, 5, 0.5, min_tokens_to_keep=2**31)
+    assert torch.equal(got, logits)
+
+
 def test_sample_row_without_finite_logit(backend):
     logits = _logits(3, 80, backend)
     logits[1] = float("-inf")

@@ -89,6 +89,7 @@ def sample(
     temperature = validate.positive_float("temperature", temperature)
     top_k = validate.top_k(top_k)
     top_p = validate.top_p(top_p)
+    validate.generator(generator, logits.device)
     if not bool(torch.isfinite(logits).any(dim=-1).all()):
         raise ValueError("logits has a row with no finite value (all -inf or NaN): nothing to sample from")
     return sample_unchecked(logits, temperature, top_k, top_p, generator)

@@ -113,7 +113,8 @@ autograd.register("pyminigpt_triton", softmax_bwd, layer_norm_bwd, causal_attent
 
 
 def layer_norm(x, weight, bias, eps):
-    y, _mean, _rstd = layer_norm_fwd(_rows(x), weight, bias, eps)
+    # the kernels index weight and bias as contiguous vectors
+    y, _mean, _rstd = layer_norm_fwd(_rows(x), weight.contiguous(), bias.contiguous(), eps)
     return y.view(x.shape)
 
 
@@ -135,8 +136,11 @@ def causal_attention(q, k, v, scale):
 
 
 def _triton_runs_on(t: torch.Tensor) -> bool:
-    """CUDA tensors; CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
-    return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    """CUDA tensors on the current device (a Triton launch uses the current device and its
+    stream); CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
+    if t.device.type == "cuda":
+        return t.device.index is None or t.device.index == torch.cuda.current_device()
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _supports_layer_norm(x, weight, bias, eps):

@@ -74,6 +74,16 @@ def logits(value) -> None:
         raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(value.shape)}")
 
 
+def generator(value, device: torch.device) -> None:
+    """None, or a torch.Generator on the device type of the tensors it draws for."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(value).__name__}")
+    if value.device.type != device.type:
+        raise ValueError(f"generator is on {value.device} but the tensors it draws for are on {device}")
+
+
 def attention_inputs(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         tensor(name, t, ndim=4)
