@@ -10,12 +10,14 @@ top-p 0.9), one group per setting:
     transformers+patch    the same model after pyminigpt.patch_hf_gpt2
     pyminigpt             GPT.generate, fp32 weights
     pyminigpt-bf16        GPT.generate, bf16 weights
+    transformers-bf16, transformers+patch-bf16    on CUDA only: the peer in bf16, unpatched and patched
 Every member reports tokens/s and the memory-bandwidth bound of decoding: each step reads
 every weight once (the KV cache is small next to them), so tokens/s <= batch * copy
 bandwidth / weight bytes. All members stop at exactly max_new_tokens (no eos token).
 
 Training step (fwd + bwd + AdamW, batch 4 x T=256, dropout 0): eager (pyminigpt's model on
-the reference ops), transformers (the peer), transformers+patch, pyminigpt.
+the reference ops), transformers (the peer), transformers+patch, pyminigpt. Every member steps
+the fused AdamW, which transformers' Trainer (torch >= 2.8) and pyminigpt's Trainer use by default.
 
     pytest bench/test_bench_e2e.py --benchmark-group-by=group
     PYMINIGPT_BENCH_QUICK=1 pytest bench/test_bench_e2e.py    # a tiny model and few tokens, for CI
@@ -44,6 +46,8 @@ else:
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 SAMPLING = {"greedy": {"do_sample": False}, "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9}}
 GENERATE_MEMBERS = ["eager", "transformers", "transformers+patch", "pyminigpt", "pyminigpt-bf16"]
+if DEVICE == "cuda":  # on a GPU both libraries are usually run in bf16: compare them there too
+    GENERATE_MEMBERS += ["transformers-bf16", "transformers+patch-bf16"]
 TRAIN_MEMBERS = ["eager", "transformers", "transformers+patch", "pyminigpt"]
 
 
@@ -56,9 +60,9 @@ def _hf_model(patched: bool = False):
 
 def _model(member: str):
     """(model, dtype of its weights) for a member; pyminigpt members get the peer's very weights."""
+    dtype = torch.bfloat16 if member.endswith("-bf16") else torch.float32
     if member.startswith("transformers"):
-        return _hf_model(patched=member.endswith("+patch")), torch.float32
-    dtype = torch.bfloat16 if member.endswith("bf16") else torch.float32
+        return _hf_model(patched="+patch" in member).to(dtype), dtype
     return GPT.from_hf(_hf_model()).to(dtype), dtype
 
 
@@ -133,7 +137,7 @@ def test_train_step(benchmark, member):
     benchmark.extra_info["role"] = {"eager": "eager", "transformers": "peer"}.get(member, "member")
     model, _ = _model(member)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # both libraries' trainers' default
     input_ids = torch.randint(0, model.config.vocab_size, (TRAIN_BATCH, TRAIN_T), device=DEVICE)
     backend = "reference" if member == "eager" else "auto"
 
