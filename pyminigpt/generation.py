@@ -120,7 +120,7 @@ class StaticDecoder:
 
     def _forward(self) -> torch.Tensor:
         transformer = self.model.transformer
-        x = transformer.wte(self.tokens) + transformer.wpe(self.position_ids)
+        x = transformer.drop(transformer.wte(self.tokens) + transformer.wpe(self.position_ids))
         for layer, block in enumerate(transformer.h):
             x, _ = block(x, self.key_mask, self.cache, layer)
         return self.model.lm_head(transformer.ln_f(x)[:, -1])
@@ -132,7 +132,8 @@ class StaticDecoder:
             self._forward()  # rewrites the current slot with the same keys and values
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: CUDA work of other threads (a DataLoader pinning memory) may go on meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = self._forward()
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -145,10 +146,11 @@ class StaticDecoder:
             if not self.use_graph:
                 logits = self._forward()
             else:
-                if self.graph is None:
-                    self._capture()
-                self.graph.replay()
-                logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
+                with torch.cuda.device(self.tokens.device):  # capture and replay on the model's GPU's streams
+                    if self.graph is None:
+                        self._capture()
+                    self.graph.replay()
+                    logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
         finally:
             self.cache.slot = None
         self.cache.advance(1)
@@ -262,6 +264,9 @@ def generate(
     )
     if pad_token_id is None and len(eos):
         pad_token_id = int(eos[0])
+    if pad_token_id is not None and _token_ids("pad_token_id", pad_token_id)[0] >= model.config.vocab_size:
+        # an id past the embedding would fail inside the next step (on CUDA as a device-side assert)
+        raise ValueError(f"pad_token_id must be < vocab_size={model.config.vocab_size}, got {pad_token_id}")
     vocab = model.config.vocab_size
 
     input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
@@ -303,7 +308,7 @@ def generate(
             scores.append(warp_scores(penalized, temperature, top_k, top_p) if do_sample else penalized)
         if len(eos):
             next_token = torch.where(unfinished, next_token, pad_token_id)
-            unfinished &= ~torch.isin(next_token, eos)
+            unfinished &= ~(next_token[:, None] == eos).any(-1)  # torch.isin of many ids would sync
             any_unfinished.append(unfinished.any())
         new_tokens.append(next_token)
         if seen is not None:

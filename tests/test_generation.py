@@ -219,6 +219,18 @@ def test_outputs_are_ordinary_tensors_that_can_be_trained_on(pair, prompts):
     assert not model.generate(ids, max_new_tokens=2).is_inference()
 
 
+def test_generate_under_autocast(pair, prompts):
+    """Under autocast q, k and v come out bf16 while the KV cache keeps the model's fp32: the
+    cached attention runs in the cache's dtype (it raised a dtype mismatch before)."""
+    _, model = pair
+    ids, mask = prompts
+    for attention_mask in (None, mask):  # the causal kernel, and SDPA under a padding mask
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=5, eos_token_id=[])
+        assert out.shape == (3, 12) and bool(((out >= 0) & (out < VOCAB)).all())
+        assert torch.equal(out[:, :7], ids)
+
+
 def test_sampling_with_top_k_1_is_greedy(pair, prompts):
     _, model = pair
     ids, mask = prompts
@@ -252,6 +264,8 @@ def test_greedy_ignores_sampling_arguments(pair, prompts):
         ({"num_return_sequences": 2}, ValueError, "num_return_sequences"),  # greedy, like transformers
         ({"eos_token_id": -1}, ValueError, "eos_token_id"),
         ({"generator": 1234}, TypeError, "generator"),
+        ({"pad_token_id": VOCAB}, ValueError, "pad_token_id"),
+        ({"pad_token_id": -1}, ValueError, "pad_token_id"),
     ],
 )
 def test_bad_arguments(pair, kwargs, error, match):
