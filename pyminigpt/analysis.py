@@ -353,7 +353,7 @@ def pca(vectors: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"vectors must be (N, C) with N >= 2, got shape {tuple(vectors.shape)}")
     if not 1 <= k <= min(vectors.shape):
         raise ValueError(f"k must be in [1, {min(vectors.shape)}] for vectors of shape {tuple(vectors.shape)}, got {k}")
-    x = vectors.double()
+    x = vectors.detach().cpu().double()
     x = x - x.mean(0)
     u, s, _ = torch.linalg.svd(x, full_matrices=False)
     variance = s.square()

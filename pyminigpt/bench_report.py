@@ -179,6 +179,10 @@ def _command_line(args: argparse.Namespace) -> str:
 def _machine_header(benchmark_json: dict, args: argparse.Namespace) -> str:
     info = benchmark_json.get("machine_info", {})
     cpu = info.get("cpu", {}).get("brand_raw", info.get("processor", "?"))
+    import torch  # here, not at the top: `pyminigpt bench --help` stays quick
+
+    if torch.cuda.is_available():
+        cpu += f"; GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     return (
         "# pyminigpt benchmark report\n\n"
         f"- machine: {cpu}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n"
