@@ -11,13 +11,18 @@ NVCC="${NVCC:-nvcc}"
 out_dir="$(mktemp -d)"
 trap 'rm -rf "$out_dir"' EXIT
 
+# The flags torch's BuildExtension adds to every nvcc call of a CUDA build (setup.py), so that
+# the kernels are checked as the extension compiles them (no implicit half/bf16 conversions).
+TORCH_NVCC_FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
+
 status=0
 for source in csrc/cuda/*.cu; do
   name="$(basename "$source" .cu)"
   log="$out_dir/$name.log"
   if "$NVCC" -c "$source" -o "$out_dir/$name.o" \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-      -O3 -std=c++17 -Xcompiler -Wall -Xptxas -v -Werror all-warnings \
+      -O3 -std=c++17 -Xcompiler -Wall -Xptxas -v -Werror all-warnings "${TORCH_NVCC_FLAGS[@]}" \
       >"$log" 2>&1; then
     spills="$(grep -E 'bytes spill (stores|loads)' "$log" | grep -vE ' 0 bytes spill stores, 0 bytes spill loads' || true)"
     echo "ok    $source"

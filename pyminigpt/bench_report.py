@@ -239,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     command += [f"--benchmark-json={json_path}", "--benchmark-group-by=group"]
     if args.keyword:
         command.append(f"-k{args.keyword}")  # one token, so an expression starting with '-' is not an option
-    env = dict(os.environ)
+    # not an xdist worker's variables: pytest-benchmark turns itself off under xdist
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     package_root = str(Path(__file__).resolve().parent.parent)  # the subprocess imports this very pyminigpt
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     if args.quick:

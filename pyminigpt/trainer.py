@@ -130,8 +130,9 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def _join_process_group() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank), joining the torchrun process group when WORLD_SIZE > 1."""
+def _join_process_group(on_cuda: bool) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank), joining the torchrun process group when WORLD_SIZE > 1:
+    NCCL for a CUDA run, gloo for a CPU run (even on a machine that has a GPU)."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         return rank, world, int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
@@ -139,9 +140,9 @@ def _join_process_group() -> tuple[int, int, int]:
     if world == 1:
         return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if on_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if on_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -197,9 +198,9 @@ class Trainer:
             raise TypeError(f"config must be a TrainerConfig, got {type(cfg).__name__}")
         if len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
-        self.rank, self.world_size, local_rank = _join_process_group()
-        self.is_main = self.rank == 0
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        self.rank, self.world_size, local_rank = _join_process_group(on_cuda=device.type == "cuda")
+        self.is_main = self.rank == 0
         self.device = torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(
