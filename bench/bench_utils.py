@@ -118,11 +118,10 @@ class KernelTable:
     def measure(self, benchmark, group, member, fn, *, bytes_moved=None, flops=None, peer=None, target=None):
         """Time fn with do_bench and pytest-benchmark; record its rate and fraction of the ceiling.
 
-        member: "kernel" for this table's kernel backend, else the peer's or eager's name.
-        target: ("ceiling", fraction) or ("peer", speedup over the peer) for the kernel, or None."""
+        target: ("ceiling", fraction) or ("peer", speedup over the peer) for the kernel, or None.
+        Returns the row it recorded."""
         from triton.testing import do_bench
 
-        member = self.kernel if member == "kernel" else member
         fn()  # first call: compile, autotune, load modules, allocate
         torch.cuda.synchronize()
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -132,20 +131,20 @@ class KernelTable:
         else:
             gbps = bytes_moved / (ms * 1e-3) / 1e9
             rate, fraction = f"{gbps:.0f} GB/s", gbps / self.roofline["copy_GBps"]
-        self.rows.append(
-            {
-                "group": group,
-                "member": member,
-                "ms": ms,
-                "rate": rate,
-                "fraction": fraction,
-                "peer": peer,
-                "target": target,
-            }
-        )
+        row = {
+            "group": group,
+            "member": member,
+            "ms": ms,
+            "rate": rate,
+            "fraction": fraction,
+            "peer": peer,
+            "target": target,
+        }
+        self.rows.append(row)
         benchmark.group = group
         benchmark.extra_info.update(median_ms_do_bench=round(ms, 5), rate=rate, fraction_of_ceiling=round(fraction, 3))
         benchmark.pedantic(synced(fn), rounds=20, warmup_rounds=2)
+        return row
 
     def _target(self, row, speedup) -> tuple[str, str]:
         """(the target, whether it is met) of a kernel row; empty for the other members."""

@@ -1,66 +1,127 @@
 #!/usr/bin/env bash
 # Build, test and benchmark pyminigpt on a GPU machine in one go.
 #
-#   bench/gpu_check.sh [RESULTS_DIR]        (default: bench/results/<date>-<device>/)
-#   STAGES="test bench" bench/gpu_check.sh  (any of: build roofline test bench; default all)
+#   bench/gpu_check.sh [RESULTS_DIR]          (default: bench/results/<date>-<device>/)
+#   STAGES="test bench-gpu" bench/gpu_check.sh
 #
-# Writes into RESULTS_DIR: environment.txt (GPU, driver, versions), build.log,
-# roofline.json (measured copy bandwidth and matmul rates), tests.log + tests.xml (the whole
-# suite, unchanged, on the GPU), bench.log + bench.json (pytest-benchmark, every bench/
-# file), triton_gpu.md and cuda_gpu.md (each kernel backend against eager and the peers, with
-# the issues' targets; from bench/test_bench_gpu.py).
-# Each stage runs even when an earlier one failed; the exit status is the first failure's.
+# Stages, in this order (STAGES picks any of them; default all but bench-ops):
+#   build      the CUDA extension against the installed torch (pip install -e ., CUDA forced)
+#   roofline   the measured copy bandwidth and matmul rates (roofline.json)
+#   test       the whole suite on the GPU, with the cpu, cuda and triton backends required
+#   bench-gpu  bench/test_bench_gpu.py: every kernel against eager and the peers, with the
+#              issues' targets (triton_gpu.md, cuda_gpu.md)
+#   bench-e2e  bench/test_bench_e2e.py: generate and the training step against transformers
+#   bench-ops  the pytest-benchmark op suites (bench/test_bench_<op>.py), short rounds
+# Each stage runs under a time limit (TIMEOUT_<STAGE>, seconds) and even when an earlier one
+# failed, except that nothing runs on a failed build; the exit status is the first failure's.
+# Every log lands in RESULTS_DIR. With $OUT set (the lent-device tool), the default
+# RESULTS_DIR is under /tmp and only summary.md and results.tar.gz are copied to $OUT (the tool
+# brings back at most 8 files). The summary (stage results, failed tests, the target rows of
+# the kernel tables) is printed last.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-STAGES=${STAGES:-build roofline test bench}
+STAGES=${STAGES:-build roofline test bench-gpu bench-e2e}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
 device=$($PYTHON -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))") || {
     echo "gpu_check.sh: no CUDA device visible to torch" >&2
     exit 1
 }
-results=${1:-bench/results/$(date +%Y%m%d-%H%M)-$device}
+default_root=bench/results
+[ -n "${OUT:-}" ] && default_root=/tmp/gpu_check
+results=${1:-$default_root/$(date +%Y%m%d-%H%M)-$device}
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
-export PYMINIGPT_RESULTS_DIR=$results PYTHONUNBUFFERED=1
-status=0
+export PYMINIGPT_RESULTS_DIR=$results
 
-stage() {  # stage NAME LOG COMMAND...: run COMMAND, log to LOG, remember the first failure
-    local name=$1 log=$2
+# torch finds the toolkit through CUDA_HOME or nvcc's folder; where nvcc is a wrapper script
+# (e.g. /usr/local/bin/nvcc) that guess is wrong, so ask nvcc where its toolkit is.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+    top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+    [ -n "$top" ] && [ -f "$top/include/cuda_runtime_api.h" ] && export CUDA_HOME=$top
+fi
+
+status=0
+summary=()
+stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a limit, log it, remember the first failure
+    local name=$1 limit=$2
     shift 2
-    echo "== $name -> $log"
-    "$@" >"$log" 2>&1
+    local log="$results/$name.log"
+    echo "== $name (limit ${limit}s) -> $log"
+    timeout "$limit" "$@" >"$log" 2>&1
     local rc=$?
-    echo "   exit $rc, $(tail -n 1 "$log")"
+    local line="$name: exit $rc$([ $rc -eq 124 ] && echo ' (time limit)'), $(grep -v '^[[:space:]]*$' "$log" | tail -n 1)"
+    echo "   $line"
+    summary+=("$line")
     [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
-    return 0
+    return $rc
 }
+wants() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 
 {
     nvidia-smi
     $PYTHON -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
+    $PYTHON -c "import setuptools, transformers; print('setuptools', setuptools.__version__, '| transformers', transformers.__version__)"
+    echo "nvcc: $(command -v nvcc) | CUDA_HOME=${CUDA_HOME:-unset} | $(nvcc --version 2>/dev/null | tail -n 1)"
+    echo "gcc: $(gcc -dumpfullversion 2>/dev/null) | ninja: $(ninja --version 2>/dev/null || echo missing) | $(nproc) CPUs"
     git log -1 --format='commit %H %s' 2>/dev/null
 } >"$results/environment.txt" 2>&1
 
-case " $STAGES " in *" build "*)
-    # the CUDA extension against the installed torch; the Triton kernels need no build
-    stage build "$results/build.log" $PYTHON -m pip install --no-build-isolation --no-deps -e . ;;
-esac
-case " $STAGES " in *" roofline "*)
-    stage roofline "$results/roofline.log" $PYTHON bench/gpu_roofline.py --out "$results/roofline.json" ;;
-esac
-case " $STAGES " in *" test "*)
-    stage test "$results/tests.log" $PYTHON -m pytest tests -q -rs --junitxml="$results/tests.xml" ;;
-esac
-case " $STAGES " in *" bench "*)
-    stage bench "$results/bench.log" $PYTHON -m pytest bench -q --benchmark-group-by=group \
-        --benchmark-columns=median,iqr,rounds --benchmark-json="$results/bench.json" ;;
-esac
+built=1
+if wants build; then
+    stage build "${TIMEOUT_BUILD:-300}" env PYMINIGPT_BUILD_CUDA=1 \
+        bash -c "$PYTHON -m pip install --no-build-isolation --no-deps --no-index -e . && $PYTHON -m pyminigpt info" || built=0
+fi
+if [ $built -eq 0 ]; then
+    summary+=("the build failed: no other stage ran")
+else
+    if wants roofline; then
+        stage roofline "${TIMEOUT_ROOFLINE:-120}" $PYTHON bench/gpu_roofline.py --out "$results/roofline.json"
+    fi
+    if wants test; then
+        # xdist spreads the suite (mostly Triton compiles) over the CPUs when it is installed
+        workers=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}")
+        stage test "${TIMEOUT_TEST:-480}" env PYMINIGPT_REQUIRE_BACKENDS=cpu,cuda,triton \
+            $PYTHON -m pytest tests -q -rs $workers --junitxml="$results/tests.xml"
+    fi
+    bench() {  # bench NAME SECONDS FILES... [pytest options]: one pytest-benchmark run
+        local name=$1 limit=$2
+        shift 2
+        stage "$name" "$limit" $PYTHON -m pytest "$@" -q --benchmark-group-by=group \
+            --benchmark-columns=median,iqr,rounds --benchmark-json="$results/$name.json"
+    }
+    wants bench-gpu && bench bench-gpu "${TIMEOUT_BENCH_GPU:-360}" bench/test_bench_gpu.py
+    wants bench-e2e && bench bench-e2e "${TIMEOUT_BENCH_E2E:-300}" bench/test_bench_e2e.py
+    wants bench-ops && bench bench-ops "${TIMEOUT_BENCH_OPS:-300}" bench/test_bench_attention.py \
+        bench/test_bench_layer_norm.py bench/test_bench_softmax.py bench/test_bench_sampling.py \
+        --benchmark-max-time=0.1
+fi
 
-[ -f "$results/roofline.log" ] && cat "$results/roofline.log"
-for table in triton_gpu.md cuda_gpu.md; do
-    [ -f "$results/$table" ] && cat "$results/$table"
-done
+{
+    echo "# gpu_check on $device ($(date -u +%Y-%m-%dT%H:%MZ), exit $status)"
+    echo
+    printf -- '- %s\n' "${summary[@]}"
+    if [ -f "$results/test.log" ]; then
+        echo
+        echo "## failed tests"
+        grep -E '^(FAILED|ERROR)' "$results/test.log" | head -n 40
+    fi
+    [ -f "$results/roofline.json" ] && { echo; echo "## roofline"; cat "$results/roofline.json"; echo; }
+    for table in triton_gpu.md cuda_gpu.md; do
+        [ -f "$results/$table" ] || continue
+        echo
+        echo "## $table: rows with a target"
+        grep -E '\| (yes|NO) \|$' "$results/$table"
+    done
+} >"$results/summary.md"
+
+if [ -n "${OUT:-}" ]; then
+    tar -czf "$OUT/results.tar.gz" -C "$results" .
+    cp "$results/summary.md" "$OUT/summary.md"
+fi
+echo
+cat "$results/summary.md"
 echo "results in $results (exit $status)"
 exit $status

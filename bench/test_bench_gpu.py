@@ -1,11 +1,11 @@
 """GPU benchmarks of the Triton and CUDA C++ kernels against eager PyTorch and the strongest peer.
 
-One pytest-benchmark group per op, size, dtype and kernel backend; its members are `eager`
-(the reference in pyminigpt.ops.reference), the peer (F.layer_norm, torch.softmax,
-F.scaled_dot_product_attention, transformers' sort-based sampling chain) and the kernel:
-`triton` (kernels/, the `torch.ops.pyminigpt_triton` operators) or `cuda` (csrc/cuda/, the
-`torch.ops.pyminigpt` operators on CUDA tensors). The kernels are called as custom operators,
-without the public functions' argument checks. Every member is timed with
+One pytest-benchmark group per op, size and dtype; its members are `eager` (the reference in
+pyminigpt.ops.reference), the peer (F.layer_norm, torch.softmax, F.scaled_dot_product_attention,
+transformers' sort-based sampling chain) and each kernel backend: `triton` (kernels/, the
+`torch.ops.pyminigpt_triton` operators) and `cuda` (csrc/cuda/, the `torch.ops.pyminigpt`
+operators on CUDA tensors), called as custom operators, without the public functions'
+argument checks. Eager and the peer are measured once and appear in both tables. Every member is timed with
 triton.testing.do_bench (median of ~100 ms of runs after warm-up; random inputs, never
 zeros) and reported, in extra_info and in the tables `triton_gpu.md` and `cuda_gpu.md`
 written to $PYMINIGPT_RESULTS_DIR (bench/gpu_check.sh sets it), as GB/s and fraction of
@@ -46,6 +46,9 @@ from bench_utils import (
 
 from pyminigpt.ops import reference
 
+if not KERNELS:
+    pytest.skip("GPU benchmarks: neither the cuda nor the triton backend is available", allow_module_level=True)
+
 TITLES = {"triton": "Triton kernels", "cuda": "CUDA C++ kernels"}
 
 # The targets of issue 5 (Triton) and issue 6 (CUDA C++) on an H100 / H200:
@@ -69,9 +72,11 @@ TARGETS = {
 }
 
 
-def target(kernel: str, *names: str):
-    """The kernel's target for the first of `names` (most specific first) that has one."""
-    return next((TARGETS[kernel][n] for n in names if n in TARGETS[kernel]), None)
+def target(member: str, *names: str):
+    """The target of a kernel member for the first of `names` (most specific first) that has
+    one; None for the other members."""
+    targets = TARGETS.get(member, {})
+    return next((targets[n] for n in names if n in targets), None)
 
 
 def kernel_ops(kernel: str):
@@ -93,7 +98,20 @@ def tables(roofline):
             table.write(f"{kernel}_gpu.md")
 
 
-kernel_param = pytest.mark.parametrize("kernel", KERNELS)
+def _role(member: str) -> str:
+    """The key of a member's function below: "kernel" for every kernel backend, else the member."""
+    return "kernel" if member in KERNELS else member
+
+
+def measure(tables, benchmark, group, member, fn, *, target=None, **rate):
+    """Times fn once (KernelTable.measure); a kernel's row goes to its own table, an eager or
+    peer row to every table, so each is measured once however many kernels there are.
+
+    rate: bytes_moved= or flops=, and peer=; target: the kernel's, see TARGETS."""
+    owners = [member] if member in tables else list(tables)
+    row = tables[owners[0]].measure(benchmark, group, member, fn, target=target, **rate)
+    for kernel in owners[1:]:
+        tables[kernel].rows.append(dict(row))
 
 
 # ---- layer norm -----------------------------------------------------------------------
@@ -101,53 +119,53 @@ kernel_param = pytest.mark.parametrize("kernel", KERNELS)
 LAYER_NORM_SIZES = [(16384, 768), (8192, 1600), (8192, 4096), (4096, 8192)]
 
 
-def _layer_norm_member(member, kernel):
+def _layer_norm_member(member):
     return {
         "eager": lambda x, w, b: reference.layer_norm(x, w, b, 1e-5),
         "torch": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5),
-        "kernel": lambda x, w, b: kernel_ops(kernel).layer_norm_fwd(x, w, b, 1e-5)[0],
-    }[member]
+        "kernel": lambda x, w, b: kernel_ops(member).layer_norm_fwd(x, w, b, 1e-5)[0],
+    }[_role(member)]
 
 
-@kernel_param
-@pytest.mark.parametrize("member", ["eager", "torch", "kernel"])
+@pytest.mark.parametrize("member", ["eager", "torch", *KERNELS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_name)
 @pytest.mark.parametrize("size", LAYER_NORM_SIZES, ids=size_name)
-def test_layer_norm_forward(benchmark, tables, size, dtype, member, kernel):
+def test_layer_norm_forward(benchmark, tables, size, dtype, member):
     x, w, b = layer_norm_inputs(*size, dtype)
-    fn = _layer_norm_member(member, kernel)
-    group = f"layer_norm fwd {size_name(size)} {dtype_name(dtype)} [{kernel}]"
+    fn = _layer_norm_member(member)
+    group = f"layer_norm fwd {size_name(size)} {dtype_name(dtype)}"
     width = "wide" if size[1] >= 4096 else str(size[1])
     with torch.no_grad():
-        tables[kernel].measure(
+        measure(
+            tables,
             benchmark,
             group,
             member,
             lambda: fn(x, w, b),
             bytes_moved=2 * x.nbytes,
             peer="torch",
-            target=target(kernel, f"layer_norm fwd {width}"),
+            target=target(member, f"layer_norm fwd {width}"),
         )
 
 
-@kernel_param
-@pytest.mark.parametrize("member", ["eager", "torch", "kernel"])
+@pytest.mark.parametrize("member", ["eager", "torch", *KERNELS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_name)
 @pytest.mark.parametrize("size", LAYER_NORM_SIZES, ids=size_name)
-def test_layer_norm_backward(benchmark, tables, size, dtype, member, kernel):
+def test_layer_norm_backward(benchmark, tables, size, dtype, member):
     x, w, b = layer_norm_inputs(*size, dtype, requires_grad=True)
-    y = _layer_norm_member(member, kernel)(x, w, b)
+    y = _layer_norm_member(member)(x, w, b)
     grad_y = torch.randn_like(y)
-    group = f"layer_norm bwd {size_name(size)} {dtype_name(dtype)} [{kernel}]"
+    group = f"layer_norm bwd {size_name(size)} {dtype_name(dtype)}"
     backward = functools.partial(torch.autograd.grad, y, (x, w, b), grad_y, retain_graph=True)
-    tables[kernel].measure(
+    measure(
+        tables,
         benchmark,
         group,
         member,
         backward,
         bytes_moved=3 * x.nbytes,  # read x and dy, write dx
         peer="torch",
-        target=target(kernel, "layer_norm bwd"),
+        target=target(member, "layer_norm bwd"),
     )
 
 
@@ -160,42 +178,41 @@ def _softmax_case_name(case) -> str:
     return f"{size_name(case[0])}-{dtype_name(case[1])}"
 
 
-@kernel_param
-@pytest.mark.parametrize("member", ["eager", "torch", "kernel"])
+@pytest.mark.parametrize("member", ["eager", "torch", *KERNELS])
 @pytest.mark.parametrize("case", SOFTMAX_CASES, ids=_softmax_case_name)
-def test_softmax_forward(benchmark, tables, case, member, kernel):
+def test_softmax_forward(benchmark, tables, case, member):
     size, dtype = case
     x = torch.randn(size, device=DEVICE, dtype=dtype) * 3
     fn = {
         "eager": lambda: reference.softmax(x, 0.8),
         "torch": lambda: torch.softmax(x, dim=-1),  # the peer at temperature 1: one kernel, same bytes
-        "kernel": lambda: kernel_ops(kernel).softmax_fwd(x, 0.8),
-    }[member]
-    group = f"softmax fwd {size_name(size)} {dtype_name(dtype)} [{kernel}]"
-    tables[kernel].measure(
+        "kernel": lambda: kernel_ops(member).softmax_fwd(x, 0.8),
+    }[_role(member)]
+    group = f"softmax fwd {size_name(size)} {dtype_name(dtype)}"
+    measure(
+        tables,
         benchmark,
         group,
         member,
         fn,
         bytes_moved=2 * x.nbytes,
         peer="torch",
-        target=target(kernel, f"softmax fwd {size[1]} {dtype_name(dtype)}", "softmax fwd"),
+        target=target(member, f"softmax fwd {size[1]} {dtype_name(dtype)}", "softmax fwd"),
     )
 
 
-@kernel_param
-@pytest.mark.parametrize("member", ["torch", "kernel"])
+@pytest.mark.parametrize("member", ["torch", *KERNELS])
 @pytest.mark.parametrize("case", SOFTMAX_CASES, ids=_softmax_case_name)
-def test_softmax_backward(benchmark, tables, case, member, kernel):
+def test_softmax_backward(benchmark, tables, case, member):
     size, dtype = case
     y = torch.softmax(torch.randn(size, device=DEVICE, dtype=torch.float32) * 3, dim=-1).to(dtype)
     grad_y = torch.randn_like(y)
     fn = {
         "torch": lambda: torch._softmax_backward_data(grad_y, y, -1, dtype),
-        "kernel": lambda: kernel_ops(kernel).softmax_bwd(y, grad_y, 0.8),
-    }[member]
-    group = f"softmax bwd {size_name(size)} {dtype_name(dtype)} [{kernel}]"
-    tables[kernel].measure(benchmark, group, member, fn, bytes_moved=3 * y.nbytes, peer="torch")
+        "kernel": lambda: kernel_ops(member).softmax_bwd(y, grad_y, 0.8),
+    }[_role(member)]
+    group = f"softmax bwd {size_name(size)} {dtype_name(dtype)}"
+    measure(tables, benchmark, group, member, fn, bytes_moved=3 * y.nbytes, peer="torch")
 
 
 # ---- causal attention -----------------------------------------------------------------
@@ -206,73 +223,72 @@ ATTENTION_CASES = [
     (d, t, member)
     for d in (64, 128)
     for t in (2048, 4096, 8192)
-    for member in (["eager", "sdpa", "kernel"] if t <= 2048 else ["sdpa", "kernel"])
+    for member in (["eager", "sdpa", *KERNELS] if t <= 2048 else ["sdpa", *KERNELS])
 ]
 
 
-def _attention_member(member, kernel):
+def _attention_member(member):
     return {
         "eager": lambda q, k, v: reference.causal_attention(q, k, v),
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "kernel": lambda q, k, v: kernel_ops(kernel).causal_attention_fwd(q, k, v, q.shape[-1] ** -0.5)[0],
-    }[member]
+        "kernel": lambda q, k, v: kernel_ops(member).causal_attention_fwd(q, k, v, q.shape[-1] ** -0.5)[0],
+    }[_role(member)]
 
 
-@kernel_param
 @pytest.mark.parametrize("d,t,member", ATTENTION_CASES, ids=str)
-def test_attention_forward(benchmark, tables, d, t, member, kernel):
+def test_attention_forward(benchmark, tables, d, t, member):
     q, k, v = gpu_attention_inputs(d, t)
-    fn = _attention_member(member, kernel)
-    group = f"attention fwd bf16 D={d} T={t} [{kernel}]"
+    fn = _attention_member(member)
+    group = f"attention fwd bf16 D={d} T={t}"
     with torch.no_grad():
-        tables[kernel].measure(
+        measure(
+            tables,
             benchmark,
             group,
             member,
             lambda: fn(q, k, v),
             flops=causal_flops(q),
             peer="sdpa",
-            target=target(kernel, f"attention fwd T={t}", "attention fwd"),
+            target=target(member, f"attention fwd T={t}", "attention fwd"),
         )
 
 
-@kernel_param
 @pytest.mark.parametrize("d,t,member", ATTENTION_CASES, ids=str)
-def test_attention_forward_backward(benchmark, tables, d, t, member, kernel):
+def test_attention_forward_backward(benchmark, tables, d, t, member):
     q, k, v = gpu_attention_inputs(d, t, requires_grad=True)
     grad_out = torch.randn_like(q)
-    fn = _attention_member(member, kernel)
-    group = f"attention fwd+bwd bf16 D={d} T={t} [{kernel}]"
+    fn = _attention_member(member)
+    group = f"attention fwd+bwd bf16 D={d} T={t}"
 
     def forward_backward():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
 
-    tables[kernel].measure(
+    measure(
+        tables,
         benchmark,
         group,
         member,
         forward_backward,
         flops=3.5 * causal_flops(q),
         peer="sdpa",
-        target=target(kernel, "attention fwd+bwd"),
+        target=target(member, "attention fwd+bwd"),
     )
 
 
-@kernel_param
-@pytest.mark.parametrize("member", ["sdpa", "kernel"])
+@pytest.mark.parametrize("member", ["sdpa", *KERNELS])
 @pytest.mark.parametrize("cache", [4096, 16384])
-def test_attention_decode(benchmark, tables, cache, member, kernel):
+def test_attention_decode(benchmark, tables, cache, member):
     """One new query against a KV cache: the split-K path (memory-bound: k and v read once)."""
     batch, heads, d = 8, 16, 64
     q = torch.randn(batch, heads, 1, d, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(batch, heads, cache, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     fn = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),  # a single query sees the whole cache
-        "kernel": lambda: kernel_ops(kernel).causal_attention_fwd(q, k, v, d**-0.5)[0],
-    }[member]
-    group = f"attention decode bf16 B={batch} H={heads} D={d} cache={cache} [{kernel}]"
+        "kernel": lambda: kernel_ops(member).causal_attention_fwd(q, k, v, d**-0.5)[0],
+    }[_role(member)]
+    group = f"attention decode bf16 B={batch} H={heads} D={d} cache={cache}"
     with torch.no_grad():
-        tables[kernel].measure(benchmark, group, member, fn, bytes_moved=2 * k.nbytes, peer="sdpa")
+        measure(tables, benchmark, group, member, fn, bytes_moved=2 * k.nbytes, peer="sdpa")
 
 
 # ---- sampling -------------------------------------------------------------------------
@@ -280,11 +296,10 @@ def test_attention_decode(benchmark, tables, cache, member, kernel):
 VOCAB, TOP_K, TOP_P, TEMPERATURE = 50257, 50, 0.9, 0.8
 
 
-@kernel_param
-@pytest.mark.parametrize("member", ["transformers", "eager", "kernel"])
+@pytest.mark.parametrize("member", ["transformers", "eager", *KERNELS])
 @pytest.mark.parametrize("top_k", [TOP_K, 0])
 @pytest.mark.parametrize("batch", [64, 256])
-def test_sample(benchmark, tables, batch, top_k, member, kernel):
+def test_sample(benchmark, tables, batch, top_k, member):
     logits = torch.randn(batch, VOCAB, device=DEVICE) * 3
     generator = torch.Generator(device=DEVICE).manual_seed(0)
 
@@ -294,28 +309,28 @@ def test_sample(benchmark, tables, batch, top_k, member, kernel):
     fn = {
         "transformers": lambda: transformers_sample(logits, TEMPERATURE, top_k, TOP_P, generator),
         "eager": lambda: reference.sample(logits, TEMPERATURE, top_k, TOP_P, uniform()),
-        "kernel": lambda: kernel_ops(kernel).sample(logits, TEMPERATURE, top_k, TOP_P, uniform()),
-    }[member]
-    group = f"sample top_k={top_k} top_p={TOP_P} {batch}x{VOCAB} fp32 [{kernel}]"
-    tables[kernel].measure(
+        "kernel": lambda: kernel_ops(member).sample(logits, TEMPERATURE, top_k, TOP_P, uniform()),
+    }[_role(member)]
+    group = f"sample top_k={top_k} top_p={TOP_P} {batch}x{VOCAB} fp32"
+    measure(
+        tables,
         benchmark,
         group,
         member,
         fn,
         bytes_moved=logits.nbytes,
         peer="transformers",
-        target=target(kernel, "sample"),
+        target=target(member, "sample"),
     )
 
 
-@kernel_param
-@pytest.mark.parametrize("member", ["transformers", "kernel"])
+@pytest.mark.parametrize("member", ["transformers", *KERNELS])
 @pytest.mark.parametrize("top_k,top_p", [(50, 0.9), (0, 0.9)])
-def test_top_k_top_p_filter(benchmark, tables, top_k, top_p, member, kernel):
+def test_top_k_top_p_filter(benchmark, tables, top_k, top_p, member):
     logits = torch.randn(64, VOCAB, device=DEVICE) * 3
     fn = {
         "transformers": lambda: transformers_filter(logits, top_k, top_p),
-        "kernel": lambda: kernel_ops(kernel).top_k_top_p_filter(logits, top_k, top_p, 1),
-    }[member]
-    group = f"top_k_top_p_filter top_k={top_k} top_p={top_p} 64x{VOCAB} fp32 [{kernel}]"
-    tables[kernel].measure(benchmark, group, member, fn, bytes_moved=2 * logits.nbytes, peer="transformers")
+        "kernel": lambda: kernel_ops(member).top_k_top_p_filter(logits, top_k, top_p, 1),
+    }[_role(member)]
+    group = f"top_k_top_p_filter top_k={top_k} top_p={top_p} 64x{VOCAB} fp32"
+    measure(tables, benchmark, group, member, fn, bytes_moved=2 * logits.nbytes, peer="transformers")
