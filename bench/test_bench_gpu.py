@@ -103,15 +103,19 @@ def _role(member: str) -> str:
     return "kernel" if member in KERNELS else member
 
 
-def measure(tables, benchmark, group, member, fn, *, target=None, **rate):
-    """Times fn once (KernelTable.measure); a kernel's row goes to its own table, an eager or
-    peer row to every table, so each is measured once however many kernels there are.
+@pytest.fixture
+def record(tables, benchmark, member):
+    """record(group, fn, *, bytes_moved= or flops=, peer=, target=None): times fn once
+    (KernelTable.measure) as this test's member. A kernel's row goes to its own table, an eager
+    or peer row to every table, so each is measured once however many kernels there are."""
 
-    rate: bytes_moved= or flops=, and peer=; target: the kernel's, see TARGETS."""
-    owners = [member] if member in tables else list(tables)
-    row = tables[owners[0]].measure(benchmark, group, member, fn, target=target, **rate)
-    for kernel in owners[1:]:
-        tables[kernel].rows.append(dict(row))
+    def measure(group, fn, *, target=None, **rate):
+        owners = [member] if member in tables else list(tables)
+        row = tables[owners[0]].measure(benchmark, group, member, fn, target=target, **rate)
+        for kernel in owners[1:]:
+            tables[kernel].rows.append(dict(row))
+
+    return measure
 
 
 # ---- layer norm -----------------------------------------------------------------------
@@ -130,17 +134,14 @@ def _layer_norm_member(member):
 @pytest.mark.parametrize("member", ["eager", "torch", *KERNELS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_name)
 @pytest.mark.parametrize("size", LAYER_NORM_SIZES, ids=size_name)
-def test_layer_norm_forward(benchmark, tables, size, dtype, member):
+def test_layer_norm_forward(record, size, dtype, member):
     x, w, b = layer_norm_inputs(*size, dtype)
     fn = _layer_norm_member(member)
     group = f"layer_norm fwd {size_name(size)} {dtype_name(dtype)}"
     width = "wide" if size[1] >= 4096 else str(size[1])
     with torch.no_grad():
-        measure(
-            tables,
-            benchmark,
+        record(
             group,
-            member,
             lambda: fn(x, w, b),
             bytes_moved=2 * x.nbytes,
             peer="torch",
@@ -151,17 +152,14 @@ def test_layer_norm_forward(benchmark, tables, size, dtype, member):
 @pytest.mark.parametrize("member", ["eager", "torch", *KERNELS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_name)
 @pytest.mark.parametrize("size", LAYER_NORM_SIZES, ids=size_name)
-def test_layer_norm_backward(benchmark, tables, size, dtype, member):
+def test_layer_norm_backward(record, size, dtype, member):
     x, w, b = layer_norm_inputs(*size, dtype, requires_grad=True)
     y = _layer_norm_member(member)(x, w, b)
     grad_y = torch.randn_like(y)
     group = f"layer_norm bwd {size_name(size)} {dtype_name(dtype)}"
     backward = functools.partial(torch.autograd.grad, y, (x, w, b), grad_y, retain_graph=True)
-    measure(
-        tables,
-        benchmark,
+    record(
         group,
-        member,
         backward,
         bytes_moved=3 * x.nbytes,  # read x and dy, write dx
         peer="torch",
@@ -180,7 +178,7 @@ def _softmax_case_name(case) -> str:
 
 @pytest.mark.parametrize("member", ["eager", "torch", *KERNELS])
 @pytest.mark.parametrize("case", SOFTMAX_CASES, ids=_softmax_case_name)
-def test_softmax_forward(benchmark, tables, case, member):
+def test_softmax_forward(record, case, member):
     size, dtype = case
     x = torch.randn(size, device=DEVICE, dtype=dtype) * 3
     fn = {
@@ -189,11 +187,8 @@ def test_softmax_forward(benchmark, tables, case, member):
         "kernel": lambda: kernel_ops(member).softmax_fwd(x, 0.8),
     }[_role(member)]
     group = f"softmax fwd {size_name(size)} {dtype_name(dtype)}"
-    measure(
-        tables,
-        benchmark,
+    record(
         group,
-        member,
         fn,
         bytes_moved=2 * x.nbytes,
         peer="torch",
@@ -203,7 +198,7 @@ def test_softmax_forward(benchmark, tables, case, member):
 
 @pytest.mark.parametrize("member", ["torch", *KERNELS])
 @pytest.mark.parametrize("case", SOFTMAX_CASES, ids=_softmax_case_name)
-def test_softmax_backward(benchmark, tables, case, member):
+def test_softmax_backward(record, case, member):
     size, dtype = case
     y = torch.softmax(torch.randn(size, device=DEVICE, dtype=torch.float32) * 3, dim=-1).to(dtype)
     grad_y = torch.randn_like(y)
@@ -212,7 +207,7 @@ def test_softmax_backward(benchmark, tables, case, member):
         "kernel": lambda: kernel_ops(member).softmax_bwd(y, grad_y, 0.8),
     }[_role(member)]
     group = f"softmax bwd {size_name(size)} {dtype_name(dtype)}"
-    measure(tables, benchmark, group, member, fn, bytes_moved=3 * y.nbytes, peer="torch")
+    record(group, fn, bytes_moved=3 * y.nbytes, peer="torch")
 
 
 # ---- causal attention -----------------------------------------------------------------
@@ -236,16 +231,13 @@ def _attention_member(member):
 
 
 @pytest.mark.parametrize("d,t,member", ATTENTION_CASES, ids=str)
-def test_attention_forward(benchmark, tables, d, t, member):
+def test_attention_forward(record, d, t, member):
     q, k, v = gpu_attention_inputs(d, t)
     fn = _attention_member(member)
     group = f"attention fwd bf16 D={d} T={t}"
     with torch.no_grad():
-        measure(
-            tables,
-            benchmark,
+        record(
             group,
-            member,
             lambda: fn(q, k, v),
             flops=causal_flops(q),
             peer="sdpa",
@@ -254,7 +246,7 @@ def test_attention_forward(benchmark, tables, d, t, member):
 
 
 @pytest.mark.parametrize("d,t,member", ATTENTION_CASES, ids=str)
-def test_attention_forward_backward(benchmark, tables, d, t, member):
+def test_attention_forward_backward(record, d, t, member):
     q, k, v = gpu_attention_inputs(d, t, requires_grad=True)
     grad_out = torch.randn_like(q)
     fn = _attention_member(member)
@@ -263,11 +255,8 @@ def test_attention_forward_backward(benchmark, tables, d, t, member):
     def forward_backward():
         return torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
 
-    measure(
-        tables,
-        benchmark,
+    record(
         group,
-        member,
         forward_backward,
         flops=3.5 * causal_flops(q),
         peer="sdpa",
@@ -277,7 +266,7 @@ def test_attention_forward_backward(benchmark, tables, d, t, member):
 
 @pytest.mark.parametrize("member", ["sdpa", *KERNELS])
 @pytest.mark.parametrize("cache", [4096, 16384])
-def test_attention_decode(benchmark, tables, cache, member):
+def test_attention_decode(record, cache, member):
     """One new query against a KV cache: the split-K path (memory-bound: k and v read once)."""
     batch, heads, d = 8, 16, 64
     q = torch.randn(batch, heads, 1, d, device=DEVICE, dtype=torch.bfloat16)
@@ -288,7 +277,7 @@ def test_attention_decode(benchmark, tables, cache, member):
     }[_role(member)]
     group = f"attention decode bf16 B={batch} H={heads} D={d} cache={cache}"
     with torch.no_grad():
-        measure(tables, benchmark, group, member, fn, bytes_moved=2 * k.nbytes, peer="sdpa")
+        record(group, fn, bytes_moved=2 * k.nbytes, peer="sdpa")
 
 
 # ---- sampling -------------------------------------------------------------------------
@@ -299,7 +288,7 @@ VOCAB, TOP_K, TOP_P, TEMPERATURE = 50257, 50, 0.9, 0.8
 @pytest.mark.parametrize("member", ["transformers", "eager", *KERNELS])
 @pytest.mark.parametrize("top_k", [TOP_K, 0])
 @pytest.mark.parametrize("batch", [64, 256])
-def test_sample(benchmark, tables, batch, top_k, member):
+def test_sample(record, batch, top_k, member):
     logits = torch.randn(batch, VOCAB, device=DEVICE) * 3
     generator = torch.Generator(device=DEVICE).manual_seed(0)
 
@@ -312,11 +301,8 @@ def test_sample(benchmark, tables, batch, top_k, member):
         "kernel": lambda: kernel_ops(member).sample(logits, TEMPERATURE, top_k, TOP_P, uniform()),
     }[_role(member)]
     group = f"sample top_k={top_k} top_p={TOP_P} {batch}x{VOCAB} fp32"
-    measure(
-        tables,
-        benchmark,
+    record(
         group,
-        member,
         fn,
         bytes_moved=logits.nbytes,
         peer="transformers",
@@ -326,11 +312,11 @@ def test_sample(benchmark, tables, batch, top_k, member):
 
 @pytest.mark.parametrize("member", ["transformers", *KERNELS])
 @pytest.mark.parametrize("top_k,top_p", [(50, 0.9), (0, 0.9)])
-def test_top_k_top_p_filter(benchmark, tables, top_k, top_p, member):
+def test_top_k_top_p_filter(record, top_k, top_p, member):
     logits = torch.randn(64, VOCAB, device=DEVICE) * 3
     fn = {
         "transformers": lambda: transformers_filter(logits, top_k, top_p),
         "kernel": lambda: kernel_ops(member).top_k_top_p_filter(logits, top_k, top_p, 1),
     }[_role(member)]
     group = f"top_k_top_p_filter top_k={top_k} top_p={top_p} 64x{VOCAB} fp32"
-    measure(tables, benchmark, group, member, fn, bytes_moved=2 * logits.nbytes, peer="transformers")
+    record(group, fn, bytes_moved=2 * logits.nbytes, peer="transformers")
