@@ -262,12 +262,13 @@ def generate(
     eos = torch.tensor(
         _token_ids("eos_token_id", eos_token_id) if eos_token_id is not None else [], device=input_ids.device
     )
-    if pad_token_id is None and len(eos):
-        pad_token_id = int(eos[0])
-    if pad_token_id is not None and _token_ids("pad_token_id", pad_token_id)[0] >= model.config.vocab_size:
-        # an id past the embedding would fail inside the next step (on CUDA as a device-side assert)
-        raise ValueError(f"pad_token_id must be < vocab_size={model.config.vocab_size}, got {pad_token_id}")
     vocab = model.config.vocab_size
+    if pad_token_id is not None and not (
+        isinstance(pad_token_id, numbers.Integral) and not isinstance(pad_token_id, bool) and 0 <= pad_token_id < vocab
+    ):  # an id outside the embedding would fail inside a later step (on CUDA as a device-side assert)
+        raise ValueError(f"pad_token_id must be an int in [0, vocab_size={vocab}), got {pad_token_id!r}")
+    if pad_token_id is None and len(eos):
+        pad_token_id = int(eos[0])  # an eos id outside the vocabulary is never drawn, so never padded with
 
     input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
     B, T = input_ids.shape

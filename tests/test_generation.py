@@ -219,6 +219,15 @@ def test_outputs_are_ordinary_tensors_that_can_be_trained_on(pair, prompts):
     assert not model.generate(ids, max_new_tokens=2).is_inference()
 
 
+def test_config_eos_outside_the_vocabulary_is_no_error():
+    """GPT2Config keeps eos 50256 with a small vocab_size: that eos is never drawn, so the pad id
+    derived from it is never used, and only an explicit pad_token_id is range-checked."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=24, n_layer=1, n_head=2)
+    model = GPT.from_hf(transformers.GPT2LMHeadModel(config)).eval()
+    assert model.config.eos_token_id >= VOCAB
+    assert model.generate(torch.randint(0, VOCAB, (2, 5)), max_new_tokens=3).shape == (2, 8)
+
+
 def test_generate_under_autocast(pair, prompts):
     """Under autocast q, k and v come out bf16 while the KV cache keeps the model's fp32: the
     cached attention runs in the cache's dtype (it raised a dtype mismatch before)."""
