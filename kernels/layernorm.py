@@ -147,6 +147,7 @@ def column_sum_kernel(
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, wrap=_no_wrap):
     """x (N, C) with a contiguous last dim, weight/bias (C,). Returns y (N, C), mean (N,) fp32, rstd (N,) fp32."""
     n_rows, n_cols = x.shape
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them as dense vectors
     if n_cols > MAX_COLS:
         raise ValueError(f"layer_norm_fwd handles rows of at most {MAX_COLS} columns, got x of shape {tuple(x.shape)}")
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
@@ -172,6 +173,7 @@ def _num_row_groups(n_rows: int, device: torch.device) -> int:
 def layer_norm_bwd(dy, x, weight, mean, rstd, wrap=_no_wrap):
     """Gradients of layer norm. dy, x (N, C) with contiguous last dims. Returns dx (N, C), dweight (C,), dbias (C,)."""
     n_rows, n_cols = x.shape
+    weight = weight.contiguous()  # the kernel indexes it as a dense vector
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dweight = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
     dbias = torch.empty(n_cols, dtype=weight.dtype, device=x.device)

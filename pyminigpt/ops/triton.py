@@ -113,8 +113,7 @@ autograd.register("pyminigpt_triton", softmax_bwd, layer_norm_bwd, causal_attent
 
 
 def layer_norm(x, weight, bias, eps):
-    # the kernels index weight and bias as contiguous vectors
-    y, _mean, _rstd = layer_norm_fwd(_rows(x), weight.contiguous(), bias.contiguous(), eps)
+    y, _mean, _rstd = layer_norm_fwd(_rows(x), weight, bias, eps)
     return y.view(x.shape)
 
 
