@@ -50,10 +50,11 @@ inline void store_float(const fVec& v, scalar_t* p, int64_t count = fVec::size()
   }
 }
 
-// The largest (the sum) of v's lanes.
+// The largest of v's lanes.
 inline float reduce_max(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, v);
 }
+// The sum of v's lanes.
 inline float reduce_sum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
 
 }  // namespace pyminigpt::cpu::CPU_CAPABILITY
