@@ -14,8 +14,10 @@
 //     reduce each accumulator across its lanes, add the bias
 //
 // Memory traffic: N * K weights read once (4 bytes fp32, 2 bytes bf16), M * (K + N) for x
-// and y. bf16 weights halve the bytes; the arithmetic stays fp32 (widening bf16 is a shift),
-// so no AVX512_BF16 / AMX is needed. Storage of x, W, b and y: all float, or all bfloat16.
+// and y. bf16 weights halve the bytes; the arithmetic stays fp32 (widening bf16 is a shift).
+// On CPUs with AVX512_BF16, bf16 skips the widening: VDPBF16PS multiplies 16 pairs of bf16 and
+// adds both products of a pair to an fp32 lane, 32 multiply-adds in one instruction (see
+// linear_columns_dot_bf16). Storage of x, W, b and y: all float, or all bfloat16.
 // Inputs with more rows than kLinearMaxRows go to ATen's GEMM, which reuses each weight across
 // the rows. Which row counts are worth sending here is the caller's choice
 // (pyminigpt/ops/native.py, LINEAR_MAX_ROWS, with its measurements).
@@ -29,6 +31,7 @@
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -116,17 +119,91 @@ void linear_columns(const float* xf, const scalar_t* w, const scalar_t* bias, sc
   for (; n < n1; ++n) linear_block<M, 1>(xf, w, bias, y, K, N, n);
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && (defined(__GNUC__) || defined(__clang__))
+#define PYMINIGPT_LINEAR_DOT_BF16 1
+#include <immintrin.h>
+#endif
+
+// Whether bf16 runs on linear_columns_dot_bf16: compiled into the AVX512 variant only, and run
+// only on a CPU with AVX512_BF16 (Intel from Cooper Lake, AMD from Zen 4).
+bool use_dot_bf16() {
+#ifdef PYMINIGPT_LINEAR_DOT_BF16
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#ifdef PYMINIGPT_LINEAR_DOT_BF16
+
+// y[:, n0:n1] for M rows of bf16 x against bf16 weights, with VDPBF16PS (AVX512_BF16):
+//
+//   acc[m].lane[i] += W[n, k + 2i] * x[m, k + 2i] + W[n, k + 2i + 1] * x[m, k + 2i + 1]
+//
+// for 32 weights of row n at a time, read once for all M rows. The product of two bf16 is
+// exact in fp32, so this is the widening kernel's arithmetic (in another summation order),
+// except that the instruction treats denormal inputs and results as zero. One weight row at a
+// time, as for few rows above; here M <= 8 accumulators and one chunk of weights fit in
+// registers whatever M. The function is compiled for AVX512_BF16 on its own and only called
+// when the CPU has it.
+template <int M>
+__attribute__((target("avx512bf16"))) void linear_columns_dot_bf16(const at::BFloat16* x, const at::BFloat16* w,
+                                                                  const at::BFloat16* bias, at::BFloat16* y,
+                                                                  int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int64_t kChunk = 32;  // bf16 per 512-bit register
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K % kChunk)) - 1);  // the last, partial chunk
+  for (int64_t n = n0; n < n1; ++n) {
+    const at::BFloat16* w_row = w + n * K;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + kChunk <= K; k += kChunk) {
+      const __m512bh weights = (__m512bh)_mm512_loadu_si512(w_row + k);
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm512_dpbf16_ps(acc[m], weights, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+      }
+    }
+    if (k < K) {  // masked loads zero the lanes past K, which then add nothing
+      const __m512bh weights = (__m512bh)_mm512_maskz_loadu_epi16(tail, w_row + k);
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm512_dpbf16_ps(acc[m], weights, (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k));
+      }
+    }
+    const float b = bias == nullptr ? 0.f : static_cast<float>(bias[n]);
+    for (int m = 0; m < M; ++m) y[m * N + n] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[m]) + b);
+  }
+}
+#endif
+
+// Blocks of output columns per task: ~64 KiB of weights, enough to amortise the task.
 template <int M, typename scalar_t>
-void linear_rows(const float* xf, const scalar_t* w, const scalar_t* bias, scalar_t* y, int64_t K, int64_t N) {
-  // Blocks of output columns per task: ~64 KiB of weights, enough to amortise the task.
-  const int64_t grain = std::max<int64_t>(rows_per_block(M), 65536 / (K * static_cast<int64_t>(sizeof(scalar_t))));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { linear_columns<M>(xf, w, bias, y, K, N, n0, n1); });
+int64_t columns_per_task(int64_t K) {
+  return std::max<int64_t>(rows_per_block(M), 65536 / (K * static_cast<int64_t>(sizeof(scalar_t))));
+}
+
+// x: the M rows as stored (read by the VDPBF16PS kernel), xf: widened to fp32 (read by the others).
+template <int M, typename scalar_t>
+void linear_rows(const scalar_t* x, const float* xf, const scalar_t* w, const scalar_t* bias, scalar_t* y, int64_t K,
+                 int64_t N) {
+#ifdef PYMINIGPT_LINEAR_DOT_BF16
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (use_dot_bf16()) {
+      at::parallel_for(0, N, columns_per_task<1, scalar_t>(K), [&](int64_t n0, int64_t n1) {
+        linear_columns_dot_bf16<M>(x, w, bias, y, K, N, n0, n1);
+      });
+      return;
+    }
+  }
+#endif
+  at::parallel_for(0, N, columns_per_task<M, scalar_t>(K),
+                   [&](int64_t n0, int64_t n1) { linear_columns<M>(xf, w, bias, y, K, N, n0, n1); });
 }
 
 template <typename scalar_t, int... Ms>
-void linear_dispatch(int64_t M, std::integer_sequence<int, Ms...>, const float* xf, const scalar_t* w,
-                     const scalar_t* bias, scalar_t* y, int64_t K, int64_t N) {
-  ((M == Ms + 1 ? linear_rows<Ms + 1>(xf, w, bias, y, K, N) : void()), ...);
+void linear_dispatch(int64_t M, std::integer_sequence<int, Ms...>, const scalar_t* x, const float* xf,
+                     const scalar_t* w, const scalar_t* bias, scalar_t* y, int64_t K, int64_t N) {
+  ((M == Ms + 1 ? linear_rows<Ms + 1>(x, xf, w, bias, y, K, N) : void()), ...);
 }
 
 }  // namespace
@@ -150,13 +227,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (M == 0 || M > kLinearMaxRows || K == 0) return at::linear(x, weight, bias);
   at::Tensor y = at::empty({M, N}, x.options());
   if (N == 0) return y;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();  // M * K floats: a few KiB, kept in L1
+  const at::Tensor xc = x.contiguous();
+  const bool widen_x = !(x.scalar_type() == at::kBFloat16 && use_dot_bf16());
+  const at::Tensor xf = widen_x ? xc.to(at::kFloat) : at::Tensor();  // M * K floats: a few KiB, kept in L1
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   PYMINIGPT_DISPATCH_FLOAT_AND_BFLOAT16(x.scalar_type(), "linear", [&] {
-    linear_dispatch(M, std::make_integer_sequence<int, kLinearMaxRows>{}, xf.const_data_ptr<float>(),
-                    w.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                    y.mutable_data_ptr<scalar_t>(), K, N);
+    linear_dispatch(M, std::make_integer_sequence<int, kLinearMaxRows>{}, xc.const_data_ptr<scalar_t>(),
+                    widen_x ? xf.const_data_ptr<float>() : nullptr, w.const_data_ptr<scalar_t>(),
+                    b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), K, N);
   });
   return y;
 }
