@@ -106,12 +106,29 @@ def test_cached_generation_equals_recomputing_everything(pair, prompts):
     assert torch.equal(got, seq)
 
 
+class RowwiseRepetitionPenalty:
+    """transformers' repetition penalty with each row's left padding ignored: one processor per row.
+
+    transformers' generate ignores the padding since 5.2x (a per-row `prompt_ignore_length`
+    tensor); an int, which every 5.x takes, describes one row.
+    """
+
+    def __init__(self, penalty, mask):
+        padding = (mask != 0).int().argmax(dim=1).tolist() if mask is not None else None
+        self.rows = [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=n) for n in padding or [0]]
+        self.per_row = padding is not None
+
+    def __call__(self, input_ids, scores):
+        if not self.per_row:
+            return self.rows[0](input_ids, scores)
+        return torch.cat([row(input_ids[i : i + 1], scores[i : i + 1]) for i, row in enumerate(self.rows)])
+
+
 def hf_processors(mask, temperature, top_k, top_p, repetition_penalty, min_tokens_to_keep=1):
     """transformers' processors, in the order generate builds them (prompt padding ignored by the penalty)."""
     processors = LogitsProcessorList()
     if repetition_penalty != 1.0:
-        padding = (mask != 0).int().argmax(dim=1) if mask is not None else None
-        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=padding))
+        processors.append(RowwiseRepetitionPenalty(repetition_penalty, mask))
     if temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))
     if top_k != 0:

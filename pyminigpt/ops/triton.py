@@ -26,6 +26,13 @@ except ImportError:  # a source checkout run with PYTHONPATH: the top-level kern
     from kernels import softmax as softmax_kernels
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _wrap(kernel):
+    """`wrap_triton(kernel)`; under the interpreter the kernel itself, which is what torch 2.13's
+    wrap_triton returns there (torch 2.11 raises on the interpreter's kernels with triton 3.6)."""
+    return kernel if _INTERPRET else wrap_triton(kernel)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -43,12 +50,12 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 @triton_op("pyminigpt_triton::softmax_fwd", mutates_args=())
 def softmax_fwd(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    return softmax_kernels.softmax_fwd(x, temperature, wrap=wrap_triton)
+    return softmax_kernels.softmax_fwd(x, temperature, wrap=_wrap)
 
 
 @triton_op("pyminigpt_triton::softmax_bwd", mutates_args=())
 def softmax_bwd(y: torch.Tensor, grad_y: torch.Tensor, temperature: float) -> torch.Tensor:
-    return softmax_kernels.softmax_bwd(y, grad_y, temperature, wrap=wrap_triton)
+    return softmax_kernels.softmax_bwd(y, grad_y, temperature, wrap=_wrap)
 
 
 # ---- layer norm -----------------------------------------------------------------------
@@ -58,14 +65,14 @@ def softmax_bwd(y: torch.Tensor, grad_y: torch.Tensor, temperature: float) -> to
 def layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm.layer_norm_fwd(x, weight, bias, eps, wrap=wrap_triton)
+    return layernorm.layer_norm_fwd(x, weight, bias, eps, wrap=_wrap)
 
 
 @triton_op("pyminigpt_triton::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm.layer_norm_bwd(grad_y, x, weight, mean, rstd, wrap=wrap_triton)
+    return layernorm.layer_norm_bwd(grad_y, x, weight, mean, rstd, wrap=_wrap)
 
 
 # ---- top-k / top-p filter and sampling (not differentiable) ----------------------------
@@ -73,14 +80,14 @@ def layer_norm_bwd(
 
 @triton_op("pyminigpt_triton::top_k_top_p_filter", mutates_args=())
 def top_k_top_p_filter_op(logits: torch.Tensor, top_k: int, top_p: float, min_tokens_to_keep: int) -> torch.Tensor:
-    return sampling.top_k_top_p_filter(logits, top_k, top_p, min_tokens_to_keep, wrap=wrap_triton)
+    return sampling.top_k_top_p_filter(logits, top_k, top_p, min_tokens_to_keep, wrap=_wrap)
 
 
 @triton_op("pyminigpt_triton::sample", mutates_args=())
 def sample_op(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: torch.Tensor
 ) -> torch.Tensor:
-    return sampling.sample(logits, temperature, top_k, top_p, uniform, wrap=wrap_triton)
+    return sampling.sample(logits, temperature, top_k, top_p, uniform, wrap=_wrap)
 
 
 # ---- causal attention -----------------------------------------------------------------
@@ -90,7 +97,7 @@ def sample_op(
 def causal_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention.attention_fwd(q, k, v, scale, wrap=wrap_triton)
+    return attention.attention_fwd(q, k, v, scale, wrap=_wrap)
 
 
 @triton_op("pyminigpt_triton::causal_attention_bwd", mutates_args=())
@@ -103,7 +110,7 @@ def causal_attention_bwd(
     lse: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention.attention_bwd(grad_out, q, k, v, out, lse, scale, wrap=wrap_triton)
+    return attention.attention_bwd(grad_out, q, k, v, out, lse, scale, wrap=_wrap)
 
 
 autograd.register("pyminigpt_triton", softmax_bwd, layer_norm_bwd, causal_attention_bwd)
@@ -139,7 +146,7 @@ def _triton_runs_on(t: torch.Tensor) -> bool:
     stream); CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
     if t.device.type == "cuda":
         return t.device.index is None or t.device.index == torch.cuda.current_device()
-    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return t.device.type == "cpu" and _INTERPRET
 
 
 def _supports_layer_norm(x, weight, bias, eps):
