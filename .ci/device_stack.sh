@@ -15,8 +15,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-/tmp/device-stack}
 PY=$VENV/bin/python
 if [ ! -x "$PY" ]; then
-  python3 -m venv "$VENV"
-  "$PY" -m pip install --quiet "torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" "numpy<2.5" \
+  python3 -m venv "$VENV"  # numpy < 2.4: the Triton interpreter fails on newer ones, as in the Makefile
+  "$PY" -m pip install --quiet "torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" "numpy<2.4" \
     tokenizers safetensors tqdm matplotlib pytest pytest-benchmark pytest-xdist expecttest ninja
 fi
 "$PY" -c "import torch, triton, transformers, setuptools; print('torch', torch.__version__, '| triton', \
