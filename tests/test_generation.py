@@ -109,8 +109,8 @@ def test_cached_generation_equals_recomputing_everything(pair, prompts):
 class RowwiseRepetitionPenalty:
     """transformers' repetition penalty with each row's left padding ignored: one processor per row.
 
-    transformers' generate ignores the padding since 5.2x (a per-row `prompt_ignore_length`
-    tensor); an int, which every 5.x takes, describes one row.
+    transformers 5.24's generate ignores the padding through a per-row `prompt_ignore_length`
+    tensor, which 5.17 (the GPU machine's) does not take; an int, which both take, describes one row.
     """
 
     def __init__(self, penalty, mask):
