@@ -12,6 +12,9 @@
 #              issues' targets (triton_gpu.md, cuda_gpu.md)
 #   bench-e2e  bench/test_bench_e2e.py: generate and the training step against transformers
 #   bench-ops  the pytest-benchmark op suites (bench/test_bench_<op>.py), short rounds
+#   sanitize   compute-sanitizer memcheck, then racecheck, over the op tests of the cuda
+#              backend, checking only pyminigpt's kernels (SANITIZER_FILTER; empty: all) with
+#              PyTorch's caching allocator off, so that memcheck sees each tensor's own bounds
 # Each stage runs under a time limit (TIMEOUT_<STAGE>, seconds) and even when an earlier one
 # failed, except that nothing runs on a failed build; the exit status is the first failure's.
 # Every log lands in RESULTS_DIR. With $OUT set (the lent-device tool), the default
@@ -97,6 +100,14 @@ else
     wants bench-ops && bench bench-ops "${TIMEOUT_BENCH_OPS:-300}" bench/test_bench_attention.py \
         bench/test_bench_layer_norm.py bench/test_bench_softmax.py bench/test_bench_sampling.py \
         --benchmark-max-time=0.1
+    if wants sanitize; then
+        op_tests=(tests/test_op_layer_norm.py tests/test_op_softmax.py tests/test_op_sampling.py tests/test_op_attention.py)
+        for tool in memcheck racecheck; do
+            stage "$tool" "${TIMEOUT_SANITIZE:-240}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+                compute-sanitizer --tool "$tool" --error-exitcode 99 ${SANITIZER_FILTER---kernel-name kns=pyminigpt} \
+                $PYTHON -m pytest "${op_tests[@]}" -q -x -p no:xdist -p no:cacheprovider -k "cuda and not triton"
+        done
+    fi
 fi
 
 {
