@@ -114,14 +114,19 @@ class RowwiseRepetitionPenalty:
     """
 
     def __init__(self, penalty, mask):
-        padding = (mask != 0).int().argmax(dim=1).tolist() if mask is not None else None
-        self.rows = [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=n) for n in padding or [0]]
-        self.per_row = padding is not None
+        self.penalty = penalty
+        self.padding = None if mask is None else (mask != 0).int().argmax(dim=1).tolist()  # leading zeros per row
 
     def __call__(self, input_ids, scores):
-        if not self.per_row:
-            return self.rows[0](input_ids, scores)
-        return torch.cat([row(input_ids[i : i + 1], scores[i : i + 1]) for i, row in enumerate(self.rows)])
+        if self.padding is None:
+            return RepetitionPenaltyLogitsProcessor(self.penalty)(input_ids, scores)
+        rows = [
+            RepetitionPenaltyLogitsProcessor(self.penalty, prompt_ignore_length=n)(
+                input_ids[i : i + 1], scores[i : i + 1]
+            )
+            for i, n in enumerate(self.padding)
+        ]
+        return torch.cat(rows)
 
 
 def hf_processors(mask, temperature, top_k, top_p, repetition_penalty, min_tokens_to_keep=1):
