@@ -176,10 +176,11 @@ __attribute__((target("avx512bf16"))) void linear_columns_dot_bf16(const at::BFl
 }
 #endif
 
-// Blocks of output columns per task: ~64 KiB of weights, enough to amortise the task.
-template <int M, typename scalar_t>
-int64_t columns_per_task(int64_t K) {
-  return std::max<int64_t>(rows_per_block(M), 65536 / (K * static_cast<int64_t>(sizeof(scalar_t))));
+// Output columns per task: ~64 KiB of weights, enough to amortise the task, and at least one
+// block of `block` weight rows.
+template <typename scalar_t>
+int64_t columns_per_task(int64_t K, int64_t block) {
+  return std::max<int64_t>(block, 65536 / (K * static_cast<int64_t>(sizeof(scalar_t))));
 }
 
 // x: the M rows as stored (read by the VDPBF16PS kernel), xf: widened to fp32 (read by the others).
@@ -189,14 +190,14 @@ void linear_rows(const scalar_t* x, const float* xf, const scalar_t* w, const sc
 #ifdef PYMINIGPT_LINEAR_DOT_BF16
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (use_dot_bf16()) {
-      at::parallel_for(0, N, columns_per_task<1, scalar_t>(K), [&](int64_t n0, int64_t n1) {
+      at::parallel_for(0, N, columns_per_task<scalar_t>(K, 1), [&](int64_t n0, int64_t n1) {
         linear_columns_dot_bf16<M>(x, w, bias, y, K, N, n0, n1);
       });
       return;
     }
   }
 #endif
-  at::parallel_for(0, N, columns_per_task<M, scalar_t>(K),
+  at::parallel_for(0, N, columns_per_task<scalar_t>(K, rows_per_block(M)),
                    [&](int64_t n0, int64_t n1) { linear_columns<M>(xf, w, bias, y, K, N, n0, n1); });
 }
 
