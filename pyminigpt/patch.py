@@ -1,6 +1,6 @@
 """Switch a live transformers `GPT2LMHeadModel` to pyminigpt's kernels, in place, and back.
 
-    patch_hf_gpt2(model)    # layer norms, attention and sampling now run on pyminigpt.ops
+    patch_hf_gpt2(model)    # layer norms, attention, the GELU and sampling now run on fused kernels
     unpatch_hf_gpt2(model)  # exactly the model it was before
 
 What changes (nothing else does; the weights are not touched or copied):
@@ -14,6 +14,12 @@ What changes (nothing else does; the weights are not touched or copied):
   Otherwise (padding, a prefill that continues a cache) the original implementation runs
   with its own mask; attention dropout while training (no mask) runs on transformers' SDPA. Like SDPA it
   returns no attention weights (`output_attentions` needs the unpatched, eager model).
+- MLP activation: every `NewGELUActivation` (GPT-2's `gelu_new`, transformers' tanh GELU
+  written as eight elementwise ops, each a kernel launch and, when training, a saved tensor)
+  gets an instance `forward` that calls `F.gelu(x, approximate="tanh")`: torch's one fused
+  kernel for the same function, which pyminigpt's own model uses (the two differ by fp32
+  rounding, at most 2.4e-7 over 3M normal inputs). Forward + backward over (4, 256, 3072)
+  on the 2-core CPU: 22 ms -> 6 ms per layer.
 - Sampling in `generate`: `model.generate` becomes a wrapper that, for multinomial sampling
   (do_sample, one beam, no top-h), replaces transformers' temperature, top-k and top-p
   warpers by one `FusedSamplingWarper` placed where they would have been (after every other
@@ -30,6 +36,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -70,6 +77,20 @@ def _patchable_layer_norms(model: nn.Module) -> list[nn.LayerNorm]:
         for m in model.modules()
         if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 and m.weight is not None and m.bias is not None
     ]
+
+
+# ---- activation -------------------------------------------------------------------------
+
+
+def _gelu_tanh_forward(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _patchable_activations(model: nn.Module) -> list[nn.Module]:
+    """GPT-2's gelu_new activations (transformers' NewGELUActivation)."""
+    from transformers.activations import NewGELUActivation
+
+    return [m for m in model.modules() if isinstance(m, NewGELUActivation)]
 
 
 # ---- attention --------------------------------------------------------------------------
@@ -167,6 +188,9 @@ def patch_hf_gpt2(model):
     norms = _patchable_layer_norms(model)
     for norm in norms:
         norm.forward = functools.partial(_layer_norm_forward, norm)
+    activations = _patchable_activations(model)
+    for activation in activations:
+        activation.forward = _gelu_tanh_forward
     model.config._attn_implementation = _register_attention(original_attention)
     had_own_generate = "generate" in vars(model)
     original_generate = model.generate
@@ -174,19 +198,24 @@ def patch_hf_gpt2(model):
     setattr(
         model,
         PATCH_ATTRIBUTE,
-        {"attention": original_attention, "norms": norms, "generate": original_generate if had_own_generate else None},
+        {
+            "attention": original_attention,
+            "norms": norms,
+            "activations": activations,
+            "generate": original_generate if had_own_generate else None,
+        },
     )
     return model
 
 
 def unpatch_hf_gpt2(model):
-    """Undo `patch_hf_gpt2`: the original layer norms, attention and generate; returns model."""
+    """Undo `patch_hf_gpt2`: the original layer norms, activations, attention and generate; returns model."""
     _check_gpt2(model)
     record = getattr(model, PATCH_ATTRIBUTE, None)
     if record is None:
         raise ValueError("model is not patched by pyminigpt.patch_hf_gpt2")
-    for norm in record["norms"]:
-        del norm.forward
+    for module in (*record["norms"], *record["activations"]):
+        del module.forward
     model.config._attn_implementation = record["attention"]
     if record["generate"] is None:
         del model.generate

@@ -71,6 +71,21 @@ def test_patched_logits_match_and_run_the_kernels(attn_implementation, n_layer, 
     assert kernel_calls["causal_attention"] == [input_ids.shape[1]] * n_layer
 
 
+def test_gelu_new_runs_as_torchs_fused_tanh_gelu(monkeypatch):
+    model = _hf_model(n_layer=3)
+    x = torch.randn(2, 5, 4 * 48)
+    expected = [m(x) for m in model.modules() if isinstance(m, transformers.activations.NewGELUActivation)]
+    assert len(expected) == 3
+    pyminigpt.patch_hf_gpt2(model)
+    calls = []
+    gelu = torch.nn.functional.gelu
+    monkeypatch.setattr(torch.nn.functional, "gelu", lambda t, **kw: calls.append(kw) or gelu(t, **kw))
+    patched = [m for m in model.modules() if isinstance(m, transformers.activations.NewGELUActivation)]
+    for activation, want in zip(patched, expected):
+        torch.testing.assert_close(activation(x), want, rtol=1e-6, atol=1e-6)
+    assert calls == [{"approximate": "tanh"}] * 3
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_padding_falls_back_to_the_original_attention(attn_implementation, kernel_calls):
     model = _hf_model(attn_implementation=attn_implementation)
