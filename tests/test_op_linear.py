@@ -35,7 +35,7 @@ def _check(got, x, weight, bias):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
-@pytest.mark.parametrize("k, n", [(768, 2304), (80, 7), (33, 1), (769, 50), (0, 5)])
+@pytest.mark.parametrize("k, n", [(768, 2304), (80, 7), (33, 1), (769, 50), (5, 3), (0, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_float64(rows, k, n, dtype):
     x, weight, bias = _inputs(rows, k, n, dtype)
