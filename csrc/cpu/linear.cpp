@@ -36,6 +36,12 @@
 #include <type_traits>
 #include <utility>
 
+// The AVX512 variant of this file also has a VDPBF16PS kernel for bf16 (linear_columns_dot_bf16).
+#if defined(CPU_CAPABILITY_AVX512) && (defined(__GNUC__) || defined(__clang__))
+#define PYMINIGPT_LINEAR_DOT_BF16 1
+#include <immintrin.h>
+#endif
+
 namespace pyminigpt::cpu::CPU_CAPABILITY {
 namespace {
 
@@ -118,11 +124,6 @@ void linear_columns(const float* xf, const scalar_t* w, const scalar_t* bias, sc
   for (; n + R <= n1; n += R) linear_block<M, R>(xf, w, bias, y, K, N, n);
   for (; n < n1; ++n) linear_block<M, 1>(xf, w, bias, y, K, N, n);
 }
-
-#if defined(CPU_CAPABILITY_AVX512) && (defined(__GNUC__) || defined(__clang__))
-#define PYMINIGPT_LINEAR_DOT_BF16 1
-#include <immintrin.h>
-#endif
 
 // Whether bf16 runs on linear_columns_dot_bf16: compiled into the AVX512 variant only, and run
 // only on a CPU with AVX512_BF16 (Intel from Cooper Lake, AMD from Zen 4).
