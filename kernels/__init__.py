@@ -2,8 +2,8 @@
 
 Each module holds the `@triton.jit` kernels of one op and a plain launcher per kernel.
 A launcher takes `wrap`, applied to every kernel before it is launched: the identity for
-eager use, `torch.library.wrap_triton` when called from a `triton_op` (pyminigpt/ops/triton.py)
-so that torch.compile can trace the launch.
+eager use, `torch.library.wrap_triton` when called from a `triton_op` (pyminigpt/ops/triton.py;
+the identity there too under the interpreter) so that torch.compile can trace the launch.
 """
 
 import os
@@ -11,9 +11,11 @@ import os
 import triton
 import triton.language as tl
 
-# The interpreter (TRITON_INTERPRET=1, triton 3.x) converts fp32 to bf16 by truncation;
-# `rounded_to` does the round-to-nearest-even itself there. Compiled kernels skip it.
-_INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# Whether the kernels run in the interpreter (TRITON_INTERPRET=1, on CPU tensors) instead of compiled.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter (triton 3.x) converts fp32 to bf16 by truncation; `rounded_to` does the
+# round-to-nearest-even itself there. Compiled kernels skip it.
+_INTERPRETER = tl.constexpr(INTERPRET)
 
 
 def _no_wrap(kernel):

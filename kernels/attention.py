@@ -38,13 +38,11 @@ fp32 inputs use IEEE fp32 dots (tf32 would cost ~1e-3 relative error); fp16/bf16
 tensor cores and accumulate in fp32.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import _no_wrap, rounded_to
+from . import INTERPRET, _no_wrap, rounded_to
 
 # constexpr: a compiled @triton.jit function may read only constexpr globals (the
 # interpreter reads any global, so only a GPU compile would catch a plain float here)
@@ -52,8 +50,6 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 128
 MAX_BATCH_HEADS = 65535  # batch * heads is grid axis 1 (queries or keys go on axis 0)
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # fp32 dots ("ieee") run on CUDA cores, not tensor cores, and hold their tiles in registers:
@@ -64,7 +60,7 @@ _FP32_TILES = ({"BLOCK_M": 32, "BLOCK_N": 32}, {"BLOCK_M": 16, "BLOCK_N": 16})
 
 
 def _forward_configs():
-    if _INTERPRET:  # the interpreter cannot benchmark configs, and small blocks run faster there
+    if INTERPRET:  # the interpreter cannot benchmark configs, and small blocks run faster there
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
@@ -89,7 +85,7 @@ def _prune_forward_configs(configs, named_args, **kwargs):
 
 def _backward_config(dtype: torch.dtype) -> dict:
     """Block sizes of the two backward kernels (dk/dv: M1 x N1, dq: M2 x N2)."""
-    if _INTERPRET:
+    if INTERPRET:
         return {"BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:  # CUDA-core dots: small tiles, no register spills up to head dim 128 on sm_90
         return {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16, "num_warps": 4, "num_stages": 2}
@@ -102,7 +98,7 @@ def _padded_head_dim(head_dim: int) -> int:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """ "ieee": exact fp32 products (fp32 inputs; bf16 under the interpreter, see `_dot`); else tensor-core default."""
-    return "ieee" if dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16) else "tf32"
+    return "ieee" if dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16) else "tf32"
 
 
 @triton.jit
@@ -554,7 +550,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
             scale,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            BLOCK_N=16 if _INTERPRET else (64 if block_d <= 64 else 32),  # D = 128: 64 keys spill registers
+            BLOCK_N=16 if INTERPRET else (64 if block_d <= 64 else 32),  # D = 128: 64 keys spill registers
             num_warps=4,
         )
         wrap(attention_decode_combine_kernel)[(batch * heads,)](

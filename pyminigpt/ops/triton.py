@@ -11,28 +11,25 @@ The kernels run on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.library import triton_op, wrap_triton
 
 from . import autograd, dispatch
 
 try:
-    from pyminigpt.kernels import attention, layernorm, sampling
+    from pyminigpt.kernels import INTERPRET, attention, layernorm, sampling
     from pyminigpt.kernels import softmax as softmax_kernels
 except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
-    from kernels import attention, layernorm, sampling
+    from kernels import INTERPRET, attention, layernorm, sampling
     from kernels import softmax as softmax_kernels
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _wrap(kernel):
     """`wrap_triton(kernel)`; under the interpreter the kernel itself, which is what torch 2.13's
     wrap_triton returns there (torch 2.11 raises on the interpreter's kernels with triton 3.6)."""
-    return kernel if _INTERPRET else wrap_triton(kernel)
+    return kernel if INTERPRET else wrap_triton(kernel)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +143,7 @@ def _triton_runs_on(t: torch.Tensor) -> bool:
     stream); CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
     if t.device.type == "cuda":
         return t.device.index is None or t.device.index == torch.cuda.current_device()
-    return t.device.type == "cpu" and _INTERPRET
+    return t.device.type == "cpu" and INTERPRET
 
 
 def _supports_layer_norm(x, weight, bias, eps):
