@@ -210,8 +210,8 @@ class CausalSelfAttention(nn.Module):
         # (B, T, 3C) -> three (B, H, T, D) views of it in one reshape (no copies)
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
-            # under autocast q, k, v come out in its dtype; attention with a cache runs in the cache's
-            q, k, v = q.to(cache.dtype), k.to(cache.dtype), v.to(cache.dtype)
+            if q.dtype != cache.dtype:  # under autocast q, k, v come out in its dtype; the cache keeps its own
+                q, k, v = q.to(cache.dtype), k.to(cache.dtype), v.to(cache.dtype)
             k, v = cache.update(layer, k, v)
         dropout_p = self.attn_pdrop if self.training else 0.0
         weights = None
