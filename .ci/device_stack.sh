@@ -22,11 +22,7 @@ fi
 "$PY" -c "import torch, triton, transformers, setuptools; print('torch', torch.__version__, '| triton', \
 triton.__version__, '| transformers', transformers.__version__, '| setuptools', setuptools.__version__)"
 
-# CUDA_HOME from nvcc, as gpu_check.sh finds it (nvcc may be a wrapper script)
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
-  top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-  [ -n "$top" ] && export CUDA_HOME=$top
-fi
+source "$repo/.ci/cuda_home.sh"  # CUDA_HOME from nvcc when unset, as gpu_check.sh
 rm -rf "$VENV/src" && git clone --quiet "$repo" "$VENV/src" && cd "$VENV/src"
 PYMINIGPT_BUILD_CUDA=1 MAX_JOBS=2 "$PY" -m pip install --quiet --no-build-isolation --no-deps --no-index -e .
 "$PY" -m pyminigpt info

@@ -39,12 +39,7 @@ mkdir -p "$results"
 results=$(cd "$results" && pwd)
 export PYMINIGPT_RESULTS_DIR=$results
 
-# torch finds the toolkit through CUDA_HOME or nvcc's folder; where nvcc is a wrapper script
-# (e.g. /usr/local/bin/nvcc) that guess is wrong, so ask nvcc where its toolkit is.
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
-    top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-    [ -n "$top" ] && [ -f "$top/include/cuda_runtime_api.h" ] && export CUDA_HOME=$top
-fi
+source .ci/cuda_home.sh  # CUDA_HOME from nvcc when unset
 
 status=0
 summary=()
