@@ -1,12 +1,13 @@
 """Helpers for the op tests: poisoned memory, error measurement, the low-precision rule,
-and skipping the inputs a CUDA backend declines by its documented limits."""
+the sampling checks (the kept set, the draws), and skipping the inputs a CUDA backend
+declines by its documented limits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pyminigpt.ops import dispatch
+from pyminigpt.ops import dispatch, reference
 
 # The documented input limits of the kernel backends on CUDA, by (backend, op). `auto` sends
 # inputs outside them to another backend, so a strict test of such an input is skipped there.
@@ -65,3 +66,42 @@ def attention_low_precision(q, k, v, scale=None):
     visible = torch.arange(tk, device=q.device)[None, :] <= torch.arange(tq, device=q.device)[:, None] + (tk - tq)
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+# ---- sampling: the kept set and the draw, with the fp32 rounding the kernels may differ by
+
+
+def near_top_p_threshold(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Tokens whose ascending cumulative probability is within 1e-6 of 1 - top_p (float64)."""
+    top_k_only = reference.top_k_top_p_filter(logits.double(), top_k, 1.0)
+    if top_p >= 1.0:
+        return torch.zeros_like(logits, dtype=torch.bool)
+    sorted_logits, order = torch.sort(top_k_only, dim=-1, stable=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    near = (cumulative - (1.0 - top_p)).abs() < 1e-6
+    return near.scatter(-1, order, near)
+
+
+def assert_same_kept(got: torch.Tensor, expected: torch.Tensor, logits: torch.Tensor, ambiguous: torch.Tensor):
+    """The filter kept exactly `expected`'s set, outside `ambiguous`, and left kept logits unchanged."""
+    assert not torch.isnan(got).any(), "NaN in the filtered logits"
+    kept, expected_kept = got > float("-inf"), expected > float("-inf")
+    differ = (kept != expected_kept) & ~ambiguous
+    assert not differ.any(), f"kept sets differ at {differ.nonzero()[:10].tolist()}"
+    assert torch.equal(got[kept], logits[kept]), "kept logits must be unchanged"
+    assert (got[~kept] == float("-inf")).all()
+
+
+def assert_draws_match_reference(tokens, logits, temperature, top_k, top_p, uniform):
+    """Equal to the reference's draw, except where the uniform sits within 1e-6 of a bucket edge."""
+    logits, tokens, uniform = logits.cpu(), tokens.cpu(), uniform.cpu()
+    expected = reference.sample(logits, temperature, top_k, top_p, uniform)
+    kept = reference.top_k_top_p_filter(logits.double() / temperature, top_k, top_p) > float("-inf")
+    assert kept.gather(-1, tokens[:, None]).all(), "a draw outside the kept set"
+    for row in (tokens != expected).nonzero().flatten().tolist():
+        probs = torch.softmax(
+            reference.top_k_top_p_filter(logits[row : row + 1].double() / temperature, top_k, top_p), -1
+        )
+        cumulative = probs[0].cumsum(0)
+        edge = cumulative[min(tokens[row], expected[row])]
+        assert abs(edge.item() - uniform[row].item() * cumulative[-1].item()) < 1e-6, f"row {row}"

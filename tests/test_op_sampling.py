@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from conftest import INTERPRET
-from op_testing import poison
+from op_testing import assert_draws_match_reference, assert_same_kept, near_top_p_threshold, poison
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from pyminigpt import ops
@@ -58,24 +58,6 @@ def _transformers_filter(logits: torch.Tensor, top_k: int, top_p: float, min_kee
     return scores
 
 
-def _near_top_p_threshold(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Tokens whose ascending cumulative probability is within 1e-6 of 1 - top_p (float64)."""
-    top_k_only = reference.top_k_top_p_filter(logits.double(), top_k, 1.0)
-    if top_p >= 1.0:
-        return torch.zeros_like(logits, dtype=torch.bool)
-    sorted_logits, order = torch.sort(top_k_only, dim=-1, stable=True)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-    near = (cumulative - (1.0 - top_p)).abs() < 1e-6
-    return near.scatter(-1, order, near)
-
-
-def _assert_same_kept(got: torch.Tensor, expected: torch.Tensor, logits: torch.Tensor, ambiguous: torch.Tensor):
-    assert not torch.isnan(got).any(), "NaN in the filtered logits"
-    kept, expected_kept = got > float("-inf"), expected > float("-inf")
-    differ = (kept != expected_kept) & ~ambiguous
-    assert not differ.any(), f"kept sets differ at {differ.nonzero()[:10].tolist()}"
-    assert torch.equal(got[kept], logits[kept]), "kept logits must be unchanged"
-    assert (got[~kept] == float("-inf")).all()
 
 
 @pytest.mark.parametrize(
@@ -89,7 +71,7 @@ def test_filter_matches_transformers(backend, batch, vocab, top_k, top_p, min_ke
     got = ops.top_k_top_p_filter(logits, top_k, top_p, min_keep)
     assert got.shape == logits.shape and got.dtype == logits.dtype
     expected = _transformers_filter(logits.cpu(), top_k, top_p, min_keep)
-    _assert_same_kept(got.cpu(), expected, logits.cpu(), _near_top_p_threshold(logits.cpu(), top_k, top_p))
+    assert_same_kept(got.cpu(), expected, logits.cpu(), near_top_p_threshold(logits.cpu(), top_k, top_p))
 
 
 @pytest.mark.parametrize("top_k, top_p, min_keep", FILTERS)
@@ -99,7 +81,7 @@ def test_reference_filter_matches_transformers(batch, vocab, top_k, top_p, min_k
     logits = _logits(batch, vocab, "cpu", seed=vocab + top_k)
     got = reference.top_k_top_p_filter(logits, top_k, top_p, min_keep)
     expected = _transformers_filter(logits, top_k, top_p, min_keep)
-    _assert_same_kept(got, expected, logits, _near_top_p_threshold(logits, top_k, top_p))
+    assert_same_kept(got, expected, logits, near_top_p_threshold(logits, top_k, top_p))
 
 
 @pytest.mark.parametrize("top_k, top_p, min_keep", FILTERS)
@@ -113,11 +95,11 @@ def test_filter_ties_and_nan(backend, vocab, top_k, top_p, min_keep):
     got = ops.top_k_top_p_filter(logits, top_k, top_p, min_keep)
     expected = reference.top_k_top_p_filter(logits.cpu(), top_k, top_p, min_keep)
     clean = torch.nan_to_num(logits.cpu(), nan=float("-inf"))
-    _assert_same_kept(got.cpu(), expected, clean, _near_top_p_threshold(clean, top_k, top_p))
+    assert_same_kept(got.cpu(), expected, clean, near_top_p_threshold(clean, top_k, top_p))
     if top_p == 1.0:  # top-k alone: transformers agrees on ties too (NaN aside)
         rows = [0, 2, 3]
         hf = _transformers_filter(logits[rows].cpu(), top_k, top_p, min_keep)
-        _assert_same_kept(got[rows].cpu(), hf, clean[rows], torch.zeros_like(hf, dtype=torch.bool))
+        assert_same_kept(got[rows].cpu(), hf, clean[rows], torch.zeros_like(hf, dtype=torch.bool))
 
 
 def test_filter_bf16(backend):
@@ -125,8 +107,8 @@ def test_filter_bf16(backend):
     got = ops.top_k_top_p_filter(logits, 40, 0.8)
     assert got.dtype == torch.bfloat16
     expected = reference.top_k_top_p_filter(logits.cpu().float(), 40, 0.8)
-    ambiguous = _near_top_p_threshold(logits.cpu().float(), 40, 0.8)
-    _assert_same_kept(got.cpu().float(), expected, logits.cpu().float(), ambiguous)
+    ambiguous = near_top_p_threshold(logits.cpu().float(), 40, 0.8)
+    assert_same_kept(got.cpu().float(), expected, logits.cpu().float(), ambiguous)
 
 
 def test_filter_top_k_below_a_larger_logit_with_other_leading_bits(backend):
@@ -148,20 +130,6 @@ def test_filter_row_without_finite_logit(backend):
     ]
 
 
-def _assert_draws_match_reference(tokens, logits, temperature, top_k, top_p, uniform):
-    """Equal to the reference's draw, except where the uniform sits within 1e-6 of a bucket edge."""
-    logits, tokens, uniform = logits.cpu(), tokens.cpu(), uniform.cpu()
-    expected = reference.sample(logits, temperature, top_k, top_p, uniform)
-    kept = reference.top_k_top_p_filter(logits.double() / temperature, top_k, top_p) > float("-inf")
-    assert kept.gather(-1, tokens[:, None]).all(), "a draw outside the kept set"
-    for row in (tokens != expected).nonzero().flatten().tolist():
-        probs = torch.softmax(
-            reference.top_k_top_p_filter(logits[row : row + 1].double() / temperature, top_k, top_p), -1
-        )
-        cumulative = probs[0].cumsum(0)
-        edge = cumulative[min(tokens[row], expected[row])]
-        assert abs(edge.item() - uniform[row].item() * cumulative[-1].item()) < 1e-6, f"row {row}"
-
 
 @pytest.mark.parametrize(
     "batch, vocab, top_k, top_p, temperature",
@@ -176,7 +144,7 @@ def test_sample_matches_reference(backend, batch, vocab, top_k, top_p, temperatu
     poison(backend, batch)
     tokens = ops.dispatch.call("sample", logits, temperature, top_k, top_p, uniform)
     assert tokens.dtype == torch.int64 and tokens.shape == (batch,)
-    _assert_draws_match_reference(tokens, logits, temperature, top_k, top_p, uniform)
+    assert_draws_match_reference(tokens, logits, temperature, top_k, top_p, uniform)
 
 
 def test_sample_ties_and_nan(backend):
@@ -189,7 +157,7 @@ def test_sample_ties_and_nan(backend):
         assert not torch.isnan(logits[torch.arange(6), tokens]).any(), "drew a NaN logit"
         assert tokens[2].item() == 0
         tokens = ops.dispatch.call("sample", logits, 1.0, top_k, top_p, uniform)
-        _assert_draws_match_reference(tokens, torch.nan_to_num(logits, nan=float("-inf")), 1.0, top_k, top_p, uniform)
+        assert_draws_match_reference(tokens, torch.nan_to_num(logits, nan=float("-inf")), 1.0, top_k, top_p, uniform)
 
 
 def test_sample_is_reproducible_with_a_generator(backend):
