@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-python test-triton compile-triton compile-cuda test-native bench gpu-check clean
+.PHONY: install demo test test-python test-triton compile-triton compile-cuda test-cuda-emulated test-native bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,10 @@ demo: install
 
 # The tests import the installed package (not the source tree), which proves the wheel
 # carries everything: the extension, pyminigpt.kernels, the CLI.
-test: install test-python test-triton compile-triton test-native compile-cuda
+test: install test-python test-triton compile-triton test-native compile-cuda test-cuda-emulated
 
 test-python:
-	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu ../$(BIN)/pytest -q -p no:cacheprovider .
+	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu ../$(BIN)/pytest -q -p no:cacheprovider --ignore=cuda_emulator .
 
 # The Triton kernels on CPU tensors through the interpreter, at small sizes.
 test-triton:
@@ -47,6 +47,13 @@ compile-triton:
 # Every CUDA kernel through nvcc for sm_80 and sm_90 (skipped where there is no nvcc).
 compile-cuda:
 	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(BIN)/python bash .ci/compile_cuda.sh; else echo "nvcc not found: CUDA compile check skipped"; fi
+
+# The CUDA kernels' own code compiled by g++ and run on the CPU by tests/cuda_emulator/
+# (a thread per fiber, barriers, shuffles, ldmatrix and mma emulated), against the reference
+# ops. Needs the CUDA toolkit's headers, so it runs where nvcc is, like compile-cuda.
+test-cuda-emulated:
+	@if command -v nvcc >/dev/null 2>&1; then cd tests && ../$(BIN)/pytest -q -p no:cacheprovider cuda_emulator; \
+	else echo "nvcc not found: CUDA emulator tests skipped"; fi
 
 # The same C++ sources through CMake (CMakeLists.txt) and the native tests (ctest), against
 # the venv's torch (`make test` installs first; alone, run `make install` before).

@@ -1,0 +1,120 @@
+"""Builds the CUDA kernels of csrc/cuda/ for the CPU emulator, as one shared library.
+
+Each .cu file is copied with two mechanical rewrites that plain C++ cannot express:
+
+    kernel<<<grid, block, smem, stream>>>(args)    ->  ::emu::launch(kernel, grid, block, smem, stream, args)
+    extern __shared__ __align__(16) T name[];      ->  T* name = reinterpret_cast<T*>(::emu::dynamic_shared_memory());
+
+and compiled by g++ with include/ ahead of csrc/cuda/ (so that ptx.cuh, cuda_runtime.h and
+CUB's block scan are the emulator's) and include/emulator.h forced in first. Everything
+else is the kernels' own code. Needs the CUDA toolkit's headers (cuda_fp16.h and friends),
+found through CUDA_HOME or nvcc; no GPU and no CUDA library.
+
+    python tests/cuda_emulator/build_emulator.py    # prints the library's path
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+KERNELS = ROOT / "csrc" / "cuda"
+BUILD = ROOT / "build" / "cuda_emulator"
+
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[\w\s,:]*>)?)\s*<<<(.*?)>>>\(", re.DOTALL)
+DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w\s:]+?)\s+(\w+)\[\];")
+
+
+def rewrite(source: str) -> str:
+    source = LAUNCH.sub(lambda m: f"::emu::launch({m.group(1)}, {m.group(2)}, ", source)
+    return DYNAMIC_SHARED.sub(
+        lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::emu::dynamic_shared_memory());",
+        source,
+    )
+
+
+def cuda_include_dir() -> Path:
+    """The toolkit's include folder: $CUDA_HOME, else where nvcc says its toolkit is."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(Path(os.environ["CUDA_HOME"]) / "include")
+    if shutil.which("nvcc"):
+        dry = subprocess.run(
+            ["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        for line in dry.stderr.splitlines():
+            if line.startswith("#$ TOP="):
+                candidates.append(Path(line.removeprefix("#$ TOP=")) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for include in candidates:
+        if (include / "cuda_fp16.h").is_file():
+            return include
+    raise FileNotFoundError(
+        "the CUDA emulator needs the CUDA toolkit's headers (cuda_fp16.h); set CUDA_HOME or put nvcc on PATH"
+    )
+
+
+def sources() -> list[Path]:
+    return sorted(KERNELS.glob("*.cu")) + [HERE / "emulator.cpp", HERE / "exports.cpp"]
+
+
+def fingerprint(cuda_include: Path) -> str:
+    """Hash of every input of the build, so a stale library is never reused."""
+    digest = hashlib.sha256(str(cuda_include).encode())
+    inputs = sources() + sorted(KERNELS.glob("*.cuh")) + sorted(KERNELS.glob("*.h")) + sorted(HERE.rglob("*.h"))
+    inputs += sorted(HERE.rglob("*.cuh")) + [Path(__file__)]
+    for path in inputs:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build() -> Path:
+    """Compiles the library if its inputs changed; returns its path."""
+    cuda_include = cuda_include_dir()
+    out_dir = BUILD / fingerprint(cuda_include)
+    library = out_dir / "libcuda_emulated.so"
+    if library.exists():
+        return library
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flags = [
+        "-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
+        "-I", str(HERE / "include"), "-I", str(KERNELS), "-isystem", str(cuda_include),
+        "-include", str(HERE / "include" / "emulator.h"),
+    ]  # fmt: skip
+
+    def compile_one(src: Path) -> Path:
+        if src.suffix == ".cu":
+            copy = out_dir / (src.stem + ".cpp")
+            copy.write_text(f'#line 1 "{src}"\n' + rewrite(src.read_text()))
+            src = copy
+        obj = out_dir / (src.stem + ".o")
+        result = subprocess.run(
+            ["g++", *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"g++ failed on {src}:\n{result.stderr}")
+        if result.stderr:
+            print(result.stderr, file=sys.stderr)
+        return obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        objects = list(pool.map(compile_one, sources()))
+    partial = library.with_suffix(".so.partial")
+    subprocess.run(["g++", "-shared", "-o", str(partial), *map(str, objects)], check=True)
+    partial.rename(library)  # a library that exists is complete
+    return library
+
+
+if __name__ == "__main__":
+    print(build())

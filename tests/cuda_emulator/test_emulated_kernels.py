@@ -1,0 +1,290 @@
+"""The CUDA kernels of csrc/cuda/, run on the CPU by the emulator, against the reference ops.
+
+This checks what the kernels compute (indexing, fragment layouts, masks, barriers, the
+launch configuration) on a machine without a GPU; speed, and what only the hardware does,
+still need a GPU (bench/gpu_check.sh). Each case runs twice: with the first warp of a
+block running ahead of the others as far as the barriers let it, and with the last one
+(lanes reversed too): a missing barrier shows up in one of the two.
+
+Run with `make test-cuda-emulated` (needs the CUDA toolkit's headers, not a GPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import build_emulator
+import pytest
+import torch
+from op_testing import (
+    assert_draws_match_reference,
+    assert_low_precision_close,
+    assert_same_kept,
+    attention_low_precision,
+    near_top_p_threshold,
+)
+
+from pyminigpt.ops import reference
+
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+ALL_DTYPES = [torch.float32, *HALF_DTYPES]
+
+i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+SIGNATURES = {
+    "emu_configure": (None, [i32, i32]),
+    "emu_last_failure": (ctypes.c_char_p, []),
+    "emu_clear_failure": (None, []),
+    "layer_norm_unsupported": (ctypes.c_char_p, [i64, i64, i32, i32]),
+    "layer_norm_fwd": (i32, [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32]),
+    "layer_norm_bwd_workspace_bytes": (ctypes.c_size_t, [i64, i64]),
+    "layer_norm_bwd": (i32, [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32]),
+    "softmax_unsupported": (ctypes.c_char_p, [i64, i64, f32]),
+    "softmax_fwd": (i32, [ptr, ptr, i64, i64, f32, i32]),
+    "softmax_bwd": (i32, [ptr, ptr, ptr, i64, i64, f32, i32]),
+    "sampling_unsupported": (ctypes.c_char_p, [i64, i64, i64, f32, i64]),
+    "top_k_top_p_filter": (i32, [ptr, ptr, i64, i64, i64, f32, i64, i32]),
+    "sample": (i32, [ptr, ptr, ptr, i64, i64, f32, i64, f32, i32]),
+    "causal_attention_unsupported": (ctypes.c_char_p, [i64, i64, i64, i64, i64, i32]),
+    "causal_attention_fwd_workspace_bytes": (ctypes.c_size_t, [i64, i64, i64, i64, i64]),
+    "causal_attention_fwd": (i32, [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, i32]),
+    "causal_attention_bwd_workspace_bytes": (ctypes.c_size_t, [i64, i64, i64, i64]),
+    "causal_attention_bwd": (i32, [ptr] * 10 + [i64, i64, i64, i64, i64, f32, i32]),
+}
+
+
+@pytest.fixture(scope="module")
+def lib():
+    library = ctypes.CDLL(str(build_emulator.build()))
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(library, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return library
+
+
+@pytest.fixture(params=["first warp ahead", "last warp ahead"])
+def cuda(lib, request):
+    """The emulated kernels; `cuda.call(name, *args)` runs a launcher and fails the test with
+    the emulator's report if the launch does not succeed."""
+    lib.emu_configure(request.param == "last warp ahead", 132)
+    lib.emu_clear_failure()
+
+    class Kernels:
+        @staticmethod
+        def configure(sm_count: int) -> None:
+            lib.emu_configure(request.param == "last warp ahead", sm_count)
+
+        @staticmethod
+        def call(name: str, *args) -> None:
+            error = getattr(lib, name)(*args)
+            failure = lib.emu_last_failure().decode()
+            assert error == 0 and not failure, f"{name} returned cudaError {error}: {failure}"
+
+        @staticmethod
+        def workspace(name: str, *args) -> torch.Tensor:
+            """Scratch of the size the launcher's *_workspace_bytes function asks for, filled with 0xff."""
+            return torch.full((max(getattr(lib, name)(*args), 1),), 0xFF, dtype=torch.uint8)
+
+        @staticmethod
+        def supported(name: str, *args) -> None:
+            reason = getattr(lib, name)(*args)
+            assert reason is None, f"{name}: {reason.decode()}"
+
+    return Kernels()
+
+
+def p(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def nan_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An output buffer full of NaN, so an element the kernel never writes fails the test."""
+    return torch.full_like(t, float("nan"), dtype=dtype)
+
+
+# ---- layer norm ------------------------------------------------------------------------
+
+LAYER_NORM_SHAPES = [(1, 1), (3, 7), (4, 64), (5, 768), (2, 1000), (3, 4099)]
+
+
+# (x dtype, weight dtype): autocast gives half inputs fp32 weights.
+LAYER_NORM_DTYPES = [(d, d) for d in ALL_DTYPES] + [(d, torch.float32) for d in HALF_DTYPES]
+
+
+@pytest.mark.parametrize("rows, cols", LAYER_NORM_SHAPES)
+@pytest.mark.parametrize("dtype, weight_dtype", LAYER_NORM_DTYPES, ids=str)
+def test_layer_norm(cuda, rows, cols, dtype, weight_dtype):
+    x = (torch.randn(rows, cols) * 3 + 1).to(dtype)
+    weight = torch.randn(cols).to(weight_dtype)
+    bias = torch.randn(cols).to(weight_dtype)
+    grad_y = torch.randn(rows, cols).to(dtype)
+    codes = DTYPE_CODE[dtype], DTYPE_CODE[weight_dtype]
+    cuda.supported("layer_norm_unsupported", rows, cols, *codes)
+
+    y, mean, rstd = nan_like(x), torch.full((rows,), float("nan")), torch.full((rows,), float("nan"))
+    cuda.call("layer_norm_fwd", p(x), p(weight), p(bias), p(y), p(mean), p(rstd), rows, cols, 1e-5, *codes)
+    xd = x.double().requires_grad_()
+    wd, bd = weight.double().requires_grad_(), bias.double().requires_grad_()
+    want = reference.layer_norm(xd, wd, bd, 1e-5)
+    torch.testing.assert_close(y, want.to(dtype), atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+    torch.testing.assert_close(mean, x.double().mean(-1).float())
+    torch.testing.assert_close(rstd, (x.double().var(-1, unbiased=False) + 1e-5).rsqrt().float(), rtol=1e-4, atol=0)
+
+    grad_x, grad_w, grad_b = nan_like(x), nan_like(weight), nan_like(bias)
+    work = cuda.workspace("layer_norm_bwd_workspace_bytes", rows, cols)
+    cuda.call(
+        "layer_norm_bwd",
+        p(grad_y),
+        p(x),
+        p(weight),
+        p(mean),
+        p(rstd),
+        p(grad_x),
+        p(grad_w),
+        p(grad_b),
+        p(work),
+        rows,
+        cols,
+        *codes,
+    )
+    want_x, want_w, want_b = torch.autograd.grad(want, (xd, wd, bd), grad_y.double())
+    scale = 1.0 if dtype == torch.float32 else 3e2
+    for got, exp in ((grad_x, want_x), (grad_w, want_w), (grad_b, want_b)):
+        torch.testing.assert_close(got.double(), exp, atol=1e-4 * scale, rtol=1e-4 * scale)
+
+
+# ---- softmax ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (3, 5), (2, 1000), (4, 4097), (1, 50257)])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_softmax(cuda, rows, cols, dtype, temperature):
+    x = (torch.randn(rows, cols) * 4).to(dtype)
+    grad_y = torch.randn(rows, cols).to(dtype)
+    code = DTYPE_CODE[dtype]
+    cuda.supported("softmax_unsupported", rows, cols, temperature)
+    y = nan_like(x)
+    cuda.call("softmax_fwd", p(x), p(y), rows, cols, temperature, code)
+    xd = x.double().requires_grad_()
+    want = reference.softmax(xd, temperature)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(y, want.to(dtype), **tol)
+
+    grad_x = nan_like(x)
+    cuda.call("softmax_bwd", p(y), p(grad_y), p(grad_x), rows, cols, temperature, code)
+    # The backward's inputs are the rounded y: the oracle takes the same.
+    yd = y.double()
+    gd = grad_y.double()
+    want_grad = yd * (gd - (gd * yd).sum(-1, keepdim=True)) / temperature
+    tol = {"atol": 1e-6, "rtol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(grad_x, want_grad.to(dtype), **tol)
+
+
+# ---- top-k / top-p filter and sampling -------------------------------------------------
+
+FILTERS = [(0, 0.9, 1), (1, 1.0, 1), (5, 1.0, 1), (50, 0.9, 1), (5, 0.5, 3), (0, 0.3, 1), (2000, 0.95, 1)]
+
+
+@pytest.mark.parametrize("vocab", [7, 1000, 50257])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("top_k, top_p, min_keep", FILTERS)
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_top_k_top_p_filter(cuda, vocab, dtype, top_k, top_p, min_keep, ties):
+    rows = 3
+    logits = torch.randn(rows, vocab) * 3
+    if ties:
+        logits = logits.round()  # many equal logits: the kept set must take ties as transformers does
+    logits = logits.to(dtype)
+    cuda.supported("sampling_unsupported", rows, vocab, top_k, top_p, min_keep)
+    out = nan_like(logits)
+    cuda.call("top_k_top_p_filter", p(logits), p(out), rows, vocab, top_k, top_p, min_keep, DTYPE_CODE[dtype])
+    want = reference.top_k_top_p_filter(logits, top_k, top_p, min_keep)
+    assert_same_kept(out, want, logits, near_top_p_threshold(logits, top_k, top_p))
+
+
+@pytest.mark.parametrize("vocab", [7, 1000, 50257])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (50, 0.9), (1, 1.0), (0, 0.5)])
+def test_sample(cuda, vocab, dtype, top_k, top_p):
+    rows = 16
+    logits = (torch.randn(rows, vocab) * 3).to(dtype)
+    uniform = torch.rand(rows)
+    uniform[0], uniform[1] = 0.0, 1.0 - 2**-24  # both ends of [0, 1)
+    tokens = torch.full((rows,), -1, dtype=torch.long)
+    temperature = 0.8
+    cuda.call("sample", p(logits), p(uniform), p(tokens), rows, vocab, temperature, top_k, top_p, DTYPE_CODE[dtype])
+    assert_draws_match_reference(tokens, logits, temperature, top_k, top_p, uniform)
+
+
+# ---- causal attention ------------------------------------------------------------------
+
+# batch, heads, q_len, kv_len, head_dim, and the SM count the decode split (q_len == 1) is
+# sized for: 132 as on an H100, 2 to force other splits.
+ATTENTION_CASES = [
+    (1, 2, 1, 1, 64, 132),
+    (1, 1, 17, 17, 64, 132),
+    (2, 2, 100, 100, 64, 132),
+    (1, 2, 64, 64, 128, 132),
+    (1, 1, 130, 130, 128, 132),
+    (1, 2, 5, 77, 64, 132),
+    (1, 1, 70, 200, 128, 132),
+    (2, 2, 1, 300, 64, 132),  # 3 splits
+    (2, 2, 1, 300, 64, 2),  # 1 split
+    (1, 1, 1, 1000, 128, 132),  # 8 splits
+    (1, 1, 1, 1000, 128, 2),  # 4 splits
+]
+
+
+def attention_inputs(shape, dtype):
+    batch, heads, q_len, kv_len, head_dim = shape
+    q = torch.randn(batch, heads, q_len, head_dim).to(dtype)
+    k = torch.randn(batch, heads, kv_len, head_dim).to(dtype)
+    v = torch.randn(batch, heads, kv_len, head_dim).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-{c[5]}SMs")
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_causal_attention(cuda, case, dtype):
+    *shape, sm_count = case
+    batch, heads, q_len, kv_len, head_dim = shape
+    cuda.configure(sm_count)
+    code, scale = DTYPE_CODE[dtype], head_dim**-0.5
+    q, k, v = attention_inputs(shape, dtype)
+    grad_out = torch.randn_like(q.float()).to(dtype)
+    cuda.supported("causal_attention_unsupported", batch, heads, q_len, kv_len, head_dim, code)
+
+    out, lse = nan_like(q), torch.full((batch, heads, q_len), float("nan"))
+    work = cuda.workspace("causal_attention_fwd_workspace_bytes", batch, heads, q_len, kv_len, head_dim)
+    cuda.call("causal_attention_fwd", p(q), p(k), p(v), p(out), p(lse), p(work), *shape, scale, code)
+
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    exact = reference.causal_attention(qd, kd, vd, scale)
+    assert_low_precision_close(out, exact, attention_low_precision(q, k, v, scale))
+    scores = (qd @ kd.transpose(-2, -1)) * scale
+    visible = torch.arange(kv_len)[None, :] <= torch.arange(q_len)[:, None] + (kv_len - q_len)
+    want_lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse.double(), want_lse.detach(), atol=1e-2, rtol=1e-3)
+
+    grads = [nan_like(t) for t in (q, k, v)]
+    work = cuda.workspace("causal_attention_bwd_workspace_bytes", batch, heads, q_len, head_dim)
+    cuda.call(
+        "causal_attention_bwd",
+        p(grad_out),
+        p(q),
+        p(k),
+        p(v),
+        p(out),
+        p(lse),
+        *map(p, grads),
+        p(work),
+        *shape,
+        scale,
+        code,
+    )
+    want = torch.autograd.grad(exact, (qd, kd, vd), grad_out.double())
+    low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    low_grads = torch.autograd.grad(attention_low_precision(*low, scale), low, grad_out)
+    for name, got, exp, yardstick in zip("qkv", grads, want, low_grads):
+        assert_low_precision_close(got, exp, yardstick, factor=3.0), name
