@@ -548,7 +548,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(
         }
       }
     }
-    __syncthreads();  // q_tile, do_tile and ds_tile are reloaded next
+    // No barrier before the next tile: its loads overwrite q_tile, do_tile, lse_tile and
+    // delta_tile, which nobody reads after the barrier above, and it writes ds_tile only
+    // after its first barrier, which no warp passes before finishing this dQ loop.
   }
 
   // Store dK = scale dS^T Q and dV for the block's valid keys.
