@@ -5,8 +5,11 @@
 
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <csetjmp>
+#include <csignal>
 #include <cstdio>
 #include <map>
 #include <stdexcept>
@@ -55,12 +58,68 @@ struct Block {
 Block g_block;
 Thread* g_current = nullptr;
 std::vector<unsigned char*> g_stacks;
-std::vector<unsigned char> g_dynamic_smem;
+unsigned char* g_dynamic_smem = nullptr;  // ends where g_smem_guard, an unmapped page, begins
+unsigned char* g_smem_mapping = nullptr;
+unsigned char* g_smem_guard = nullptr;
+size_t g_smem_mapped_bytes = 0;
 std::map<const void*, int> g_max_dynamic_smem;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_last_failure;
 bool g_reverse_order = false;
 int g_sm_count = 132;
+
+size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+// `bytes` (a multiple of 16) of dynamic shared memory that end where an unmapped page begins.
+void map_dynamic_smem(size_t bytes) {
+  if (g_smem_mapping != nullptr) munmap(g_smem_mapping, g_smem_mapped_bytes);
+  const size_t pages = (bytes + page_size() - 1) / page_size() * page_size();
+  g_smem_mapped_bytes = pages + page_size();
+  void* p = mmap(nullptr, g_smem_mapped_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("emulator: cannot map shared memory");
+  g_smem_mapping = static_cast<unsigned char*>(p);
+  g_smem_guard = g_smem_mapping + pages;
+  mprotect(g_smem_guard, page_size(), PROT_NONE);
+  g_dynamic_smem = g_smem_guard - bytes;
+}
+
+// ---- Out-of-bounds accesses ----------------------------------------------------------
+// Dynamic shared memory ends at an unmapped page, and so do the buffers the tests allocate
+// (test_emulated_kernels.py: guarded). An access past the end faults; the handler jumps
+// back to run_block, which reports the thread and the address.
+
+sigjmp_buf g_fault_return;
+void* g_fault_address = nullptr;
+
+void on_fault(int, siginfo_t* info, void*) {
+  g_fault_address = info->si_addr;
+  siglongjmp(g_fault_return, 1);
+}
+
+// Installs on_fault, on a stack of its own, for the lifetime of one launch.
+class FaultHandler {
+ public:
+  FaultHandler() {
+    static unsigned char alternate_stack[64 * 1024];
+    stack_t stack{};
+    stack.ss_sp = alternate_stack;
+    stack.ss_size = sizeof alternate_stack;
+    sigaltstack(&stack, &previous_stack_);
+    struct sigaction action {};
+    action.sa_sigaction = on_fault;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &previous_action_);
+  }
+  ~FaultHandler() {
+    sigaction(SIGSEGV, &previous_action_, nullptr);
+    sigaltstack(&previous_stack_, nullptr);
+  }
+
+ private:
+  struct sigaction previous_action_ {};
+  stack_t previous_stack_{};
+};
 
 unsigned char* stack(size_t i) {
   while (g_stacks.size() <= i) {
@@ -187,7 +246,7 @@ void run_block(const uint3& block, const std::function<void()>& body, size_t dyn
   block_idx = block;
   g_block.body = &body;
   g_block.failure.clear();
-  std::fill(g_dynamic_smem.begin(), g_dynamic_smem.begin() + dynamic_smem, 0xff);
+  std::memset(g_dynamic_smem, 0xff, dynamic_smem);
   const int n = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
   g_block.threads.assign(n, Thread{});
   for (int i = 0; i < n; ++i) {
@@ -203,6 +262,16 @@ void run_block(const uint3& block, const std::function<void()>& body, size_t dyn
   // then the next warp. Warps therefore drift apart as far as the barriers allow, so a
   // missing barrier lets one warp overwrite or read shared memory too early.
   const int n_warps = (n + 31) / 32;
+  if (sigsetjmp(g_fault_return, 1) != 0) {
+    char address[32];
+    std::snprintf(address, sizeof address, "%p", g_fault_address);
+    const auto* fault = static_cast<unsigned char*>(g_fault_address);
+    const bool in_smem = fault >= g_smem_guard && fault < g_smem_guard + page_size();
+    const std::string who = g_current != nullptr ? where(*g_current) : std::string("a warp instruction");
+    g_current = nullptr;
+    throw std::runtime_error(who + ": out-of-bounds access at " + address +
+                             (in_smem ? ", past the end of dynamic shared memory" : ", past the end of a buffer"));
+  }
   for (;;) {
     bool progressed = false;
     for (int k = 0; k < n_warps && !progressed; ++k) {
@@ -250,7 +319,7 @@ void wait_async_copies() { apply_copies(*g_current); }
 
 void set_max_dynamic_smem(const void* kernel, int bytes) { g_max_dynamic_smem[kernel] = bytes; }
 
-unsigned char* dynamic_shared_memory() { return g_dynamic_smem.data(); }
+unsigned char* dynamic_shared_memory() { return g_dynamic_smem; }
 
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body) {
   const auto opted_in = g_max_dynamic_smem.find(kernel);
@@ -267,8 +336,9 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, co
   }
   grid_dim = grid;
   block_dim = block;
-  g_dynamic_smem.assign(std::max<size_t>(dynamic_smem, 16), 0xff);
+  map_dynamic_smem((dynamic_smem + 15) / 16 * 16);
   const size_t n_blocks = size_t{grid.x} * grid.y * grid.z;
+  const FaultHandler fault_handler;
   try {
     for (size_t k = 0; k < n_blocks; ++k) {
       const size_t b = g_reverse_order ? n_blocks - 1 - k : k;

@@ -12,6 +12,7 @@ Run with `make test-cuda-emulated` (needs the CUDA toolkit's headers, not a GPU)
 from __future__ import annotations
 
 import ctypes
+import mmap
 
 import build_emulator
 import pytest
@@ -83,7 +84,7 @@ def cuda(lib, request):
         @staticmethod
         def workspace(name: str, *args) -> torch.Tensor:
             """Scratch of the size the launcher's *_workspace_bytes function asks for, filled with 0xff."""
-            return torch.full((max(getattr(lib, name)(*args), 1),), 0xFF, dtype=torch.uint8)
+            return guarded(torch.full((max(getattr(lib, name)(*args), 1),), 0xFF, dtype=torch.uint8))
 
         @staticmethod
         def supported(name: str, *args) -> None:
@@ -93,13 +94,37 @@ def cuda(lib, request):
     return Kernels()
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_GUARDED: set[int] = set()  # data pointers of the guarded tensors
+
+
+def guarded(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` whose storage starts 16-byte aligned (as the CUDA binding's do) and ends
+    within 15 bytes of an unmapped page: a kernel access past the end faults, and the
+    emulator fails the launch naming the thread and the address."""
+    nbytes = t.numel() * t.element_size()
+    padded = (nbytes + 15) // 16 * 16
+    data_pages = (padded + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    buffer = mmap.mmap(-1, (data_pages + 1) * mmap.PAGESIZE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    guard = ctypes.c_void_p(base + data_pages * mmap.PAGESIZE)
+    assert _LIBC.mprotect(guard, ctypes.c_size_t(mmap.PAGESIZE), 0) == 0, "mprotect failed"
+    start = data_pages * mmap.PAGESIZE - padded
+    copy = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=start).view(t.dtype).view(t.shape)
+    copy.copy_(t)
+    _GUARDED.add(copy.data_ptr())
+    return copy
+
+
 def p(t: torch.Tensor) -> int:
+    """The address a launcher gets: only guarded tensors are passed to kernels."""
+    assert t.data_ptr() in _GUARDED, "pass kernels guarded() tensors"
     return t.data_ptr()
 
 
-def nan_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
+def nan_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer full of NaN, so an element the kernel never writes fails the test."""
-    return torch.full_like(t, float("nan"), dtype=dtype)
+    return guarded(torch.full_like(t, float("nan")))
 
 
 # ---- layer norm ------------------------------------------------------------------------
@@ -114,14 +139,14 @@ LAYER_NORM_DTYPES = [(d, d) for d in ALL_DTYPES] + [(d, torch.float32) for d in 
 @pytest.mark.parametrize("rows, cols", LAYER_NORM_SHAPES)
 @pytest.mark.parametrize("dtype, weight_dtype", LAYER_NORM_DTYPES, ids=str)
 def test_layer_norm(cuda, rows, cols, dtype, weight_dtype):
-    x = (torch.randn(rows, cols) * 3 + 1).to(dtype)
-    weight = torch.randn(cols).to(weight_dtype)
-    bias = torch.randn(cols).to(weight_dtype)
-    grad_y = torch.randn(rows, cols).to(dtype)
+    x = guarded((torch.randn(rows, cols) * 3 + 1).to(dtype))
+    weight = guarded(torch.randn(cols).to(weight_dtype))
+    bias = guarded(torch.randn(cols).to(weight_dtype))
+    grad_y = guarded(torch.randn(rows, cols).to(dtype))
     codes = DTYPE_CODE[dtype], DTYPE_CODE[weight_dtype]
     cuda.supported("layer_norm_unsupported", rows, cols, *codes)
 
-    y, mean, rstd = nan_like(x), torch.full((rows,), float("nan")), torch.full((rows,), float("nan"))
+    y, mean, rstd = nan_like(x), nan_like(torch.empty(rows)), nan_like(torch.empty(rows))
     cuda.call("layer_norm_fwd", p(x), p(weight), p(bias), p(y), p(mean), p(rstd), rows, cols, 1e-5, *codes)
     xd = x.double().requires_grad_()
     wd, bd = weight.double().requires_grad_(), bias.double().requires_grad_()
@@ -160,8 +185,8 @@ def test_layer_norm(cuda, rows, cols, dtype, weight_dtype):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_softmax(cuda, rows, cols, dtype, temperature):
-    x = (torch.randn(rows, cols) * 4).to(dtype)
-    grad_y = torch.randn(rows, cols).to(dtype)
+    x = guarded((torch.randn(rows, cols) * 4).to(dtype))
+    grad_y = guarded(torch.randn(rows, cols).to(dtype))
     code = DTYPE_CODE[dtype]
     cuda.supported("softmax_unsupported", rows, cols, temperature)
     y = nan_like(x)
@@ -195,7 +220,7 @@ def test_top_k_top_p_filter(cuda, vocab, dtype, top_k, top_p, min_keep, ties):
     logits = torch.randn(rows, vocab) * 3
     if ties:
         logits = logits.round()  # many equal logits: the kept set must take ties as transformers does
-    logits = logits.to(dtype)
+    logits = guarded(logits.to(dtype))
     cuda.supported("sampling_unsupported", rows, vocab, top_k, top_p, min_keep)
     out = nan_like(logits)
     cuda.call("top_k_top_p_filter", p(logits), p(out), rows, vocab, top_k, top_p, min_keep, DTYPE_CODE[dtype])
@@ -208,10 +233,11 @@ def test_top_k_top_p_filter(cuda, vocab, dtype, top_k, top_p, min_keep, ties):
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (50, 0.9), (1, 1.0), (0, 0.5)])
 def test_sample(cuda, vocab, dtype, top_k, top_p):
     rows = 16
-    logits = (torch.randn(rows, vocab) * 3).to(dtype)
+    logits = guarded((torch.randn(rows, vocab) * 3).to(dtype))
     uniform = torch.rand(rows)
     uniform[0], uniform[1] = 0.0, 1.0 - 2**-24  # both ends of [0, 1)
-    tokens = torch.full((rows,), -1, dtype=torch.long)
+    uniform = guarded(uniform)
+    tokens = guarded(torch.full((rows,), -1, dtype=torch.long))
     temperature = 0.8
     cuda.call("sample", p(logits), p(uniform), p(tokens), rows, vocab, temperature, top_k, top_p, DTYPE_CODE[dtype])
     assert_draws_match_reference(tokens, logits, temperature, top_k, top_p, uniform)
@@ -238,9 +264,9 @@ ATTENTION_CASES = [
 
 def attention_inputs(shape, dtype):
     batch, heads, q_len, kv_len, head_dim = shape
-    q = torch.randn(batch, heads, q_len, head_dim).to(dtype)
-    k = torch.randn(batch, heads, kv_len, head_dim).to(dtype)
-    v = torch.randn(batch, heads, kv_len, head_dim).to(dtype)
+    q = guarded(torch.randn(batch, heads, q_len, head_dim).to(dtype))
+    k = guarded(torch.randn(batch, heads, kv_len, head_dim).to(dtype))
+    v = guarded(torch.randn(batch, heads, kv_len, head_dim).to(dtype))
     return q, k, v
 
 
@@ -252,10 +278,10 @@ def test_causal_attention(cuda, case, dtype):
     cuda.configure(sm_count)
     code, scale = DTYPE_CODE[dtype], head_dim**-0.5
     q, k, v = attention_inputs(shape, dtype)
-    grad_out = torch.randn_like(q.float()).to(dtype)
+    grad_out = guarded(torch.randn_like(q.float()).to(dtype))
     cuda.supported("causal_attention_unsupported", batch, heads, q_len, kv_len, head_dim, code)
 
-    out, lse = nan_like(q), torch.full((batch, heads, q_len), float("nan"))
+    out, lse = nan_like(q), nan_like(torch.empty(batch, heads, q_len))
     work = cuda.workspace("causal_attention_fwd_workspace_bytes", batch, heads, q_len, kv_len, head_dim)
     cuda.call("causal_attention_fwd", p(q), p(k), p(v), p(out), p(lse), p(work), *shape, scale, code)
 

@@ -15,6 +15,9 @@
 //     order (emu_configure).
 //   * cp.async copies land at the issuing thread's cp.async.wait, not before; dynamic
 //     shared memory starts as NaN bytes (0xff) in every block.
+//   * Dynamic shared memory, and every buffer the tests pass (guarded() in
+//     test_emulated_kernels.py), ends at an unmapped page: an access past the end fails
+//     the launch with the thread and the address.
 //   * Launches are checked like the driver checks them: block size, grid size, dynamic
 //     shared memory above 48 KiB only after cudaFuncSetAttribute opted in.
 //
