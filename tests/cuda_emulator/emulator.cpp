@@ -25,7 +25,6 @@ dim3 grid_dim;
 namespace {
 
 constexpr size_t kStackBytes = 512 * 1024;
-constexpr size_t kGuardBytes = 4096;        // an unmapped page below each stack
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
 constexpr size_t kDeviceSmemLimit = 227 * 1024;  // H100 / H200, per block
 
@@ -121,13 +120,14 @@ class FaultHandler {
   stack_t previous_stack_{};
 };
 
+// The stack of fiber i, with an unmapped page below it.
 unsigned char* stack(size_t i) {
   while (g_stacks.size() <= i) {
-    void* p = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+    void* p = mmap(nullptr, kStackBytes + page_size(), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("emulator: cannot map a fiber stack");
-    mprotect(p, kGuardBytes, PROT_NONE);
-    g_stacks.push_back(static_cast<unsigned char*>(p) + kGuardBytes);
+    mprotect(p, page_size(), PROT_NONE);
+    g_stacks.push_back(static_cast<unsigned char*>(p) + page_size());
   }
   return g_stacks[i];
 }
@@ -278,6 +278,7 @@ void run_block(const uint3& block, const std::function<void()>& body, size_t dyn
       const int first = 32 * (g_reverse_order ? n_warps - 1 - k : k);
       progressed = run_warp(first) || release_warp_ops(first);
     }
+    if (!g_block.failure.empty()) throw std::runtime_error(g_block.failure);
     if (progressed) continue;
     if (std::all_of(g_block.threads.begin(), g_block.threads.end(), [](const Thread& t) { return t.state == State::kDone; }))
       return;
@@ -309,9 +310,13 @@ void warp_op(WarpOp& op) {
   yield();
 }
 
-void fail(const char* message) { g_block.failure = message; }
+void fail(const char* message) {
+  if (g_block.failure.empty()) g_block.failure = g_current != nullptr ? where(*g_current) + ": " + message : message;
+}
 
 void queue_async_copy(void* dst, const void* src, int bytes, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0))
+    fail("cp.async with an address that is not aligned to its size");
   g_current->copies.push_back({dst, src, bytes, src_bytes});
 }
 

@@ -19,7 +19,8 @@
 //     test_emulated_kernels.py), ends at an unmapped page: an access past the end fails
 //     the launch with the thread and the address.
 //   * Launches are checked like the driver checks them: block size, grid size, dynamic
-//     shared memory above 48 KiB only after cudaFuncSetAttribute opted in.
+//     shared memory above 48 KiB only after cudaFuncSetAttribute opted in. cp.async and
+//     ldmatrix addresses must be aligned as the hardware requires.
 //
 // What it does not model: the memory model beyond barriers, timing, and the hardware's
 // rounding inside an mma (the emulated product sums in fp32, in k order).

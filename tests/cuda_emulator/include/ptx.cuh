@@ -39,6 +39,8 @@ inline void resolve_ldmatrix_x4_trans(emu::WarpOp* const* lanes, unsigned) {
     for (int i = 0; i < 4; ++i) {
       const void* row0 = *static_cast<const void* const*>(lanes[8 * i + 2 * (l % 4)]->in);
       const void* row1 = *static_cast<const void* const*>(lanes[8 * i + 2 * (l % 4) + 1]->in);
+      if (reinterpret_cast<uintptr_t>(row0) % 16 != 0 || reinterpret_cast<uintptr_t>(row1) % 16 != 0)
+        emu::fail("ldmatrix with a row address that is not 16-byte aligned");
       r[i] = half_at(row0, l / 4) | uint32_t{half_at(row1, l / 4)} << 16;
     }
   }
