@@ -52,7 +52,7 @@ compile-cuda:
 # (a thread per fiber, barriers, shuffles, ldmatrix and mma emulated), against the reference
 # ops. Needs the CUDA toolkit's headers, so it runs where nvcc is, like compile-cuda.
 test-cuda-emulated:
-	@if command -v nvcc >/dev/null 2>&1; then cd tests && ../$(BIN)/pytest -q -p no:cacheprovider cuda_emulator; \
+	@if command -v nvcc >/dev/null 2>&1; then . .ci/cuda_home.sh && cd tests && ../$(BIN)/pytest -q -p no:cacheprovider cuda_emulator; \
 	else echo "nvcc not found: CUDA emulator tests skipped"; fi
 
 # The same C++ sources through CMake (CMakeLists.txt) and the native tests (ctest), against

@@ -41,7 +41,8 @@ done
 # c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in lets g++ check the file.
 PYTHON="${PYTHON:-python3}"
 torch_include="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null || true)"
-cuda_include="$("$NVCC" --dryrun -c csrc/cuda/softmax.cu -o "$out_dir/dryrun.o" 2>&1 | sed -n 's/^#\$ TOP=//p')/include"
+source .ci/cuda_home.sh  # CUDA_HOME from nvcc when unset
+cuda_include="${CUDA_HOME:-}/include"
 if [ -n "$torch_include" ] && [ -f "$cuda_include/cuda_runtime_api.h" ]; then
   mkdir -p "$out_dir/stub/c10/cuda/impl"
   if [ ! -f "$torch_include/c10/cuda/impl/cuda_cmake_macros.h" ]; then

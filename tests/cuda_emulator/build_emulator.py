@@ -8,9 +8,9 @@ Each .cu file is copied with two mechanical rewrites that plain C++ cannot expre
 and compiled by g++ with include/ ahead of csrc/cuda/ (so that ptx.cuh, cuda_runtime.h and
 CUB's block scan are the emulator's) and include/emulator.h forced in first. Everything
 else is the kernels' own code. Needs the CUDA toolkit's headers (cuda_fp16.h and friends),
-found through CUDA_HOME or nvcc; no GPU and no CUDA library.
+found through CUDA_HOME (set by .ci/cuda_home.sh from nvcc); no GPU and no CUDA library.
 
-    python tests/cuda_emulator/build_emulator.py    # prints the library's path
+    . .ci/cuda_home.sh && python tests/cuda_emulator/build_emulator.py    # prints the library's path
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -42,26 +41,12 @@ def rewrite(source: str) -> str:
 
 
 def cuda_include_dir() -> Path:
-    """The toolkit's include folder: $CUDA_HOME, else where nvcc says its toolkit is."""
-    candidates = []
-    if os.environ.get("CUDA_HOME"):
-        candidates.append(Path(os.environ["CUDA_HOME"]) / "include")
-    if shutil.which("nvcc"):
-        dry = subprocess.run(
-            ["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        for line in dry.stderr.splitlines():
-            if line.startswith("#$ TOP="):
-                candidates.append(Path(line.removeprefix("#$ TOP=")) / "include")
-    candidates.append(Path("/usr/local/cuda/include"))
-    for include in candidates:
-        if (include / "cuda_fp16.h").is_file():
-            return include
+    """The toolkit's include folder: $CUDA_HOME (`. .ci/cuda_home.sh` sets it from nvcc), else /usr/local/cuda."""
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and (Path(home) / "include" / "cuda_fp16.h").is_file():
+            return Path(home) / "include"
     raise FileNotFoundError(
-        "the CUDA emulator needs the CUDA toolkit's headers (cuda_fp16.h); set CUDA_HOME or put nvcc on PATH"
+        "the CUDA emulator needs the CUDA toolkit's headers (cuda_fp16.h): set CUDA_HOME (`. .ci/cuda_home.sh`)"
     )
 
 
