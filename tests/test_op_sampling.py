@@ -58,8 +58,6 @@ def _transformers_filter(logits: torch.Tensor, top_k: int, top_p: float, min_kee
     return scores
 
 
-
-
 @pytest.mark.parametrize(
     "batch, vocab, top_k, top_p, min_keep",
     [(*shape, *f) for shape in SHAPES for f in FILTERS] + [(BATCH, WIDE, 50, 0.9, 1)],
@@ -128,7 +126,6 @@ def test_filter_row_without_finite_logit(backend):
     assert (got[[0, 3]] > float("-inf")).sum(-1).tolist() == [
         n.item() for n in (reference.top_k_top_p_filter(logits[[0, 3]].cpu(), 5, 0.9) > float("-inf")).sum(-1)
     ]
-
 
 
 @pytest.mark.parametrize(

@@ -398,23 +398,6 @@ cudaError_t cudaGetLastError() {
   return e;
 }
 
-cudaError_t cudaPeekAtLastError() { return emu::g_last_error; }
-
-const char* cudaGetErrorString(cudaError_t error) {
-  switch (error) {
-    case cudaSuccess:
-      return "no error";
-    case cudaErrorInvalidValue:
-      return "invalid argument";
-    case cudaErrorInvalidConfiguration:
-      return "invalid configuration argument";
-    case cudaErrorLaunchFailure:
-      return "unspecified launch failure";
-    default:
-      return "emulated CUDA error";
-  }
-}
-
 cudaError_t cudaMemsetAsync(void* dst, int value, size_t count, cudaStream_t) {
   std::memset(dst, value, count);
   return cudaSuccess;

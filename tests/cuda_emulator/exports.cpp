@@ -4,12 +4,6 @@
 
 #include "launchers.h"
 
-namespace emu {
-void configure(bool reverse_order, int sm_count);
-const char* last_failure();
-void clear_failure();
-}  // namespace emu
-
 namespace k = pyminigpt::cuda;
 using k::DType;
 

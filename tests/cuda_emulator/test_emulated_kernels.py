@@ -67,13 +67,14 @@ def lib():
 def cuda(lib, request):
     """The emulated kernels; `cuda.call(name, *args)` runs a launcher and fails the test with
     the emulator's report if the launch does not succeed."""
-    lib.emu_configure(request.param == "last warp ahead", 132)
+    last_warp_ahead = request.param == "last warp ahead"
+    lib.emu_configure(last_warp_ahead, 132)
     lib.emu_clear_failure()
 
     class Kernels:
         @staticmethod
         def configure(sm_count: int) -> None:
-            lib.emu_configure(request.param == "last warp ahead", sm_count)
+            lib.emu_configure(last_warp_ahead, sm_count)
 
         @staticmethod
         def call(name: str, *args) -> None:

@@ -98,7 +98,13 @@ void set_max_dynamic_smem(const void* kernel, int bytes);
 unsigned char* dynamic_shared_memory();
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
 
-// kernel<<<grid, block, smem, stream>>>(args...) is rewritten to this call (build.py).
+// The test's controls: warps and lanes in descending order, the SM count the device
+// reports; and the report of the last failed launch ("" if none).
+void configure(bool reverse_order, int sm_count);
+const char* last_failure();
+void clear_failure();
+
+// kernel<<<grid, block, smem, stream>>>(args...) is rewritten to this call (build_emulator.py).
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, Args&&... args) {
   const std::tuple<Params...> params(std::forward<Args>(args)...);  // converted as a call would
