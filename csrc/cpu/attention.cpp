@@ -376,7 +376,9 @@ void attention_bwd_tiled(const Heads<const scalar_t>& grad_out, const Heads<cons
   const int64_t padded_d = round_up(D, W);
   const int64_t block_q = std::min(kBlockQ, round_up(Tq, kTileRows));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> delta(Tq), dq_acc(Tq * padded_d), kt_blk(D * kBwdBlockK), k_blk(kBwdBlockK * padded_d),
+    // dq += dS k adds a whole block of rows, padded ones too (with dS = 0): dq_acc has room
+    // for every row of the last block.
+    std::vector<float> delta(Tq), dq_acc(round_up(Tq, block_q) * padded_d), kt_blk(D * kBwdBlockK), k_blk(kBwdBlockK * padded_d),
         vt_blk(D * kBwdBlockK), dk_acc(kBwdBlockK * padded_d), dv_acc(kBwdBlockK * padded_d), q_blk(block_q * padded_d),
         dout_blk(block_q * padded_d), p_blk(block_q * kBwdBlockK), ds_blk(block_q * kBwdBlockK);
     for (int64_t head = begin; head < end; ++head) {
