@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-python test-triton compile-triton compile-cuda test-cuda-emulated test-native bench gpu-check clean
+.PHONY: install demo test test-python test-triton compile-triton compile-cuda test-cuda-emulated test-native test-sanitized bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,15 @@ demo: install
 
 # The tests import the installed package (not the source tree), which proves the wheel
 # carries everything: the extension, pyminigpt.kernels, the CLI.
-test: install test-python test-triton compile-triton test-native compile-cuda test-cuda-emulated
+test: install test-python test-sanitized test-triton compile-triton test-native compile-cuda test-cuda-emulated
 
 test-python:
 	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu ../$(BIN)/pytest -q -p no:cacheprovider --ignore=cuda_emulator .
+
+# The same tests against the C++ CPU kernels built with AddressSanitizer and UBSan: an
+# out-of-bounds access that leaves the values right fails here.
+test-sanitized:
+	PYTHON=$(BIN)/python bash .ci/sanitize_cpu.sh
 
 # The Triton kernels on CPU tensors through the interpreter, at small sizes.
 test-triton:

@@ -3,7 +3,8 @@
 CPU: every csrc/cpu/<op>.cpp is compiled three times -- for the DEFAULT, AVX2 and AVX512
 instruction sets, each with its CPU_CAPABILITY defines so that at::vec::Vectorized really
 uses those registers -- and csrc/cpu_ops.cpp picks one at run time. Never -march=native:
-the result must run on any x86-64 CPU.
+the result must run on any x86-64 CPU. $CFLAGS is added to these commands, as setuptools
+adds it to the binding's (.ci/sanitize_cpu.sh builds with AddressSanitizer that way).
 
 CUDA: built when torch was built with CUDA and a CUDA toolkit is found, or when
 PYMINIGPT_BUILD_CUDA=1 forces it (PYMINIGPT_BUILD_CUDA=0 turns it off). Architectures come
@@ -14,6 +15,7 @@ Install against the torch you have: pip install --no-build-isolation .
 
 import glob
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +63,7 @@ class BuildWithCpuCapabilities(BuildExtension):
                 obj = os.path.join(out_dir, f"{name}.{capability}.o")
                 defines = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
                 command = [os.environ.get("CXX", "c++"), "-c", source, "-o", obj, abi, *CXX_FLAGS, *isa_flags,
-                           *defines, *includes]
+                           *defines, *includes, *shlex.split(os.environ.get("CFLAGS", ""))]
                 jobs.append((source, obj, command))
         stale = [job for job in jobs if self.force or not is_up_to_date(job[1], [job[0], *CPU_KERNEL_HEADERS])]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
