@@ -2,8 +2,9 @@
 //
 // Compiled only in CUDA builds. Each wrapper checks devices, dtypes and shapes (errors name
 // the argument and its value), makes the inputs contiguous with a 16-byte-aligned start
-// (the kernels' vector loads need it), allocates outputs and scratch through PyTorch's
-// caching allocator, and queues the torch-free launcher on the current stream.
+// (the kernels' vector loads need it; attention reads strided inputs in place when their
+// rows are so aligned), allocates outputs and scratch through PyTorch's caching allocator,
+// and queues the torch-free launcher on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -254,19 +255,39 @@ AttentionShape check_attention(const at::Tensor& q, const at::Tensor& k, const a
   return s;
 }
 
+// The stride of `dim` as the attention kernels use it: that of a size-1 dim only ever
+// multiplies index 0, and torch leaves it arbitrary (even in a contiguous tensor), so 0.
+int64_t used_stride(const at::Tensor& t, int64_t dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); }
+
+// An attention input as the kernels read it (launchers.h, Heads): in place when head_dim is
+// contiguous, the start and the other strides are multiples of 16 bytes and rows are less
+// than 2^31 elements apart (the q, k, v views of a fused qkv projection, a slice of a KV
+// cache), else a dense copy.
+at::Tensor readable_heads(const at::Tensor& t) {
+  const int64_t bytes = t.element_size();
+  bool in_place = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+                  used_stride(t, 2) <= INT32_MAX;
+  for (int64_t dim = 0; dim < 3; ++dim) in_place = in_place && used_stride(t, dim) * bytes % 16 == 0;
+  return in_place ? t : dense(t);
+}
+
+kernels::Heads heads_of(const at::Tensor& t) {
+  return {t.data_ptr(), used_stride(t, 0), used_stride(t, 1), used_stride(t, 2)};
+}
+
 std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                         const at::Tensor& v_in, double scale) {
   const AttentionShape s = check_attention(q_in, k_in, v_in);
-  const at::Tensor q = dense(q_in);
-  const at::Tensor k = dense(k_in);
-  const at::Tensor v = dense(v_in);
-  at::Tensor out = at::empty_like(q);
+  const at::Tensor q = readable_heads(q_in);
+  const at::Tensor k = readable_heads(k_in);
+  const at::Tensor v = readable_heads(v_in);
+  at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(at::kFloat));
   launch("causal_attention_fwd", q.device(), [&](cudaStream_t stream) {
     // Sized under the device guard: the decode split follows the device's SM count.
     const at::Tensor scratch =
         workspace(kernels::causal_attention_fwd_workspace_bytes(s.batch, s.heads, s.q_len, s.kv_len, s.head_dim), q);
-    return kernels::causal_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+    return kernels::causal_attention_fwd(heads_of(q), heads_of(k), heads_of(v), out.data_ptr(),
                                          lse.data_ptr<float>(), scratch.data_ptr(), s.batch, s.heads, s.q_len,
                                          s.kv_len, s.head_dim, static_cast<float>(scale), dtype_of(q, "q"), stream);
   });
@@ -281,19 +302,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   check_like(grad_out_in, "grad_out", q_in, "q");
   check_like(out_in, "out", q_in, "q");
   check_float32(lse_in, "lse", q_in, {s.batch, s.heads, s.q_len});
-  const at::Tensor grad_out = dense(grad_out_in);
-  const at::Tensor q = dense(q_in);
-  const at::Tensor k = dense(k_in);
-  const at::Tensor v = dense(v_in);
+  const at::Tensor grad_out = readable_heads(grad_out_in);
+  const at::Tensor q = readable_heads(q_in);
+  const at::Tensor k = readable_heads(k_in);
+  const at::Tensor v = readable_heads(v_in);
   const at::Tensor out = dense(out_in);
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor grad_q = at::empty_like(q);
-  at::Tensor grad_k = at::empty_like(k);
-  at::Tensor grad_v = at::empty_like(v);
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k = at::empty(k.sizes(), k.options());
+  at::Tensor grad_v = at::empty(v.sizes(), v.options());
   const at::Tensor scratch =
       workspace(kernels::causal_attention_bwd_workspace_bytes(s.batch, s.heads, s.q_len, s.head_dim), q);
   launch("causal_attention_bwd", q.device(), [&](cudaStream_t stream) {
-    return kernels::causal_attention_bwd(grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+    return kernels::causal_attention_bwd(heads_of(grad_out), heads_of(q), heads_of(k), heads_of(v),
                                          out.data_ptr(), lse.data_ptr<float>(), grad_q.data_ptr(), grad_k.data_ptr(),
                                          grad_v.data_ptr(), scratch.data_ptr(), s.batch, s.heads, s.q_len, s.kv_len,
                                          s.head_dim, static_cast<float>(scale), dtype_of(q, "q"), stream);

@@ -32,9 +32,13 @@
 //     leaves a partial (m, l, o); a second kernel combines the partials.
 //
 // Supported: fp16 and bf16, head_dim 64 or 128, Tk >= Tq >= 1; anything else is rejected.
+// q, k, v (and dO) are read in place through their strides (`Heads`), so the q, k, v views
+// of a fused qkv projection need no copy; every output is written contiguous.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "common.cuh"
@@ -135,15 +139,37 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4],
   a[3] = pack2<T>(hi[2], hi[3]);
 }
 
-// Copies rows [row0, row0 + ROWS) of a (n_rows, D) matrix into a padded shared tile,
-// zero-filling rows >= n_rows.
+// The rows of one (batch, head) of a `Heads` input: row i starts at rows + i * stride.
+// A 32-bit stride (the launchers check it fits) keeps the forward at 128 registers, as with
+// packed rows: four blocks per SM at head_dim 64.
+template <typename T>
+struct HeadRows {
+  const T* rows;
+  int32_t stride;
+  __device__ __forceinline__ const T* row(int64_t i) const { return rows + i * stride; }
+};
+
+// Head bh = b * heads + h of t.
+template <typename T>
+__device__ __forceinline__ HeadRows<T> head_rows(const Heads& t, int64_t bh, int64_t heads) {
+  return {static_cast<const T*>(t.data) + bh / heads * t.batch_stride + bh % heads * t.head_stride, static_cast<int32_t>(t.row_stride)};
+}
+
+// Copies rows [row0, row0 + ROWS) of a head's (n_rows, D) matrix into a padded shared
+// tile, zero-filling rows >= n_rows. A pass of the block copies kRowsPerPass whole rows,
+// one 16-byte chunk per thread; each thread steps its source pointer by a pass, so the
+// row stride costs one register pair, not one address per pass.
 template <int ROWS, int D, typename T>
-__device__ __forceinline__ void load_tile_async(T* tile, const T* matrix, int64_t row0, int64_t n_rows) {
-  constexpr int kChunksPerRow = D / 8;
-  for (int c = threadIdx.x; c < ROWS * kChunksPerRow; c += kThreads) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+__device__ __forceinline__ void load_tile_async(T* tile, const HeadRows<T>& matrix, int64_t row0, int64_t n_rows) {
+  constexpr int kChunksPerRow = D / 8, kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0 && ROWS % kRowsPerPass == 0);
+  const int r0 = threadIdx.x / kChunksPerRow, col = threadIdx.x % kChunksPerRow * 8;
+  const T* src = matrix.row(row0 + r0) + col;
+  const int64_t pass_stride = kRowsPerPass * matrix.stride;
+#pragma unroll
+  for (int r = r0; r < ROWS; r += kRowsPerPass, src += pass_stride) {
     const bool valid = row0 + r < n_rows;
-    cp_async16(tile + r * (D + kPad) + col, matrix + (valid ? row0 + r : 0) * D + col, valid);
+    cp_async16(tile + r * (D + kPad) + col, valid ? src : matrix.rows + col, valid);
   }
 }
 
@@ -162,10 +188,9 @@ __device__ __forceinline__ float quad_sum(float x) {
 // [16 w, 16 w + 16) of the block's 64. Shared: Q tile, then two stages of (K, V) tiles.
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                                                                 const T* __restrict__ v, T* __restrict__ out,
-                                                                 float* __restrict__ lse, int64_t q_len,
-                                                                 int64_t kv_len, float scale_log2) {
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Heads q, Heads k, Heads v, T* __restrict__ out,
+                                                                 float* __restrict__ lse, int64_t heads,
+                                                                 int64_t q_len, int64_t kv_len, float scale_log2) {
   constexpr int LD = D + kPad;
   constexpr int kTile = kBlockK * LD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -177,9 +202,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const T* __rest
   const int64_t bh = blockIdx.x;
   const int64_t q0 = (int64_t{gridDim.y} - 1 - blockIdx.y) * kBlockQ;  // heaviest blocks first
   const int64_t offset = kv_len - q_len;                               // query i sees keys <= i + offset
-  const T* q_head = q + bh * q_len * D;
-  const T* k_head = k + bh * kv_len * D;
-  const T* v_head = v + bh * kv_len * D;
+  const HeadRows<T> q_head = head_rows<T>(q, bh, heads);
+  const HeadRows<T> k_head = head_rows<T>(k, bh, heads);
+  const HeadRows<T> v_head = head_rows<T>(v, bh, heads);
 
   // Key tiles this block visits: up to the one holding key q0 + 63 + offset.
   const int64_t last_key = q0 + kBlockQ - 1 + offset < kv_len - 1 ? q0 + kBlockQ - 1 + offset : kv_len - 1;
@@ -304,9 +329,8 @@ constexpr int kDecodeStates = kWarps * 32 / kDecodeGroup<D>;  // key groups per 
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_decode_partial_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, float* __restrict__ partial_o,
-    float* __restrict__ partial_m, float* __restrict__ partial_l, int64_t kv_len, int64_t keys_per_split,
-    float scale_log2) {
+    Heads q, Heads k, Heads v, float* __restrict__ partial_o, float* __restrict__ partial_m,
+    float* __restrict__ partial_l, int64_t heads, int64_t kv_len, int64_t keys_per_split, float scale_log2) {
   constexpr int G = kDecodeGroup<D>;
   constexpr int kStates = kDecodeStates<D>;
   __shared__ float state_m[kStates], state_l[kStates];
@@ -315,11 +339,11 @@ __global__ void __launch_bounds__(kThreads) attention_decode_partial_kernel(
   const int64_t bh = blockIdx.x, split = blockIdx.y, n_splits = gridDim.y;
   const int group = threadIdx.x / G, sub = threadIdx.x % G;  // key group, and lane within it
   const int dim0 = sub * 8;
-  const T* k_head = k + bh * kv_len * D;
-  const T* v_head = v + bh * kv_len * D;
+  const HeadRows<T> k_head = head_rows<T>(k, bh, heads);
+  const HeadRows<T> v_head = head_rows<T>(v, bh, heads);
 
   float q_reg[8];
-  const Pack<T, 8> q_pack = load_pack<T, 8>(q + bh * D + dim0);
+  const Pack<T, 8> q_pack = load_pack<T, 8>(head_rows<T>(q, bh, heads).row(0) + dim0);
 #pragma unroll
   for (int e = 0; e < 8; ++e) q_reg[e] = to_float(q_pack.v[e]) * scale_log2;
 
@@ -330,8 +354,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_partial_kernel(
   for (int64_t base = begin; base < end; base += kStates) {
     const int64_t j = base + group;
     const bool valid = j < end;
-    const Pack<T, 8> k_pack = load_pack<T, 8>(k_head + (valid ? j : begin) * D + dim0);
-    const Pack<T, 8> v_pack = load_pack<T, 8>(v_head + (valid ? j : begin) * D + dim0);
+    const Pack<T, 8> k_pack = load_pack<T, 8>(k_head.row(valid ? j : begin) + dim0);
+    const Pack<T, 8> v_pack = load_pack<T, 8>(v_head.row(valid ? j : begin) + dim0);
     float dot = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) dot += q_reg[e] * to_float(k_pack.v[e]);
@@ -430,9 +454,9 @@ constexpr size_t bwd_smem_bytes() {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(
-    const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq_accum,
-    T* __restrict__ grad_k, T* __restrict__ grad_v, int64_t q_len, int64_t kv_len, float scale, float scale_log2) {
+    Heads grad_out, Heads q, Heads k, Heads v, const float* __restrict__ lse, const float* __restrict__ delta,
+    float* __restrict__ dq_accum, T* __restrict__ grad_k, T* __restrict__ grad_v, int64_t heads, int64_t q_len,
+    int64_t kv_len, float scale, float scale_log2) {
   constexpr int LD = D + kPad;
   constexpr int BQ = kBwdBlockQ<D>;
   constexpr int LDS = kBlockK + kPad;  // dS tile: [BQ][keys]
@@ -449,14 +473,16 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(
   const int64_t bh = blockIdx.x;
   const int64_t k0 = int64_t{blockIdx.y} * kBlockK;
   const int64_t offset = kv_len - q_len;
-  const T* q_head = q + bh * q_len * D;
-  const T* do_head = grad_out + bh * q_len * D;
+  const HeadRows<T> q_head = head_rows<T>(q, bh, heads);
+  const HeadRows<T> do_head = head_rows<T>(grad_out, bh, heads);
+  const HeadRows<T> k_head = head_rows<T>(k, bh, heads);
+  const HeadRows<T> v_head = head_rows<T>(v, bh, heads);
   const float* lse_head = lse + bh * q_len;
   const float* delta_head = delta + bh * q_len;
   float* dq_head = dq_accum + bh * q_len * D;
 
-  load_tile_async<kBlockK, D>(k_tile, k + bh * kv_len * D, k0, kv_len);
-  load_tile_async<kBlockK, D>(v_tile, v + bh * kv_len * D, k0, kv_len);
+  load_tile_async<kBlockK, D>(k_tile, k_head, k0, kv_len);
+  load_tile_async<kBlockK, D>(v_tile, v_head, k0, kv_len);
   cp_async_commit();
 
   float dk[D / 8][4] = {};
@@ -568,15 +594,16 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(
   }
 }
 
-// delta_i = sum_d dO_id O_id, one warp per row.
+// delta_i = sum_d dO_id O_id, one warp per row (bh q_len + i) of the (batch * heads * q_len) rows.
 template <typename T>
-__global__ void attention_bwd_delta_kernel(const T* __restrict__ grad_out, const T* __restrict__ out,
-                                           float* __restrict__ delta, int64_t n_rows, int head_dim) {
+__global__ void attention_bwd_delta_kernel(Heads grad_out, const T* __restrict__ out, float* __restrict__ delta,
+                                           int64_t heads, int64_t q_len, int64_t n_rows, int head_dim) {
   const int64_t row = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
   if (row >= n_rows) return;
+  const T* do_row = head_rows<T>(grad_out, row / q_len, heads).row(row % q_len);
   float dot = 0.f;
   for (int d = threadIdx.x % 32; d < head_dim; d += 32)
-    dot += to_float(grad_out[row * head_dim + d]) * to_float(out[row * head_dim + d]);
+    dot += to_float(do_row[d]) * to_float(out[row * head_dim + d]);
   dot = warp_sum(dot);
   if (threadIdx.x % 32 == 0) delta[row] = dot;
 }
@@ -593,15 +620,16 @@ constexpr size_t fwd_smem_bytes() {
 }
 
 template <typename T, int D>
-cudaError_t launch_fwd(const T* q, const T* k, const T* v, T* out, float* lse, void* workspace, int64_t bh,
-                       int64_t q_len, int64_t kv_len, float scale_log2, cudaStream_t stream) {
+cudaError_t launch_fwd(Heads q, Heads k, Heads v, T* out, float* lse, void* workspace, int64_t batch,
+                       int64_t heads, int64_t q_len, int64_t kv_len, float scale_log2, cudaStream_t stream) {
+  const int64_t bh = batch * heads;
   if (q_len == 1) {
     const DecodeSplit split = decode_split(bh, kv_len);
     float* partial_o = static_cast<float*>(workspace);
     float* partial_m = partial_o + bh * split.n_splits * D;
     float* partial_l = partial_m + bh * split.n_splits;
     attention_decode_partial_kernel<T, D><<<dim3(static_cast<unsigned>(bh), split.n_splits), kThreads, 0, stream>>>(
-        q, k, v, partial_o, partial_m, partial_l, kv_len, split.keys_per_split, scale_log2);
+        q, k, v, partial_o, partial_m, partial_l, heads, kv_len, split.keys_per_split, scale_log2);
     PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     attention_decode_combine_kernel<T, D><<<static_cast<unsigned>(bh), D, 0, stream>>>(partial_o, partial_m,
                                                                                        partial_l, out, lse,
@@ -611,27 +639,28 @@ cudaError_t launch_fwd(const T* q, const T* k, const T* v, T* out, float* lse, v
   constexpr size_t smem = fwd_smem_bytes<T, D>();
   PYMINIGPT_CUDA_RETURN_IF_ERROR(allow_dynamic_smem(attention_fwd_kernel<T, D>, smem));
   const dim3 grid(static_cast<unsigned>(bh), static_cast<unsigned>((q_len + kBlockQ - 1) / kBlockQ));
-  attention_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(q, k, v, out, lse, q_len, kv_len, scale_log2);
+  attention_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(q, k, v, out, lse, heads, q_len, kv_len, scale_log2);
   return cudaGetLastError();
 }
 
 template <typename T, int D>
-cudaError_t launch_bwd(const T* grad_out, const T* q, const T* k, const T* v, const T* out, const float* lse,
-                       T* grad_q, T* grad_k, T* grad_v, void* workspace, int64_t bh, int64_t q_len, int64_t kv_len,
-                       float scale, cudaStream_t stream) {
+cudaError_t launch_bwd(Heads grad_out, Heads q, Heads k, Heads v, const T* out, const float* lse, T* grad_q,
+                       T* grad_k, T* grad_v, void* workspace, int64_t batch, int64_t heads, int64_t q_len,
+                       int64_t kv_len, float scale, cudaStream_t stream) {
+  const int64_t bh = batch * heads;
   float* dq_accum = static_cast<float*>(workspace);
   float* delta = dq_accum + bh * q_len * D;
   const int64_t rows = bh * q_len;
   PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_accum, 0, sizeof(float) * rows * D, stream));
   attention_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
-      grad_out, out, delta, rows, D);
+      grad_out, out, delta, heads, q_len, rows, D);
   PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
   constexpr size_t smem = bwd_smem_bytes<T, D>();
   PYMINIGPT_CUDA_RETURN_IF_ERROR(allow_dynamic_smem(attention_bwd_kernel<T, D>, smem));
   const dim3 grid(static_cast<unsigned>(bh), static_cast<unsigned>((kv_len + kBlockK - 1) / kBlockK));
   attention_bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(grad_out, q, k, v, lse, delta, dq_accum, grad_k,
-                                                               grad_v, q_len, kv_len, scale, scale * kLog2e);
+                                                               grad_v, heads, q_len, kv_len, scale, scale * kLog2e);
   PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
   const int64_t n = rows * D;
@@ -640,14 +669,24 @@ cudaError_t launch_bwd(const T* grad_out, const T* q, const T* k, const T* v, co
   return cudaGetLastError();
 }
 
+// Rows the kernels can read: 16-byte copies need the start and every stride to be multiples
+// of 16 bytes, and HeadRows keeps the row stride in 32 bits.
+bool rows_readable(const Heads& t, size_t element_size) {
+  return reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.batch_stride * element_size % 16 == 0 &&
+         t.head_stride * element_size % 16 == 0 && t.row_stride * element_size % 16 == 0 &&
+         t.row_stride <= INT32_MAX;
+}
+
 // Checks the arguments, then calls body(T{}, std::integral_constant<int, D>{}) for the
 // (dtype, head_dim) of a supported input.
 template <typename Body>
 cudaError_t dispatch_attention(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
-                               DType dtype, Body&& body) {
+                               DType dtype, std::initializer_list<Heads> inputs, Body&& body) {
   if (causal_attention_unsupported(batch, heads, q_len, kv_len, head_dim, dtype) != nullptr)
     return cudaErrorInvalidValue;
   auto with_dim = [&](auto tag) -> cudaError_t {
+    for (const Heads& t : inputs)
+      if (!rows_readable(t, sizeof(tag))) return cudaErrorInvalidValue;
     if (head_dim == 64) return body(tag, std::integral_constant<int, 64>{});
     if (head_dim == 128) return body(tag, std::integral_constant<int, 128>{});
     return cudaErrorInvalidValue;
@@ -677,14 +716,13 @@ size_t causal_attention_fwd_workspace_bytes(int64_t batch, int64_t heads, int64_
   return sizeof(float) * static_cast<size_t>(batch * heads * split.n_splits * (head_dim + 2));
 }
 
-cudaError_t causal_attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse,
-                                 void* workspace, int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
-                                 int64_t head_dim, float scale, DType dtype, cudaStream_t stream) {
-  return dispatch_attention(batch, heads, q_len, kv_len, head_dim, dtype, [&](auto tag, auto dim) {
+cudaError_t causal_attention_fwd(Heads q, Heads k, Heads v, void* out, float* lse, void* workspace, int64_t batch,
+                                 int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim, float scale,
+                                 DType dtype, cudaStream_t stream) {
+  return dispatch_attention(batch, heads, q_len, kv_len, head_dim, dtype, {q, k, v}, [&](auto tag, auto dim) {
     using T = decltype(tag);
-    return launch_fwd<T, decltype(dim)::value>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                               static_cast<const T*>(v), static_cast<T*>(out), lse, workspace,
-                                               batch * heads, q_len, kv_len, scale * kLog2e, stream);
+    return launch_fwd<T, decltype(dim)::value>(q, k, v, static_cast<T*>(out), lse, workspace, batch, heads, q_len,
+                                               kv_len, scale * kLog2e, stream);
   });
 }
 
@@ -692,17 +730,18 @@ size_t causal_attention_bwd_workspace_bytes(int64_t batch, int64_t heads, int64_
   return sizeof(float) * static_cast<size_t>(batch * heads * q_len * (head_dim + 1));
 }
 
-cudaError_t causal_attention_bwd(const void* grad_out, const void* q, const void* k, const void* v,
-                                 const void* out, const float* lse, void* grad_q, void* grad_k, void* grad_v,
-                                 void* workspace, int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
-                                 int64_t head_dim, float scale, DType dtype, cudaStream_t stream) {
-  return dispatch_attention(batch, heads, q_len, kv_len, head_dim, dtype, [&](auto tag, auto dim) {
-    using T = decltype(tag);
-    return launch_bwd<T, decltype(dim)::value>(
-        static_cast<const T*>(grad_out), static_cast<const T*>(q), static_cast<const T*>(k),
-        static_cast<const T*>(v), static_cast<const T*>(out), lse, static_cast<T*>(grad_q), static_cast<T*>(grad_k),
-        static_cast<T*>(grad_v), workspace, batch * heads, q_len, kv_len, scale, stream);
-  });
+cudaError_t causal_attention_bwd(Heads grad_out, Heads q, Heads k, Heads v, const void* out, const float* lse,
+                                 void* grad_q, void* grad_k, void* grad_v, void* workspace, int64_t batch,
+                                 int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim, float scale,
+                                 DType dtype, cudaStream_t stream) {
+  return dispatch_attention(
+      batch, heads, q_len, kv_len, head_dim, dtype, {grad_out, q, k, v}, [&](auto tag, auto dim) {
+        using T = decltype(tag);
+        return launch_bwd<T, decltype(dim)::value>(grad_out, q, k, v, static_cast<const T*>(out), lse,
+                                                   static_cast<T*>(grad_q), static_cast<T*>(grad_k),
+                                                   static_cast<T*>(grad_v), workspace, batch, heads, q_len, kv_len,
+                                                   scale, stream);
+      });
 }
 
 }  // namespace pyminigpt::cuda

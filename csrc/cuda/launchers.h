@@ -1,6 +1,7 @@
 // Host entry points of the CUDA kernels: torch-free, raw device pointers and sizes.
 //
-// Every tensor is contiguous in the layout written beside it; (N, C) means row-major.
+// Every tensor is contiguous in the layout written beside it ((N, C) means row-major),
+// except the attention inputs, which are strided `Heads`.
 // Each launcher checks its arguments first and returns cudaErrorInvalidValue for an
 // input it does not support (the matching *_unsupported() function says why, in words,
 // so the torch binding can report it), then returns the first launch error, if any.
@@ -49,22 +50,35 @@ cudaError_t sample(const void* logits, const float* uniform, int64_t* tokens, in
                    float temperature, int64_t top_k, float top_p, DType dtype, cudaStream_t stream);
 
 // ---- attention.cu ------------------------------------------------------------------------
-// q, out, grad_out, grad_q: (batch, heads, q_len, head_dim); k, v, grad_k, grad_v:
-// (batch, heads, kv_len, head_dim), all fp16 or bf16; lse: fp32 (batch, heads, q_len),
-// natural log. Query i sees keys j <= i + kv_len - q_len.
+// An attention input of shape (batch, heads, len, head_dim) whose rows need not be packed:
+// element (b, h, i, d) is at data[b * batch_stride + h * head_stride + i * row_stride + d]
+// (strides in elements; the q, k, v views of a fused qkv projection are such tensors). The
+// kernels copy rows with 16-byte loads, so `data` and each stride times the element size
+// must be multiples of 16 bytes, and row_stride must be < 2^31; a launcher returns
+// cudaErrorInvalidValue otherwise.
+struct Heads {
+  const void* data;
+  int64_t batch_stride, head_stride, row_stride;
+};
+
+// q, grad_out: Heads (batch, heads, q_len, head_dim); k, v: Heads (batch, heads, kv_len,
+// head_dim); all fp16 or bf16. Outputs are contiguous: out and grad_q (batch, heads, q_len,
+// head_dim), grad_k and grad_v (batch, heads, kv_len, head_dim), lse fp32 (batch, heads,
+// q_len), natural log; the backward takes `out` as the forward wrote it. Query i sees keys
+// j <= i + kv_len - q_len.
 const char* causal_attention_unsupported(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                                          int64_t head_dim, DType dtype);
 // Bytes of scratch the forward needs (split-K partial results of the decode path; 0 otherwise).
 size_t causal_attention_fwd_workspace_bytes(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                                             int64_t head_dim);
-cudaError_t causal_attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse,
-                                 void* workspace, int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
-                                 int64_t head_dim, float scale, DType dtype, cudaStream_t stream);
+cudaError_t causal_attention_fwd(Heads q, Heads k, Heads v, void* out, float* lse, void* workspace, int64_t batch,
+                                 int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim, float scale,
+                                 DType dtype, cudaStream_t stream);
 // Bytes of scratch the backward needs (fp32 dq accumulator and the row sums of dO * O).
 size_t causal_attention_bwd_workspace_bytes(int64_t batch, int64_t heads, int64_t q_len, int64_t head_dim);
-cudaError_t causal_attention_bwd(const void* grad_out, const void* q, const void* k, const void* v,
-                                 const void* out, const float* lse, void* grad_q, void* grad_k, void* grad_v,
-                                 void* workspace, int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
-                                 int64_t head_dim, float scale, DType dtype, cudaStream_t stream);
+cudaError_t causal_attention_bwd(Heads grad_out, Heads q, Heads k, Heads v, const void* out, const float* lse,
+                                 void* grad_q, void* grad_k, void* grad_v, void* workspace, int64_t batch,
+                                 int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim, float scale,
+                                 DType dtype, cudaStream_t stream);
 
 }  // namespace pyminigpt::cuda

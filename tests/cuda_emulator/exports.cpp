@@ -1,5 +1,5 @@
 // C entry points for ctypes: the launchers of csrc/cuda/launchers.h with the dtype as an
-// int, plus the emulator's controls. Host memory stands in for device memory.
+// int (attention's Heads pass by value, as ctypes Structures), plus the emulator's controls. Host memory stands in for device memory.
 #include <cuda_runtime.h>
 
 #include "launchers.h"
@@ -63,18 +63,17 @@ size_t causal_attention_fwd_workspace_bytes(int64_t batch, int64_t heads, int64_
                                             int64_t head_dim) {
   return k::causal_attention_fwd_workspace_bytes(batch, heads, q_len, kv_len, head_dim);
 }
-int causal_attention_fwd(const void* q, const void* kk, const void* v, void* out, float* lse, void* workspace,
-                         int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim, float scale,
-                         int dtype) {
+int causal_attention_fwd(k::Heads q, k::Heads kk, k::Heads v, void* out, float* lse, void* workspace, int64_t batch,
+                         int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim, float scale, int dtype) {
   return k::causal_attention_fwd(q, kk, v, out, lse, workspace, batch, heads, q_len, kv_len, head_dim, scale,
                                  DType(dtype), nullptr);
 }
 size_t causal_attention_bwd_workspace_bytes(int64_t batch, int64_t heads, int64_t q_len, int64_t head_dim) {
   return k::causal_attention_bwd_workspace_bytes(batch, heads, q_len, head_dim);
 }
-int causal_attention_bwd(const void* grad_out, const void* q, const void* kk, const void* v, const void* out,
-                         const float* lse, void* grad_q, void* grad_k, void* grad_v, void* workspace, int64_t batch,
-                         int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim, float scale, int dtype) {
+int causal_attention_bwd(k::Heads grad_out, k::Heads q, k::Heads kk, k::Heads v, const void* out, const float* lse,
+                         void* grad_q, void* grad_k, void* grad_v, void* workspace, int64_t batch, int64_t heads,
+                         int64_t q_len, int64_t kv_len, int64_t head_dim, float scale, int dtype) {
   return k::causal_attention_bwd(grad_out, q, kk, v, out, lse, grad_q, grad_k, grad_v, workspace, batch, heads, q_len,
                                  kv_len, head_dim, scale, DType(dtype), nullptr);
 }

@@ -32,6 +32,14 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 ALL_DTYPES = [torch.float32, *HALF_DTYPES]
 
 i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+
+
+class Heads(ctypes.Structure):
+    """launchers.h's Heads: an attention input (batch, heads, len, head_dim) by its strides."""
+
+    _fields_ = [("data", ptr), ("batch_stride", i64), ("head_stride", i64), ("row_stride", i64)]
+
+
 SIGNATURES = {
     "emu_configure": (None, [i32, i32]),
     "emu_last_failure": (ctypes.c_char_p, []),
@@ -48,9 +56,9 @@ SIGNATURES = {
     "sample": (i32, [ptr, ptr, ptr, i64, i64, f32, i64, f32, i32]),
     "causal_attention_unsupported": (ctypes.c_char_p, [i64, i64, i64, i64, i64, i32]),
     "causal_attention_fwd_workspace_bytes": (ctypes.c_size_t, [i64, i64, i64, i64, i64]),
-    "causal_attention_fwd": (i32, [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, i32]),
+    "causal_attention_fwd": (i32, [Heads] * 3 + [ptr] * 3 + [i64] * 5 + [f32, i32]),
     "causal_attention_bwd_workspace_bytes": (ctypes.c_size_t, [i64, i64, i64, i64]),
-    "causal_attention_bwd": (i32, [ptr] * 10 + [i64, i64, i64, i64, i64, f32, i32]),
+    "causal_attention_bwd": (i32, [Heads] * 4 + [ptr] * 6 + [i64] * 5 + [f32, i32]),
 }
 
 
@@ -118,9 +126,15 @@ def guarded(t: torch.Tensor) -> torch.Tensor:
 
 
 def p(t: torch.Tensor) -> int:
-    """The address a launcher gets: only guarded tensors are passed to kernels."""
-    assert t.data_ptr() in _GUARDED, "pass kernels guarded() tensors"
+    """The address a launcher gets: only guarded tensors (or views of one) are passed to kernels."""
+    assert t.untyped_storage().data_ptr() in _GUARDED, "pass kernels guarded() tensors"
     return t.data_ptr()
+
+
+def heads(t: torch.Tensor) -> Heads:
+    """An attention input as launchers.h's Heads, read in place through its strides."""
+    assert t.stride(3) == 1, "head_dim must be contiguous"
+    return Heads(p(t), *t.stride()[:3])
 
 
 def nan_like(t: torch.Tensor) -> torch.Tensor:
@@ -264,28 +278,39 @@ ATTENTION_CASES = [
 ]
 
 
-def attention_inputs(shape, dtype):
-    batch, heads, q_len, kv_len, head_dim = shape
-    q = guarded(torch.randn(batch, heads, q_len, head_dim).to(dtype))
-    k = guarded(torch.randn(batch, heads, kv_len, head_dim).to(dtype))
-    v = guarded(torch.randn(batch, heads, kv_len, head_dim).to(dtype))
-    return q, k, v
+def attention_inputs(shape, dtype, layout):
+    """q, k, v and grad_out, either packed or laid out as the model passes them: q, k and v
+    views of one fused (batch, len, 3, heads, head_dim) projection or, with kv_len > q_len,
+    keys and values in a KV cache with room for 8 more positions; grad_out a transposed view."""
+    batch, heads_, q_len, kv_len, head_dim = shape
+
+    def randn(*size):
+        return guarded(torch.randn(*size).to(dtype))
+
+    if layout == "packed":
+        q, grad_out = randn(batch, heads_, q_len, head_dim), randn(batch, heads_, q_len, head_dim)
+        return q, randn(batch, heads_, kv_len, head_dim), randn(batch, heads_, kv_len, head_dim), grad_out
+    q, k, v = randn(batch, q_len, 3, heads_, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if kv_len > q_len:
+        k, v = (randn(batch, heads_, kv_len + 8, head_dim)[:, :, :kv_len] for _ in "kv")
+    return q, k, v, randn(batch, q_len, heads_, head_dim).transpose(1, 2)
 
 
+@pytest.mark.parametrize("layout", ["packed", "strided"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-{c[5]}SMs")
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_causal_attention(cuda, case, dtype):
+def test_causal_attention(cuda, case, dtype, layout):
     *shape, sm_count = case
-    batch, heads, q_len, kv_len, head_dim = shape
+    batch, heads_, q_len, kv_len, head_dim = shape
     cuda.configure(sm_count)
     code, scale = DTYPE_CODE[dtype], head_dim**-0.5
-    q, k, v = attention_inputs(shape, dtype)
-    grad_out = guarded(torch.randn_like(q.float()).to(dtype))
-    cuda.supported("causal_attention_unsupported", batch, heads, q_len, kv_len, head_dim, code)
+    q, k, v, grad_out = attention_inputs(shape, dtype, layout)
+    cuda.supported("causal_attention_unsupported", batch, heads_, q_len, kv_len, head_dim, code)
 
-    out, lse = nan_like(q), nan_like(torch.empty(batch, heads, q_len))
-    work = cuda.workspace("causal_attention_fwd_workspace_bytes", batch, heads, q_len, kv_len, head_dim)
-    cuda.call("causal_attention_fwd", p(q), p(k), p(v), p(out), p(lse), p(work), *shape, scale, code)
+    # outputs are written packed
+    out, lse = nan_like(q.contiguous()), nan_like(torch.empty(batch, heads_, q_len))
+    work = cuda.workspace("causal_attention_fwd_workspace_bytes", batch, heads_, q_len, kv_len, head_dim)
+    cuda.call("causal_attention_fwd", heads(q), heads(k), heads(v), p(out), p(lse), p(work), *shape, scale, code)
 
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     exact = reference.causal_attention(qd, kd, vd, scale)
@@ -295,14 +320,14 @@ def test_causal_attention(cuda, case, dtype):
     want_lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
     torch.testing.assert_close(lse.double(), want_lse.detach(), atol=1e-2, rtol=1e-3)
 
-    grads = [nan_like(t) for t in (q, k, v)]
-    work = cuda.workspace("causal_attention_bwd_workspace_bytes", batch, heads, q_len, head_dim)
+    grads = [nan_like(t.contiguous()) for t in (q, k, v)]
+    work = cuda.workspace("causal_attention_bwd_workspace_bytes", batch, heads_, q_len, head_dim)
     cuda.call(
         "causal_attention_bwd",
-        p(grad_out),
-        p(q),
-        p(k),
-        p(v),
+        heads(grad_out),
+        heads(q),
+        heads(k),
+        heads(v),
         p(out),
         p(lse),
         *map(p, grads),
@@ -316,3 +341,32 @@ def test_causal_attention(cuda, case, dtype):
     low_grads = torch.autograd.grad(attention_low_precision(*low, scale), low, grad_out)
     for name, got, exp, yardstick in zip("qkv", grads, want, low_grads):
         assert_low_precision_close(got, exp, yardstick, factor=3.0), name
+
+
+@pytest.mark.parametrize("fault", ["start", "head_stride", "row_stride", "row_stride_over_int32"])
+def test_causal_attention_refuses_rows_it_cannot_read(lib, fault):
+    """The launchers return cudaErrorInvalidValue, launching nothing, for an input whose rows
+    16-byte copies cannot read or whose row stride does not fit in 32 bits (the torch
+    binding copies such inputs first)."""
+    batch, heads_, length, head_dim = 1, 2, 8, 64
+    packed = guarded(torch.randn(batch, heads_, length, head_dim).half())
+    good = heads(packed)
+    bad = {  # in elements of 2 bytes
+        "start": Heads(p(packed) + 2, *packed.stride()[:3]),
+        "head_stride": Heads(p(packed), 0, 516, 64),
+        "row_stride": Heads(p(packed), 0, 520, 65),
+        "row_stride_over_int32": Heads(p(packed), 0, 520, 2**31),
+    }[fault]
+    out = nan_like(packed)
+    lse, grads = nan_like(torch.empty(batch, heads_, length)), [nan_like(packed) for _ in "qkv"]
+    work = guarded(torch.zeros(1 << 16, dtype=torch.uint8))
+    shape, scale, code = (batch, heads_, length, length, head_dim), head_dim**-0.5, DTYPE_CODE[torch.float16]
+    cuda_error_invalid_value = 1
+    lib.emu_clear_failure()
+    for q, k in [(bad, good), (good, bad)]:
+        error = lib.causal_attention_fwd(q, k, good, p(out), p(lse), p(work), *shape, scale, code)
+        assert error == cuda_error_invalid_value
+        error = lib.causal_attention_bwd(good, q, k, good, p(out), p(lse), *map(p, grads), p(work), *shape, scale, code)
+        assert error == cuda_error_invalid_value
+    assert not lib.emu_last_failure()
+    assert out.isnan().all() and all(g.isnan().all() for g in grads)
