@@ -159,11 +159,15 @@ def test_gradients_bf16(backend, shape):
     _assert_gradients_close(grads, q, k, v, grad_out)
 
 
+@pytest.mark.parametrize("grad_layout", ["model", "strided_last_dim"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gradients_non_contiguous(backend, dtype):
+def test_gradients_non_contiguous(backend, dtype, grad_layout):
     q, k, v = (x.detach().requires_grad_() for x in _model_layout_qkv(1, 45, 2, 64, backend, dtype))
     skip_if_declined("causal_attention", q, k, v, 1.0)
-    grad_out = torch.randn(q.shape, device=backend).to(dtype).transpose(-2, -1).contiguous().transpose(-2, -1)
+    if grad_layout == "model":  # the gradient of y.transpose(1, 2).reshape(B, T, C): (B, T, H, D) transposed
+        grad_out = torch.randn(1, 45, 2, 64, device=backend).to(dtype).transpose(1, 2)
+    else:
+        grad_out = torch.randn(q.shape, device=backend).to(dtype).transpose(-2, -1).contiguous().transpose(-2, -1)
     grads = torch.autograd.grad(ops.causal_attention(q, k, v), (q, k, v), grad_out)
     _assert_gradients_close(grads, q, k, v, grad_out)
 

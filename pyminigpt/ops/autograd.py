@@ -48,7 +48,8 @@ def register(namespace: str, softmax_bwd, layer_norm_bwd, causal_attention_bwd) 
 
     def attention_backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = causal_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+        # grad_out as it comes: every backend reads strided rows (the model's is a transposed view)
+        dq, dk, dv = causal_attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
         return dq, dk, dv, None
 
     torch.library.register_autograd(f"{namespace}::softmax_fwd", softmax_backward, setup_context=softmax_setup)
