@@ -265,6 +265,25 @@ def test_attention_forward_backward(record, d, t, member):
 
 
 @pytest.mark.parametrize("member", ["sdpa", *KERNELS])
+def test_attention_model_layout(record, member):
+    """Forward + backward as a GPT-2-124M layer calls it at B=8, T=1024: q, k, v are views of
+    one fused (B, T, 3, H, D) projection, the gradient goes to that projection, and grad_out
+    is a transposed (B, T, H, D). Every member reads these in place; a kernel that copied its
+    inputs would pay for it here, not in the packed groups above."""
+    batch, t, heads, d = 8, 1024, 12, 64
+    qkv = torch.randn(batch, t, 3, heads, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(batch, t, heads, d, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+    fn = _attention_member(member)
+
+    def forward_backward():
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return torch.autograd.grad(fn(q, k, v), qkv, grad_out)
+
+    group = f"attention fwd+bwd bf16 GPT-2 layer layout B={batch} H={heads} T={t} D={d}"
+    record(group, forward_backward, flops=3.5 * causal_flops(grad_out), peer="sdpa")
+
+
+@pytest.mark.parametrize("member", ["sdpa", *KERNELS])
 @pytest.mark.parametrize("cache", [4096, 16384])
 def test_attention_decode(record, cache, member):
     """One new query against a KV cache: the split-K path (memory-bound: k and v read once)."""
