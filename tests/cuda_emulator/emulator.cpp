@@ -57,7 +57,7 @@ struct Block {
 Block g_block;
 Thread* g_current = nullptr;
 std::vector<unsigned char*> g_stacks;
-unsigned char* g_dynamic_smem = nullptr;  // ends where g_smem_guard, an unmapped page, begins
+unsigned char* g_dynamic_smem = nullptr;  // next to g_smem_guard, an unmapped page
 unsigned char* g_smem_mapping = nullptr;
 unsigned char* g_smem_guard = nullptr;
 size_t g_smem_mapped_bytes = 0;
@@ -65,11 +65,13 @@ std::map<const void*, int> g_max_dynamic_smem;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_last_failure;
 bool g_reverse_order = false;
+bool g_guard_before = false;
 int g_sm_count = 132;
 
 size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
-// `bytes` (a multiple of 16) of dynamic shared memory that end where an unmapped page begins.
+// `bytes` (a multiple of 16) of dynamic shared memory that end where an unmapped page
+// begins or, with g_guard_before, begin where one ends.
 void map_dynamic_smem(size_t bytes) {
   if (g_smem_mapping != nullptr) munmap(g_smem_mapping, g_smem_mapped_bytes);
   const size_t pages = (bytes + page_size() - 1) / page_size() * page_size();
@@ -77,15 +79,16 @@ void map_dynamic_smem(size_t bytes) {
   void* p = mmap(nullptr, g_smem_mapped_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::runtime_error("emulator: cannot map shared memory");
   g_smem_mapping = static_cast<unsigned char*>(p);
-  g_smem_guard = g_smem_mapping + pages;
+  g_smem_guard = g_guard_before ? g_smem_mapping : g_smem_mapping + pages;
   mprotect(g_smem_guard, page_size(), PROT_NONE);
-  g_dynamic_smem = g_smem_guard - bytes;
+  g_dynamic_smem = g_guard_before ? g_smem_guard + page_size() : g_smem_guard - bytes;
 }
 
 // ---- Out-of-bounds accesses ----------------------------------------------------------
 // Dynamic shared memory ends at an unmapped page, and so do the buffers the tests allocate
-// (test_emulated_kernels.py: guarded). An access past the end faults; the handler jumps
-// back to run_block, which reports the thread and the address.
+// (test_emulated_kernels.py: guarded); with g_guard_before they start at one instead. An
+// access past the end (or before the start) faults; the handler jumps back to run_block,
+// which reports the thread and the address.
 
 sigjmp_buf g_fault_return;
 void* g_fault_address = nullptr;
@@ -269,8 +272,9 @@ void run_block(const uint3& block, const std::function<void()>& body, size_t dyn
     const bool in_smem = fault >= g_smem_guard && fault < g_smem_guard + page_size();
     const std::string who = g_current != nullptr ? where(*g_current) : std::string("a warp instruction");
     g_current = nullptr;
-    throw std::runtime_error(who + ": out-of-bounds access at " + address +
-                             (in_smem ? ", past the end of dynamic shared memory" : ", past the end of a buffer"));
+    const char* side = g_guard_before ? "before the start of " : "past the end of ";
+    throw std::runtime_error(who + ": out-of-bounds access at " + address + ", " + side +
+                             (in_smem ? "dynamic shared memory" : "a buffer"));
   }
   for (;;) {
     bool progressed = false;
@@ -359,8 +363,9 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, co
   }
 }
 
-void configure(bool reverse_order, int sm_count) {
+void configure(bool reverse_order, bool guard_before, int sm_count) {
   g_reverse_order = reverse_order;
+  g_guard_before = guard_before;
   g_sm_count = sm_count;
 }
 

@@ -9,7 +9,9 @@ using k::DType;
 
 extern "C" {
 
-void emu_configure(int reverse_order, int sm_count) { emu::configure(reverse_order != 0, sm_count); }
+void emu_configure(int reverse_order, int guard_before, int sm_count) {
+  emu::configure(reverse_order != 0, guard_before != 0, sm_count);
+}
 const char* emu_last_failure() { return emu::last_failure(); }
 void emu_clear_failure() { emu::clear_failure(); }
 

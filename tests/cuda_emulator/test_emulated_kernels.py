@@ -4,7 +4,9 @@ This checks what the kernels compute (indexing, fragment layouts, masks, barrier
 launch configuration) on a machine without a GPU; speed, and what only the hardware does,
 still need a GPU (bench/gpu_check.sh). Each case runs twice: with the first warp of a
 block running ahead of the others as far as the barriers let it, and with the last one
-(lanes reversed too): a missing barrier shows up in one of the two.
+(lanes reversed too): a missing barrier shows up in one of the two. Buffers and dynamic
+shared memory end at an unmapped page in the first run and start at one in the second,
+so an access past either end fails one of them.
 
 Run with `make test-cuda-emulated` (needs the CUDA toolkit's headers, not a GPU).
 """
@@ -41,7 +43,7 @@ class Heads(ctypes.Structure):
 
 
 SIGNATURES = {
-    "emu_configure": (None, [i32, i32]),
+    "emu_configure": (None, [i32, i32, i32]),
     "emu_last_failure": (ctypes.c_char_p, []),
     "emu_clear_failure": (None, []),
     "layer_norm_unsupported": (ctypes.c_char_p, [i64, i64, i32, i32]),
@@ -71,18 +73,19 @@ def lib():
     return library
 
 
-@pytest.fixture(params=["first warp ahead", "last warp ahead"])
+@pytest.fixture(params=["first warp ahead, guards after", "last warp ahead, guards before"])
 def cuda(lib, request):
     """The emulated kernels; `cuda.call(name, *args)` runs a launcher and fails the test with
     the emulator's report if the launch does not succeed."""
-    last_warp_ahead = request.param == "last warp ahead"
-    lib.emu_configure(last_warp_ahead, 132)
+    second_run = request.param.startswith("last")
+    _GUARD["before"] = second_run  # for guarded()
+    lib.emu_configure(second_run, second_run, 132)
     lib.emu_clear_failure()
 
     class Kernels:
         @staticmethod
         def configure(sm_count: int) -> None:
-            lib.emu_configure(last_warp_ahead, sm_count)
+            lib.emu_configure(second_run, second_run, sm_count)
 
         @staticmethod
         def call(name: str, *args) -> None:
@@ -105,20 +108,23 @@ def cuda(lib, request):
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _GUARDED: set[int] = set()  # data pointers of the guarded tensors
+_GUARD = {"before": False}  # which side of guarded() tensors the unmapped page is (the `cuda` fixture sets it)
 
 
 def guarded(t: torch.Tensor) -> torch.Tensor:
     """A copy of `t` whose storage starts 16-byte aligned (as the CUDA binding's do) and ends
-    within 15 bytes of an unmapped page: a kernel access past the end faults, and the
-    emulator fails the launch naming the thread and the address."""
+    within 15 bytes of an unmapped page, or, in the second run of each case, starts right
+    after one: a kernel access past the end (or before the start) faults, and the emulator
+    fails the launch naming the thread and the address."""
     nbytes = t.numel() * t.element_size()
     padded = (nbytes + 15) // 16 * 16
     data_pages = (padded + mmap.PAGESIZE - 1) // mmap.PAGESIZE
     buffer = mmap.mmap(-1, (data_pages + 1) * mmap.PAGESIZE)
     base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-    guard = ctypes.c_void_p(base + data_pages * mmap.PAGESIZE)
+    guard_page = 0 if _GUARD["before"] else data_pages
+    guard = ctypes.c_void_p(base + guard_page * mmap.PAGESIZE)
     assert _LIBC.mprotect(guard, ctypes.c_size_t(mmap.PAGESIZE), 0) == 0, "mprotect failed"
-    start = data_pages * mmap.PAGESIZE - padded
+    start = mmap.PAGESIZE if _GUARD["before"] else data_pages * mmap.PAGESIZE - padded
     copy = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=start).view(t.dtype).view(t.shape)
     copy.copy_(t)
     _GUARDED.add(copy.data_ptr())

@@ -16,8 +16,9 @@
 //   * cp.async copies land at the issuing thread's cp.async.wait, not before; dynamic
 //     shared memory starts as NaN bytes (0xff) in every block.
 //   * Dynamic shared memory, and every buffer the tests pass (guarded() in
-//     test_emulated_kernels.py), ends at an unmapped page: an access past the end fails
-//     the launch with the thread and the address.
+//     test_emulated_kernels.py), ends at an unmapped page, or starts at one (emu_configure):
+//     an access past the end, or before the start, fails the launch with the thread and
+//     the address.
 //   * Launches are checked like the driver checks them: block size, grid size, dynamic
 //     shared memory above 48 KiB only after cudaFuncSetAttribute opted in. cp.async and
 //     ldmatrix addresses must be aligned as the hardware requires.
@@ -98,9 +99,10 @@ void set_max_dynamic_smem(const void* kernel, int bytes);
 unsigned char* dynamic_shared_memory();
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
 
-// The test's controls: warps and lanes in descending order, the SM count the device
-// reports; and the report of the last failed launch ("" if none).
-void configure(bool reverse_order, int sm_count);
+// The test's controls: warps and lanes in descending order, dynamic shared memory starting
+// at its guard page instead of ending at it, the SM count the device reports; and the
+// report of the last failed launch ("" if none).
+void configure(bool reverse_order, bool guard_before, int sm_count);
 const char* last_failure();
 void clear_failure();
 
