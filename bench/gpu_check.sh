@@ -79,10 +79,11 @@ else
         stage roofline "${TIMEOUT_ROOFLINE:-120}" $PYTHON bench/gpu_roofline.py --out "$results/roofline.json"
     fi
     if wants test; then
-        # xdist spreads the suite (mostly Triton compiles) over the CPUs when it is installed
+        # xdist spreads the suite (mostly Triton compiles) over the CPUs when it is installed;
+        # the CUDA emulator is left out: it runs the kernels on the CPU, which CI already does
         workers=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}")
         stage test "${TIMEOUT_TEST:-480}" env PYMINIGPT_REQUIRE_BACKENDS=cpu,cuda,triton \
-            $PYTHON -m pytest tests -q -rs $workers --junitxml="$results/tests.xml"
+            $PYTHON -m pytest tests --ignore=tests/cuda_emulator -q -rs $workers --junitxml="$results/tests.xml"
     fi
     bench() {  # bench NAME SECONDS FILES... [pytest options]: one pytest-benchmark run
         local name=$1 limit=$2

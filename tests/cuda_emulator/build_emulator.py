@@ -15,6 +15,7 @@ found through CUDA_HOME (set by .ci/cuda_home.sh from nvcc); no GPU and no CUDA 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -65,13 +66,22 @@ def fingerprint(cuda_include: Path) -> str:
 
 
 def build() -> Path:
-    """Compiles the library if its inputs changed; returns its path."""
+    """Compiles the library if its inputs changed; returns its path. Safe to call from several
+    processes at once (pytest-xdist workers): one builds, the others wait for it."""
     cuda_include = cuda_include_dir()
     out_dir = BUILD / fingerprint(cuda_include)
     library = out_dir / "libcuda_emulated.so"
     if library.exists():
         return library
     out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not library.exists():
+            _compile_and_link(cuda_include, out_dir, library)
+    return library
+
+
+def _compile_and_link(cuda_include: Path, out_dir: Path, library: Path) -> None:
     flags = [
         "-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
         "-I", str(HERE / "include"), "-I", str(KERNELS), "-isystem", str(cuda_include),
@@ -96,9 +106,12 @@ def build() -> Path:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objects = list(pool.map(compile_one, sources()))
     partial = library.with_suffix(".so.partial")
-    subprocess.run(["g++", "-shared", "-o", str(partial), *map(str, objects)], check=True)
+    # -Bsymbolic: the library's calls to its own cudaGetLastError & co. stay its own, even in a
+    # process where torch has loaded the real CUDA runtime; -z defs: nothing is left for that
+    # runtime (or anything else loaded later) to supply.
+    link = ["g++", "-shared", "-Wl,-Bsymbolic", "-Wl,-z,defs", "-o", str(partial), *map(str, objects)]
+    subprocess.run(link, check=True)
     partial.rename(library)  # a library that exists is complete
-    return library
 
 
 if __name__ == "__main__":
