@@ -259,20 +259,16 @@ AttentionShape check_attention(const at::Tensor& q, const at::Tensor& k, const a
 // multiplies index 0, and torch leaves it arbitrary (even in a contiguous tensor), so 0.
 int64_t used_stride(const at::Tensor& t, int64_t dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); }
 
-// An attention input as the kernels read it (launchers.h, Heads): in place when head_dim is
-// contiguous, the start and the other strides are multiples of 16 bytes and rows are less
-// than 2^31 elements apart (the q, k, v views of a fused qkv projection, a slice of a KV
-// cache), else a dense copy.
-at::Tensor readable_heads(const at::Tensor& t) {
-  const int64_t bytes = t.element_size();
-  bool in_place = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
-                  used_stride(t, 2) <= INT32_MAX;
-  for (int64_t dim = 0; dim < 3; ++dim) in_place = in_place && used_stride(t, dim) * bytes % 16 == 0;
-  return in_place ? t : dense(t);
-}
-
 kernels::Heads heads_of(const at::Tensor& t) {
   return {t.data_ptr(), used_stride(t, 0), used_stride(t, 1), used_stride(t, 2)};
+}
+
+// An attention input as the kernels read it: in place when head_dim is contiguous and the
+// launchers' rule allows (kernels::heads_readable: the q, k, v views of a fused qkv
+// projection, a slice of a KV cache), else a dense copy.
+at::Tensor readable_heads(const at::Tensor& t) {
+  const bool in_place = t.stride(3) == 1 && kernels::heads_readable(heads_of(t), dtype_of(t, "q"));
+  return in_place ? t : dense(t);
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,

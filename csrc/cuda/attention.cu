@@ -669,14 +669,6 @@ cudaError_t launch_bwd(Heads grad_out, Heads q, Heads k, Heads v, const T* out, 
   return cudaGetLastError();
 }
 
-// Rows the kernels can read: 16-byte copies need the start and every stride to be multiples
-// of 16 bytes, and HeadRows keeps the row stride in 32 bits.
-bool rows_readable(const Heads& t, size_t element_size) {
-  return reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.batch_stride * element_size % 16 == 0 &&
-         t.head_stride * element_size % 16 == 0 && t.row_stride * element_size % 16 == 0 &&
-         t.row_stride <= INT32_MAX;
-}
-
 // Checks the arguments, then calls body(T{}, std::integral_constant<int, D>{}) for the
 // (dtype, head_dim) of a supported input.
 template <typename Body>
@@ -684,9 +676,9 @@ cudaError_t dispatch_attention(int64_t batch, int64_t heads, int64_t q_len, int6
                                DType dtype, std::initializer_list<Heads> inputs, Body&& body) {
   if (causal_attention_unsupported(batch, heads, q_len, kv_len, head_dim, dtype) != nullptr)
     return cudaErrorInvalidValue;
+  for (const Heads& t : inputs)
+    if (!heads_readable(t, dtype)) return cudaErrorInvalidValue;
   auto with_dim = [&](auto tag) -> cudaError_t {
-    for (const Heads& t : inputs)
-      if (!rows_readable(t, sizeof(tag))) return cudaErrorInvalidValue;
     if (head_dim == 64) return body(tag, std::integral_constant<int, 64>{});
     if (head_dim == 128) return body(tag, std::integral_constant<int, 128>{});
     return cudaErrorInvalidValue;
@@ -697,6 +689,14 @@ cudaError_t dispatch_attention(int64_t batch, int64_t heads, int64_t q_len, int6
 }
 
 }  // namespace
+
+// 16-byte copies need the start and every stride to be multiples of 16 bytes, and HeadRows
+// keeps the row stride in 32 bits.
+bool heads_readable(const Heads& t, DType dtype) {
+  const int64_t bytes = dtype == DType::kFloat32 ? 4 : 2;
+  return reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.batch_stride * bytes % 16 == 0 &&
+         t.head_stride * bytes % 16 == 0 && t.row_stride * bytes % 16 == 0 && t.row_stride <= INT32_MAX;
+}
 
 const char* causal_attention_unsupported(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                                          int64_t head_dim, DType dtype) {

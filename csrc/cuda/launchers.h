@@ -60,6 +60,8 @@ struct Heads {
   const void* data;
   int64_t batch_stride, head_stride, row_stride;
 };
+// Whether the attention kernels can read `t` (of `dtype`) in place: the rule above.
+bool heads_readable(const Heads& t, DType dtype);
 
 // q, grad_out: Heads (batch, heads, q_len, head_dim); k, v: Heads (batch, heads, kv_len,
 // head_dim); all fp16 or bf16. Outputs are contiguous: out and grad_q (batch, heads, q_len,
