@@ -177,6 +177,14 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias)
 
 
+def _value_range(ids: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an integer tensor, (0, 0) if it is empty; one read to the host (one sync on a GPU)."""
+    if ids.numel() == 0:
+        return 0, 0
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    return lo, hi
+
+
 def allowed_keys(tq: int, tk: int, device, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask, True where query i may see key j: causal (j <= i + Tk - Tq) and attention_mask[:, j] != 0.
 
@@ -357,10 +365,10 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence length {past + T} (past {past} + input_ids {T}) exceeds n_positions={self.config.n_positions}"
             )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        lo, hi = _value_range(input_ids)
+        if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(
-                f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+                f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]"
             )
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype not in (*INDEX_DTYPES, torch.bool):
@@ -382,8 +390,11 @@ class GPT(nn.Module):
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
                 raise ValueError(f"position_ids must have shape ({B} or 1, {T}), got {tuple(position_ids.shape)}")
-            if int(position_ids.min()) < 0 or int(position_ids.max()) >= self.config.n_positions:
-                raise ValueError(f"position_ids must be in [0, n_positions={self.config.n_positions})")
+            lo, hi = _value_range(position_ids)
+            if lo < 0 or hi >= self.config.n_positions:
+                raise ValueError(
+                    f"position_ids must be in [0, n_positions={self.config.n_positions}), got values in [{lo}, {hi}]"
+                )
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps all), got {logits_to_keep!r}")
 

@@ -333,7 +333,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-        # one host sync per step: the mean loss over the global batch and the gradient norm
+        # the step's one read to the host: the mean loss over the global batch and the gradient norm
+        # (besides GPT.forward's check of each batch's token range: one more per micro-batch on a GPU)
         no_norm = torch.zeros((), device=self.device)
         stats = torch.stack([loss_sum / cfg.grad_accum_steps, no_norm if grad_norm is None else grad_norm.float()])
         if self.world_size > 1:

@@ -248,8 +248,10 @@ def test_bad_inputs():
         model([[1, 2, 3]])
     with pytest.raises(ValueError, match="input_ids"):
         model(ids[0])  # 1-D
-    with pytest.raises(ValueError, match="vocab_size"):
-        model(torch.full((1, 3), VOCAB))
+    with pytest.raises(ValueError, match=rf"vocab_size={VOCAB}\), got values in \[0, {VOCAB}\]"):
+        model(torch.tensor([[0, VOCAB, 1]]))
+    with pytest.raises(ValueError, match=r"input_ids .* got values in \[-1, 2\]"):
+        model(torch.tensor([[2, -1]], dtype=torch.int8))
     with pytest.raises(ValueError, match="n_positions"):
         model(random_ids(1, 65))
     cache = model(random_ids(1, 60), use_cache=True).past_key_values
@@ -263,6 +265,8 @@ def test_bad_inputs():
         model(ids, labels=ids[:, :3])
     with pytest.raises(ValueError, match="position_ids"):
         model(ids, position_ids=torch.arange(4).unsqueeze(0))
+    with pytest.raises(ValueError, match=r"position_ids must be in \[0, n_positions=64\), got values in \[60, 64\]"):
+        model(ids, position_ids=torch.arange(60, 65).unsqueeze(0))
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(ids, logits_to_keep=-1)
     with pytest.raises(TypeError, match="past_key_values"):
