@@ -1,9 +1,13 @@
 """Builds the CUDA kernels of csrc/cuda/ for the CPU emulator, as one shared library.
 
-Each .cu file is copied with two mechanical rewrites that plain C++ cannot express:
+Each .cu file is copied with three mechanical rewrites that plain C++ cannot express:
 
     kernel<<<grid, block, smem, stream>>>(args)    ->  ::emu::launch(kernel, grid, block, smem, stream, args)
     extern __shared__ __align__(16) T name[];      ->  T* name = reinterpret_cast<T*>(::emu::dynamic_shared_memory());
+    __shared__ T a[N], b;                          ->  auto& a = ::emu::static_shared<T[N]>([] {}); auto& b = ...
+
+(static_shared gives each declaration one object per kernel, which the emulator fills with
+NaN bytes before every block: shared memory does not start as zeros, as a C++ static would).
 
 and compiled by g++ with include/ ahead of csrc/cuda/ (so that ptx.cuh, cuda_runtime.h and
 CUB's block scan are the emulator's) and include/emulator.h forced in first. Everything
@@ -31,14 +35,27 @@ BUILD = ROOT / "build" / "cuda_emulator"
 
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[\w\s,:]*>)?)\s*<<<(.*?)>>>\(", re.DOTALL)
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w\s:]+?)\s+(\w+)\[\];")
+DECLARATOR = r"\w+(?:\[[^\]]*\])*"  # name[dim][dim]...
+STATIC_SHARED = re.compile(
+    rf"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+({DECLARATOR}(?:\s*,\s*{DECLARATOR})*)\s*;"
+)
+
+
+def _static_shared(match: re.Match) -> str:
+    element_type, declarators = match.group(1), match.group(2)
+    return " ".join(
+        f"auto& {name} = ::emu::static_shared<{element_type}{dims}>([] {{}});"
+        for name, dims in re.findall(r"(\w+)((?:\[[^\]]*\])*)", declarators)
+    )
 
 
 def rewrite(source: str) -> str:
     source = LAUNCH.sub(lambda m: f"::emu::launch({m.group(1)}, {m.group(2)}, ", source)
-    return DYNAMIC_SHARED.sub(
+    source = DYNAMIC_SHARED.sub(
         lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::emu::dynamic_shared_memory());",
         source,
     )
+    return STATIC_SHARED.sub(_static_shared, source)
 
 
 def cuda_include_dir() -> Path:

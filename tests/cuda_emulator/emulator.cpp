@@ -57,6 +57,7 @@ struct Block {
 Block g_block;
 Thread* g_current = nullptr;
 std::vector<unsigned char*> g_stacks;
+std::vector<std::pair<unsigned char*, size_t>> g_static_smem;  // every static_shared object so far
 unsigned char* g_dynamic_smem = nullptr;  // next to g_smem_guard, an unmapped page
 unsigned char* g_smem_mapping = nullptr;
 unsigned char* g_smem_guard = nullptr;
@@ -250,6 +251,7 @@ void run_block(const uint3& block, const std::function<void()>& body, size_t dyn
   g_block.body = &body;
   g_block.failure.clear();
   std::memset(g_dynamic_smem, 0xff, dynamic_smem);
+  for (const auto& [storage, bytes] : g_static_smem) std::memset(storage, 0xff, bytes);
   const int n = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
   g_block.threads.assign(n, Thread{});
   for (int i = 0; i < n; ++i) {
@@ -329,6 +331,11 @@ void wait_async_copies() { apply_copies(*g_current); }
 void set_max_dynamic_smem(const void* kernel, int bytes) { g_max_dynamic_smem[kernel] = bytes; }
 
 unsigned char* dynamic_shared_memory() { return g_dynamic_smem; }
+
+void track_static_shared(unsigned char* storage, size_t bytes) {
+  std::memset(storage, 0xff, bytes);  // its first use is in a running block, which started without it
+  g_static_smem.emplace_back(storage, bytes);
+}
 
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body) {
   const auto opted_in = g_max_dynamic_smem.find(kernel);

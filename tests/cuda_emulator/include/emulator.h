@@ -13,8 +13,8 @@
 //     let them: a missing barrier lets a warp read or overwrite shared memory too early.
 //     Warps and lanes run in ascending or, to catch the other direction, descending
 //     order (emu_configure).
-//   * cp.async copies land at the issuing thread's cp.async.wait, not before; dynamic
-//     shared memory starts as NaN bytes (0xff) in every block.
+//   * cp.async copies land at the issuing thread's cp.async.wait, not before; shared
+//     memory, static and dynamic, starts as NaN bytes (0xff) in every block.
 //   * Dynamic shared memory, and every buffer the tests pass (guarded() in
 //     test_emulated_kernels.py), ends at an unmapped page, or starts at one (emu_configure):
 //     an access past the end, or before the start, fails the launch with the thread and
@@ -40,19 +40,19 @@
 #include <cstring>
 #include <functional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #undef __global__
 #undef __device__
 #undef __host__
-#undef __shared__
+#undef __shared__  // build_emulator.py rewrites every use (a use left over fails to compile)
 #undef __forceinline__
 #undef __launch_bounds__
 #undef __align__
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static  // one instance per kernel, shared by the block's fibers
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
@@ -97,6 +97,20 @@ void wait_async_copies();
 
 void set_max_dynamic_smem(const void* kernel, int bytes);
 unsigned char* dynamic_shared_memory();
+
+// `__shared__ T name;` is rewritten to `auto& name = static_shared<T>([] {});` (build_emulator.py):
+// the lambda's type is unique to the declaration (and to each instantiation of a template
+// kernel), so each gets one object, shared by the block's fibers. Its bytes are NaN (0xff)
+// at the start of every block, as no C++ static would be.
+void track_static_shared(unsigned char* storage, size_t bytes);  // fills it now and before each block
+template <typename T, typename Declaration>
+T& static_shared(Declaration) {
+  static_assert(std::is_trivially_default_constructible_v<T>, "__shared__ variables have no constructor");
+  alignas(alignof(T) > 16 ? alignof(T) : 16) static unsigned char storage[sizeof(T)];
+  static const bool tracked = (track_static_shared(storage, sizeof storage), true);
+  (void)tracked;
+  return *reinterpret_cast<T*>(storage);
+}
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
 
 // The test's controls: warps and lanes in descending order, dynamic shared memory starting
