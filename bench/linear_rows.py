@@ -1,12 +1,17 @@
-"""Where `native.LINEAR_MAX_ROWS` comes from: the CPU linear kernel against torch's matmul for
-1 to 8 rows of x, members interleaved.
+"""Where `native.LINEAR_MAX_ROWS` comes from: the CPU linear kernel against torch's matmul for 1
+to 8 rows of x, members interleaved.
 
 For each dtype, shape and row count, every round times the kernel (`torch.ops.pyminigpt.linear`,
 called directly, whatever the routing policy says) and `F.linear` (MKL for fp32, oneDNN for
-bf16) once each; the medians over rounds are compared. The shapes are GPT-2's LM head
-(768 -> 50257, read from memory) and MLP (768 -> 3072, from the L3 cache).
+bf16) once each; the medians over rounds are compared.
 
-    python bench/linear_rows.py [ROUNDS]
+- Default: weights in nn.Linear's (N, K) layout; GPT-2's LM head (768 -> 50257, read from
+  memory) and MLP (768 -> 3072, from the L3 cache).
+- `--transposed`: weights stored (K, N), as transformers' GPT-2 Conv1D holds them, passed as a
+  transposed view; the four projections of a GPT-2-124M block, 12 copies of each (one decode
+  step's weights, read from memory). Reports GB/s of weights read.
+
+    python bench/linear_rows.py [ROUNDS] [--transposed]
 """
 
 from __future__ import annotations
@@ -51,5 +56,35 @@ def main(rounds: int) -> None:
                       f"{peer * 1e3:.3f} | {peer / kernel:.2f}x | {routed} |")  # fmt: skip
 
 
+def projections(linear, xs, stored, biases) -> None:
+    """Every projection of the model once: x (rows, K) times each stored wt (K, N), passed transposed."""
+    for x, layers, bias in zip(xs, stored, biases):
+        for wt in layers:
+            linear(x, wt.t(), bias)
+
+
+def main_transposed(rounds: int) -> None:
+    """Conv1D's layout: every projection of GPT-2-124M's 12 blocks, from memory."""
+    torch.manual_seed(0)
+    shapes = ((768, 2304), (768, 768), (768, 3072), (3072, 768))  # c_attn, attn c_proj, c_fc, mlp c_proj
+    print("| dtype | rows | kernel (GB/s) | torch (GB/s) | kernel speedup |")
+    print("|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        stored = [[(torch.randn(k, n) / k**0.5).to(dtype) for _ in range(12)] for k, n in shapes]
+        biases = [torch.randn(n).to(dtype) for _, n in shapes]
+        weight_bytes = sum(wt.numel() * wt.element_size() for layers in stored for wt in layers)
+        for rows in (1, 2, 3, 4, 6, 8):
+            xs = [torch.randn(rows, k).to(dtype) for k, _ in shapes]
+            times = {"kernel": [], "torch": []}
+            with torch.inference_mode():
+                for _ in range(rounds):
+                    for member, linear in (("kernel", ops.linear), ("torch", F.linear)):
+                        times[member].append(seconds_per_call(projections, (linear, xs, stored, biases), 3))
+            kernel, peer = (statistics.median(times[m]) for m in ("kernel", "torch"))
+            print(f"| {str(dtype).removeprefix('torch.')} | {rows} | {weight_bytes / kernel / 1e9:.1f} | "
+                  f"{weight_bytes / peer / 1e9:.1f} | {peer / kernel:.2f}x |")  # fmt: skip
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    args = [a for a in sys.argv[1:] if a != "--transposed"]
+    (main_transposed if "--transposed" in sys.argv else main)(int(args[0]) if args else 5)

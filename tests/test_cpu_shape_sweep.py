@@ -137,7 +137,9 @@ def test_filter_sample_and_linear(rng, dtype):
     assert_draws_match_reference(tokens, logits, temperature, top_k, top_p, uniform)
 
     x = torch.randn(rng.randint(1, 9), vocab).to(dtype)
-    weight = torch.randn(rng.randint(1, 300), vocab).to(dtype)
+    n = rng.randint(1, 300)
+    # nn.Linear's (N, K), or stored (K, N) and passed transposed, as GPT-2's Conv1D (the other kernel)
+    weight = torch.randn(n, vocab).to(dtype) if rng.random() < 0.5 else torch.randn(vocab, n).to(dtype).t()
     bias = torch.randn(weight.shape[0]).to(dtype) if rng.random() < 0.5 else None
     got = ops.linear(x, weight, bias)
     expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())

@@ -2,8 +2,9 @@
 
 Against F.linear in float64, with the FlashAttention rule (the kernel's error at most 2x
 that of torch's matmul in the same precision, plus a small atol): 1 to 8 rows run on the
-kernel, more on ATen's GEMM; awkward widths (K not a multiple of the vector, K = 0, N = 1),
-bf16, leading dims, non-contiguous inputs, gradients, opcheck, a bf16 model's logits.
+kernel, more on ATen's GEMM; the weight in nn.Linear's layout and stored transposed (GPT-2's
+Conv1D); awkward widths (K not a multiple of the vector, K = 0, N = 1, N past one tile of
+columns), bf16, leading dims, non-contiguous inputs, gradients, opcheck, a bf16 model's logits.
 Only the `cpu` backend has this kernel (no Triton or CUDA form).
 """
 
@@ -22,9 +23,12 @@ pytestmark = pytest.mark.skipif("cpu" not in ops.available_backends(), reason="t
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-def _inputs(rows: int, k: int, n: int, dtype=torch.float32, bias: bool = True):
+def _inputs(rows: int, k: int, n: int, dtype=torch.float32, bias: bool = True, layout: str = "linear"):
+    """x (rows, k), weight (n, k), bias (n,); with layout "conv1d" the weight is stored (k, n) and
+    passed transposed, as transformers' GPT-2 holds its projections (the kernel's second path)."""
     x = torch.randn(rows, k).to(dtype)
-    weight = (torch.randn(n, k) / k**0.5).to(dtype)
+    stored = (torch.randn(n, k) if layout == "linear" else torch.randn(k, n)) / k**0.5
+    weight = stored.to(dtype) if layout == "linear" else stored.to(dtype).t()
     return x, weight, torch.randn(n).to(dtype) if bias else None
 
 
@@ -35,10 +39,11 @@ def _check(got, x, weight, bias):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
-@pytest.mark.parametrize("k, n", [(768, 2304), (80, 7), (33, 1), (769, 50), (5, 3), (0, 5)])
+@pytest.mark.parametrize("k, n", [(768, 2304), (80, 7), (33, 1), (769, 50), (5, 3), (0, 5), (130, 4099)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_matches_float64(rows, k, n, dtype):
-    x, weight, bias = _inputs(rows, k, n, dtype)
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_matches_float64(rows, k, n, dtype, layout):
+    x, weight, bias = _inputs(rows, k, n, dtype, layout=layout)
     poison("cpu", rows * n)
     with ops.use_backend("cpu", strict=True):
         _check(ops.linear(x, weight, bias), x, weight, bias)
@@ -63,8 +68,9 @@ def test_leading_dims_and_non_contiguous_inputs():
     _check(got.reshape(6, 40), x.reshape(6, 96), weight, None)
 
 
-def test_gradients_match_torch():
-    x, weight, bias = (t.requires_grad_() for t in _inputs(3, 80, 50))
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_gradients_match_torch(layout):
+    x, weight, bias = (t.detach().requires_grad_() for t in _inputs(3, 80, 50, layout=layout))
     grad_y = torch.randn(3, 50)
     with ops.use_backend("cpu", strict=True):
         got = torch.autograd.grad(ops.linear(x, weight, bias), (x, weight, bias), grad_y)
@@ -83,6 +89,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.pyminigpt.linear, (x, weight, bias))
     torch.library.opcheck(torch.ops.pyminigpt.linear, (x, weight, None))
     torch.library.opcheck(torch.ops.pyminigpt.linear, tuple(t.requires_grad_() for t in (x, weight, bias)))
+    torch.library.opcheck(torch.ops.pyminigpt.linear, _inputs(4, 80, 33, layout="conv1d"))
 
 
 def test_bad_inputs_name_the_argument():

@@ -18,6 +18,21 @@
 // On CPUs with AVX512_BF16, bf16 skips the widening: VDPBF16PS multiplies 16 pairs of bf16 and
 // adds both products of a pair to an fp32 lane, 32 multiply-adds in one instruction (see
 // linear_columns_dot_bf16). Storage of x, W, b and y: all float, or all bfloat16.
+//
+// The weight may also come stored transposed: wt (K, N) contiguous, passed as wt.t() (a view with
+// strides (1, N)); transformers' GPT-2 keeps its projections so (Conv1D: y = x wt + b). A row of
+// wt then holds one input's weights for every output, so that kernel walks k instead:
+//
+//   threads split the rows of wt into blocks, each read front to back:
+//     for each tile of output columns whose M rows of fp32 partial sums fit in L1:
+//       for k in the block, R = 4 rows at a time: load the R rows' chunk of weights (widened
+//         to fp32), then for each row of x, FMA them times x[m, k:k + R] into the tile's sums
+//   y = the threads' partial sums, added in order, + b
+//
+// It reads wt once too. bf16 is widened there (VDPBF16PS would need pairs of rows interleaved),
+// so with more rows of x the arithmetic shows: bench/linear_rows.py --transposed, GPT-2-124M's
+// 48 projections from memory, against torch's matmul: fp32 1.5-2.8x at 1 to 8 rows, bf16
+// 1.6x at 1 row down to 1.0x at 8. Any other layout of the weight is copied to (N, K) first.
 // Inputs with more rows than kLinearMaxRows go to ATen's GEMM, which reuses each weight across
 // the rows. Which row counts are worth sending here is the caller's choice
 // (pyminigpt/ops/native.py, LINEAR_MAX_ROWS, with its measurements).
@@ -35,6 +50,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // The AVX512 variant of this file also has a VDPBF16PS kernel for bf16 (linear_columns_dot_bf16).
 #if defined(CPU_CAPABILITY_AVX512) && (defined(__GNUC__) || defined(__clang__))
@@ -208,6 +224,79 @@ void linear_dispatch(int64_t M, std::integer_sequence<int, Ms...>, const scalar_
   ((M == Ms + 1 ? linear_rows<Ms + 1>(x, xf, w, bias, y, K, N) : void()), ...);
 }
 
+// ---- the weight stored transposed: wt (K, N) ------------------------------------------------
+
+constexpr int64_t kWtTileFloats = 4096;  // M rows of sums for one tile of columns: 16 KiB, in L1
+constexpr int kWtRowsPerStep = 4;        // rows of wt added per pass over a tile
+
+// acc[m * acc_stride + 0:cols] += sum over r < R of x[m, k + r] * wt[k + r, n:n + cols], 2W columns
+// at a time: R chunks of weights, then each row's sums loaded, updated and stored (in L1). R rows
+// at once load and store the sums R times less often than one row at a time.
+template <int M, int R, typename scalar_t>
+C10_ALWAYS_INLINE void accumulate_wt_rows(float* acc, int64_t acc_stride, const float* xf, const scalar_t* wt,
+                                          int64_t K, int64_t N, int64_t n, int64_t cols, int64_t k) {
+  for (int64_t v = 0; v < cols; v += 2 * W) {
+    fVec low[R], high[R];
+    const int64_t count = std::min<int64_t>(2 * W, cols - v);
+    for (int r = 0; r < R; ++r) load_weights(wt + (k + r) * N + n + v, count, low[r], high[r]);
+    for (int m = 0; m < M; ++m) {
+      float* a = acc + m * acc_stride + v;
+      fVec a_low = fVec::loadu(a), a_high = fVec::loadu(a + W);
+      for (int r = 0; r < R; ++r) {
+        const fVec x_mk(xf[m * K + k + r]);
+        a_low = at::vec::fmadd(low[r], x_mk, a_low);
+        a_high = at::vec::fmadd(high[r], x_mk, a_high);
+      }
+      a_low.store(a);  // lanes past cols land in the padding of the row (see linear_wt)
+      a_high.store(a + W);
+    }
+  }
+}
+
+// partial[m, :] += x[m, k0:k1] wt[k0:k1, :], in tiles of columns whose M rows of sums stay in L1
+// (one tile for a single row of x and N <= 4096: then wt[k0:k1] is read front to back).
+template <int M, typename scalar_t>
+void accumulate_wt(float* partial, int64_t partial_stride, const float* xf, const scalar_t* wt, int64_t K, int64_t N,
+                   int64_t k0, int64_t k1) {
+  constexpr int64_t kTile = kWtTileFloats / M / (2 * W) * (2 * W);
+  for (int64_t n = 0; n < N; n += kTile) {
+    const int64_t cols = std::min(kTile, N - n);
+    int64_t k = k0;
+    for (; k + kWtRowsPerStep <= k1; k += kWtRowsPerStep)
+      accumulate_wt_rows<M, kWtRowsPerStep>(partial + n, partial_stride, xf, wt, K, N, n, cols, k);
+    for (; k < k1; ++k) accumulate_wt_rows<M, 1>(partial + n, partial_stride, xf, wt, K, N, n, cols, k);
+  }
+}
+
+// y = x wt + b. Each thread takes a block of wt's rows, which it reads from start to end, and
+// sums into its own fp32 partial product (M rows of N, padded to whole chunks); the partials
+// are then added in order, with the bias. (So the order of the sum over k depends on the
+// number of threads, as in MKL's GEMM.)
+template <int M, typename scalar_t>
+void linear_wt(const float* xf, const scalar_t* wt, const scalar_t* bias, scalar_t* y, int64_t K, int64_t N) {
+  const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(K / 64, 1));  // >= 64 rows each
+  const int64_t stride = (N + 2 * W - 1) / (2 * W) * (2 * W);
+  std::vector<float> partials(static_cast<size_t>(parts * M * stride), 0.f);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      accumulate_wt<M>(partials.data() + p * M * stride, stride, xf, wt, K, N, K * p / parts, K * (p + 1) / parts);
+  });
+  for (int m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; n += W) {
+      const int64_t lanes = std::min<int64_t>(W, N - n);
+      fVec sum = bias == nullptr ? fVec(0.f) : load_float(bias + n, lanes);
+      for (int64_t p = 0; p < parts; ++p) sum = sum + fVec::loadu(partials.data() + (p * M + m) * stride + n);
+      store_float(sum, y + m * N + n, lanes);
+    }
+  }
+}
+
+template <typename scalar_t, int... Ms>
+void linear_wt_dispatch(int64_t M, std::integer_sequence<int, Ms...>, const float* xf, const scalar_t* wt,
+                        const scalar_t* bias, scalar_t* y, int64_t K, int64_t N) {
+  ((M == Ms + 1 ? linear_wt<Ms + 1>(xf, wt, bias, y, K, N) : void()), ...);
+}
+
 }  // namespace
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -226,18 +315,26 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
                 "linear: bias must be a ", x.scalar_type(), " CPU tensor of shape (", N, ",), got ",
                 bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
   }
+  // weight = wt.t() for a contiguous wt (K, N): read in place by the wt kernel
+  const bool transposed = !weight.is_contiguous() && weight.stride(0) == 1 && weight.stride(1) == N;
   if (M == 0 || M > kLinearMaxRows || K == 0) return at::linear(x, weight, bias);
   at::Tensor y = at::empty({M, N}, x.options());
   if (N == 0) return y;
   const at::Tensor xc = x.contiguous();
-  const bool widen_x = !(x.scalar_type() == at::kBFloat16 && use_dot_bf16());
+  const bool widen_x = transposed || !(x.scalar_type() == at::kBFloat16 && use_dot_bf16());
   const at::Tensor xf = widen_x ? xc.to(at::kFloat) : at::Tensor();  // M * K floats: a few KiB, kept in L1
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor w = transposed ? weight : weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   PYMINIGPT_DISPATCH_FLOAT_AND_BFLOAT16(x.scalar_type(), "linear", [&] {
-    linear_dispatch(M, std::make_integer_sequence<int, kLinearMaxRows>{}, xc.const_data_ptr<scalar_t>(),
-                    widen_x ? xf.const_data_ptr<float>() : nullptr, w.const_data_ptr<scalar_t>(),
-                    b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), K, N);
+    const scalar_t* b_data = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    if (transposed) {
+      linear_wt_dispatch(M, std::make_integer_sequence<int, kLinearMaxRows>{}, xf.const_data_ptr<float>(),
+                         w.const_data_ptr<scalar_t>(), b_data, y.mutable_data_ptr<scalar_t>(), K, N);
+    } else {
+      linear_dispatch(M, std::make_integer_sequence<int, kLinearMaxRows>{}, xc.const_data_ptr<scalar_t>(),
+                      widen_x ? xf.const_data_ptr<float>() : nullptr, w.const_data_ptr<scalar_t>(), b_data,
+                      y.mutable_data_ptr<scalar_t>(), K, N);
+    }
   });
   return y;
 }

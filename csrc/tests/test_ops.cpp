@@ -230,6 +230,12 @@ void test_linear() {
     const Tensor xb = x.to(at::kBFloat16), wb = w.to(at::kBFloat16), bb = b.to(at::kBFloat16);
     check_close(linear.call(xb, wb, bb), at::linear(xb.to(at::kFloat), wb.to(at::kFloat), bb.to(at::kFloat)),
                 "linear y bf16 (" + std::to_string(rows) + " rows)", 2e-2, 2e-2);
+    // the weight stored transposed (K, N) and passed as a view, as GPT-2's Conv1D holds it
+    const Tensor wt = w.t().contiguous();
+    check_close(linear.call(x, wt.t(), b), at::linear(x, w, b), "linear y, transposed weight");
+    const Tensor wtb = wt.to(at::kBFloat16);
+    check_close(linear.call(xb, wtb.t(), bb), at::linear(xb.to(at::kFloat), wb.to(at::kFloat), bb.to(at::kFloat)),
+                "linear y bf16, transposed weight", 2e-2, 2e-2);
   }
 }
 
