@@ -1,10 +1,17 @@
 """Switch a live transformers `GPT2LMHeadModel` to pyminigpt's kernels, in place, and back.
 
-    patch_hf_gpt2(model)    # layer norms, attention, the GELU and sampling now run on fused kernels
+    patch_hf_gpt2(model)    # projections, layer norms, attention, the GELU and sampling on our kernels
     unpatch_hf_gpt2(model)  # exactly the model it was before
 
 What changes (nothing else does; the weights are not touched or copied):
 
+- Projections: every transformers `Conv1D` (GPT-2's attention and MLP projections, y = x W + b
+  with W stored (in, out)) and the `nn.Linear` LM head get an instance `forward` that calls
+  `ops.linear` on CPU tensors (Conv1D's with `W.t()`, a view in nn.Linear's layout): a decode
+  step's few rows then run on the kernel that streams each weight once (csrc/cpu/linear.cpp,
+  which reads Conv1D's layout in place); more rows run on torch's matmul, the same call
+  transformers makes (`F.linear(x, W.t(), b)` is `addmm(b, x, W)`). On other devices, where
+  pyminigpt has no linear kernel, the module's own forward runs.
 - Layer norms: every `nn.LayerNorm` of the model gets an instance `forward` that calls
   `ops.layer_norm` (forward and backward kernels).
 - Attention: the model's `config._attn_implementation` is set to `"pyminigpt+<original>"`,
@@ -61,6 +68,26 @@ class FusedSamplingWarper:
         if self.temperature != 1.0:
             scores = scores / self.temperature
         return ops.top_k_top_p_filter(scores, self.top_k, self.top_p, self.min_tokens_to_keep)
+
+
+# ---- projections ------------------------------------------------------------------------
+
+
+def _projection_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`ops.linear` on the CPU, the only device with a linear kernel of ours; elsewhere the module's
+    own forward, which is what `ops.linear` would end in anyway (minus its dispatch, ~6 us a call)."""
+    if x.device.type != "cpu":
+        return type(module).forward(module, x)
+    weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()  # Conv1D stores (in, out)
+    return ops.linear(x, weight, module.bias)
+
+
+def _patchable_projections(model: nn.Module) -> list[nn.Module]:
+    """transformers' Conv1D layers and the nn.Linear ones (the LM head), of exactly those types:
+    a subclass (a quantized Linear, say) computes something else."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [m for m in model.modules() if type(m) in (Conv1D, nn.Linear)]
 
 
 # ---- layer norm -------------------------------------------------------------------------
@@ -185,6 +212,9 @@ def patch_hf_gpt2(model):
         raise ValueError(
             f"model.config._attn_implementation is already {original_attention!r} but the model has no patch record"
         )
+    projections = _patchable_projections(model)
+    for projection in projections:
+        projection.forward = functools.partial(_projection_forward, projection)
     norms = _patchable_layer_norms(model)
     for norm in norms:
         norm.forward = functools.partial(_layer_norm_forward, norm)
@@ -200,6 +230,7 @@ def patch_hf_gpt2(model):
         PATCH_ATTRIBUTE,
         {
             "attention": original_attention,
+            "projections": projections,
             "norms": norms,
             "activations": activations,
             "generate": original_generate if had_own_generate else None,
@@ -209,12 +240,12 @@ def patch_hf_gpt2(model):
 
 
 def unpatch_hf_gpt2(model):
-    """Undo `patch_hf_gpt2`: the original layer norms, activations, attention and generate; returns model."""
+    """Undo `patch_hf_gpt2`: the original projections, layer norms, activations, attention and generate; returns model."""
     _check_gpt2(model)
     record = getattr(model, PATCH_ATTRIBUTE, None)
     if record is None:
         raise ValueError("model is not patched by pyminigpt.patch_hf_gpt2")
-    for module in (*record["norms"], *record["activations"]):
+    for module in (*record["projections"], *record["norms"], *record["activations"]):
         del module.forward
     model.config._attn_implementation = record["attention"]
     if record["generate"] is None:

@@ -30,9 +30,10 @@ def _hf_model(n_layer=2, attn_implementation="eager", dropout=0.0, seed=0, **ove
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the ops.layer_norm and ops.causal_attention calls (and the query lengths attention saw)."""
-    calls = {"layer_norm": 0, "causal_attention": []}
-    layer_norm, causal_attention = ops.layer_norm, ops.causal_attention
+    """Counts the ops.layer_norm, ops.causal_attention and ops.linear calls (with the query lengths
+    attention saw and the rows each linear multiplied)."""
+    calls = {"layer_norm": 0, "causal_attention": [], "linear": []}
+    layer_norm, causal_attention, linear = ops.layer_norm, ops.causal_attention, ops.linear
 
     def counting_layer_norm(*args, **kwargs):
         calls["layer_norm"] += 1
@@ -42,8 +43,13 @@ def kernel_calls(monkeypatch):
         calls["causal_attention"].append(q.shape[2])
         return causal_attention(q, *args, **kwargs)
 
+    def counting_linear(x, *args, **kwargs):
+        calls["linear"].append(x.numel() // x.shape[-1])
+        return linear(x, *args, **kwargs)
+
     monkeypatch.setattr(ops, "layer_norm", counting_layer_norm)
     monkeypatch.setattr(ops, "causal_attention", counting_attention)
+    monkeypatch.setattr(ops, "linear", counting_linear)
     return calls
 
 
@@ -69,6 +75,7 @@ def test_patched_logits_match_and_run_the_kernels(attn_implementation, n_layer, 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert kernel_calls["layer_norm"] == 2 * n_layer + 1
     assert kernel_calls["causal_attention"] == [input_ids.shape[1]] * n_layer
+    assert kernel_calls["linear"] == [input_ids.numel()] * (4 * n_layer + 1)  # 4 Conv1D a block, the LM head
 
 
 def test_gelu_new_runs_as_torchs_fused_tanh_gelu(monkeypatch):
@@ -110,6 +117,7 @@ def test_patched_greedy_generate_is_token_for_token_equal(n_layer, kernel_calls)
     got = model.generate(input_ids, **kwargs)
     assert torch.equal(got, expected)
     assert 1 in kernel_calls["causal_attention"]  # single-token decode steps over the KV cache ran on the kernel
+    assert input_ids.shape[0] in kernel_calls["linear"]  # a row per sequence: the CPU's few-row kernel
 
 
 @pytest.mark.parametrize(
@@ -178,8 +186,9 @@ def test_fused_warper_rejects_bad_settings():
         FusedSamplingWarper(top_k=-1)
 
 
-def test_training_through_a_patched_model_gives_the_same_gradients(kernel_calls):
-    input_ids, _ = _inputs(batch=2, length=16)
+@pytest.mark.parametrize("batch, length", [(2, 16), (1, 6)])  # 6 rows: the projections run on the CPU kernel
+def test_training_through_a_patched_model_gives_the_same_gradients(batch, length, kernel_calls):
+    input_ids, _ = _inputs(batch=batch, length=length)
     grads = []
     for patched in (False, True):
         model = _hf_model(n_layer=2).train()  # dropout 0: both runs see the same function
@@ -187,10 +196,19 @@ def test_training_through_a_patched_model_gives_the_same_gradients(kernel_calls)
             pyminigpt.patch_hf_gpt2(model)
         model(input_ids, labels=input_ids).loss.backward()
         grads.append({name: p.grad for name, p in model.named_parameters()})
-    assert kernel_calls["causal_attention"] and kernel_calls["layer_norm"]
+    assert kernel_calls["causal_attention"] and kernel_calls["layer_norm"] and kernel_calls["linear"]
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_projections_off_the_cpu_run_their_own_forward(kernel_calls):
+    """pyminigpt's linear kernel is CPU-only: elsewhere a patched projection is transformers' own call."""
+    model = pyminigpt.patch_hf_gpt2(_hf_model())
+    conv1d, lm_head = model.transformer.h[0].mlp.c_fc.to("meta"), model.lm_head.to("meta")
+    assert conv1d(torch.empty(2, 5, 48, device="meta")).shape == (2, 5, 4 * 48)
+    assert lm_head(torch.empty(2, 5, 48, device="meta")).shape == (2, 5, VOCAB)
+    assert kernel_calls["linear"] == []
 
 
 def test_training_with_attention_dropout_still_runs():
