@@ -111,6 +111,7 @@ T& static_shared(Declaration) {
   (void)tracked;
   return *reinterpret_cast<T*>(storage);
 }
+
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body);
 
 // The test's controls: warps and lanes in descending order, dynamic shared memory starting
