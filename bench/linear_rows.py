@@ -35,6 +35,17 @@ def seconds_per_call(fn, args, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def kernel_and_torch_seconds(kernel_args, torch_args, calls: int, rounds: int) -> tuple[float, float]:
+    """Median seconds per call of `kernel_args[0](*kernel_args[1:])` and of the torch one, timed
+    alternately, once each per round."""
+    times = {"kernel": [], "torch": []}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for member, (fn, *args) in (("kernel", kernel_args), ("torch", torch_args)):
+                times[member].append(seconds_per_call(fn, args, calls))
+    return statistics.median(times["kernel"]), statistics.median(times["torch"])
+
+
 def main(rounds: int) -> None:
     torch.manual_seed(0)
     print("| dtype | shape | rows | kernel (ms) | torch (ms) | kernel speedup | routed to the kernel |")
@@ -45,12 +56,9 @@ def main(rounds: int) -> None:
             bias = torch.randn(n).to(dtype)
             for rows in (1, 2, 3, 4, 6, 8):
                 x = torch.randn(rows, k).to(dtype)
-                times = {"kernel": [], "torch": []}
-                with torch.inference_mode():
-                    for _ in range(rounds):
-                        times["kernel"].append(seconds_per_call(ops.linear, (x, weight, bias), calls))
-                        times["torch"].append(seconds_per_call(F.linear, (x, weight, bias), calls))
-                kernel, peer = (statistics.median(times[m]) for m in ("kernel", "torch"))
+                kernel, peer = kernel_and_torch_seconds(
+                    (ops.linear, x, weight, bias), (F.linear, x, weight, bias), calls, rounds
+                )
                 routed = "yes" if rows <= LINEAR_MAX_ROWS else "no"
                 print(f"| {str(dtype).removeprefix('torch.')} | {k} -> {n} | {rows} | {kernel * 1e3:.3f} | "
                       f"{peer * 1e3:.3f} | {peer / kernel:.2f}x | {routed} |")  # fmt: skip
@@ -75,12 +83,9 @@ def main_transposed(rounds: int) -> None:
         weight_bytes = sum(wt.numel() * wt.element_size() for layers in stored for wt in layers)
         for rows in (1, 2, 3, 4, 6, 8):
             xs = [torch.randn(rows, k).to(dtype) for k, _ in shapes]
-            times = {"kernel": [], "torch": []}
-            with torch.inference_mode():
-                for _ in range(rounds):
-                    for member, linear in (("kernel", ops.linear), ("torch", F.linear)):
-                        times[member].append(seconds_per_call(projections, (linear, xs, stored, biases), 3))
-            kernel, peer = (statistics.median(times[m]) for m in ("kernel", "torch"))
+            kernel, peer = kernel_and_torch_seconds(
+                (projections, ops.linear, xs, stored, biases), (projections, F.linear, xs, stored, biases), 3, rounds
+            )
             print(f"| {str(dtype).removeprefix('torch.')} | {rows} | {weight_bytes / kernel / 1e9:.1f} | "
                   f"{weight_bytes / peer / 1e9:.1f} | {peer / kernel:.2f}x |")  # fmt: skip
 

@@ -177,12 +177,13 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias)
 
 
-def _value_range(ids: torch.Tensor) -> tuple[int, int]:
-    """(min, max) of an integer tensor, (0, 0) if it is empty; one read to the host (one sync on a GPU)."""
+def _check_index_range(name: str, ids: torch.Tensor, bound_name: str, bound: int) -> None:
+    """Raises unless every value of `ids` is in [0, bound); one read to the host (one sync on a GPU)."""
     if ids.numel() == 0:
-        return 0, 0
+        return
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()
-    return lo, hi
+    if lo < 0 or hi >= bound:
+        raise ValueError(f"{name} must be in [0, {bound_name}={bound}), got values in [{lo}, {hi}]")
 
 
 def allowed_keys(tq: int, tk: int, device, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -365,11 +366,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence length {past + T} (past {past} + input_ids {T}) exceeds n_positions={self.config.n_positions}"
             )
-        lo, hi = _value_range(input_ids)
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(
-                f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]"
-            )
+        _check_index_range("input_ids", input_ids, "vocab_size", self.config.vocab_size)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype not in (*INDEX_DTYPES, torch.bool):
                 raise TypeError(
@@ -390,11 +387,7 @@ class GPT(nn.Module):
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
                 raise ValueError(f"position_ids must have shape ({B} or 1, {T}), got {tuple(position_ids.shape)}")
-            lo, hi = _value_range(position_ids)
-            if lo < 0 or hi >= self.config.n_positions:
-                raise ValueError(
-                    f"position_ids must be in [0, n_positions={self.config.n_positions}), got values in [{lo}, {hi}]"
-                )
+            _check_index_range("position_ids", position_ids, "n_positions", self.config.n_positions)
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps all), got {logits_to_keep!r}")
 
