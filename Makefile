@@ -41,7 +41,7 @@ test-sanitized:
 # The Triton kernels on CPU tensors through the interpreter, at small sizes.
 test-triton:
 	cd tests && TRITON_INTERPRET=1 PYMINIGPT_REQUIRE_BACKENDS=triton ../$(BIN)/pytest -q -p no:cacheprovider \
-		test_op_softmax.py test_op_layer_norm.py test_op_sampling.py test_op_attention.py test_triton_kernels.py
+		test_op_softmax.py test_op_layer_norm.py test_op_sampling.py test_op_causal_attention.py test_triton_kernels.py
 
 # Every Triton kernel of the installed package compiled for sm_80 and sm_90 through its
 # launcher, down to ptxas (no GPU needed): the interpreter above checks what the kernels

@@ -28,9 +28,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 try:
-    from pyminigpt.kernels import attention, layernorm, sampling, softmax
+    from pyminigpt.kernels import causal_attention, layer_norm, sampling, softmax
 except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
-    from kernels import attention, layernorm, sampling, softmax
+    from kernels import causal_attention, layer_norm, sampling, softmax
 
 ARCHS = (80, 90)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
@@ -136,8 +136,8 @@ def record_all_launches() -> None:
             x = randn(4, width, dtype=dtype)
             for weight_dtype in {dtype, torch.float32}:
                 w, b = randn(width, dtype=weight_dtype), randn(width, dtype=weight_dtype)
-                _, mean, rstd = layernorm.layer_norm_fwd(x, w, b, 1e-5, wrap=record)
-                layernorm.layer_norm_bwd(x, x, w, mean.float(), rstd.float(), wrap=record)
+                _, mean, rstd = layer_norm.layer_norm_fwd(x, w, b, 1e-5, wrap=record)
+                layer_norm.layer_norm_bwd(x, x, w, mean.float(), rstd.float(), wrap=record)
         for width in (300, 50257):
             logits = randn(4, width, dtype=dtype)
             sampling.top_k_top_p_filter(logits, 50, 0.9, 1, wrap=record)
@@ -145,9 +145,9 @@ def record_all_launches() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for head_dim in (16, 64, 80, 128):
             q, k, v = (randn(1, 2, 64, head_dim, dtype=dtype) for _ in range(3))
-            _, lse = attention.attention_fwd(q, k, v, head_dim**-0.5, wrap=record)
-            attention.attention_bwd(q, q, k, v, q, lse.zero_(), head_dim**-0.5, wrap=record)
-            attention.attention_fwd(q[:, :, :1], k, v, head_dim**-0.5, wrap=record)  # split-K decode
+            _, lse = causal_attention.attention_fwd(q, k, v, head_dim**-0.5, wrap=record)
+            causal_attention.attention_bwd(q, q, k, v, q, lse.zero_(), head_dim**-0.5, wrap=record)
+            causal_attention.attention_fwd(q[:, :, :1], k, v, head_dim**-0.5, wrap=record)  # split-K decode
 
 
 def main() -> int:

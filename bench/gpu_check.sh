@@ -93,11 +93,11 @@ else
     }
     wants bench-gpu && bench bench-gpu "${TIMEOUT_BENCH_GPU:-360}" bench/test_bench_gpu.py
     wants bench-e2e && bench bench-e2e "${TIMEOUT_BENCH_E2E:-300}" bench/test_bench_e2e.py
-    wants bench-ops && bench bench-ops "${TIMEOUT_BENCH_OPS:-300}" bench/test_bench_attention.py \
+    wants bench-ops && bench bench-ops "${TIMEOUT_BENCH_OPS:-300}" bench/test_bench_causal_attention.py \
         bench/test_bench_layer_norm.py bench/test_bench_softmax.py bench/test_bench_sampling.py \
         --benchmark-max-time=0.1
     if wants sanitize; then
-        op_tests=(tests/test_op_layer_norm.py tests/test_op_softmax.py tests/test_op_sampling.py tests/test_op_attention.py)
+        op_tests=(tests/test_op_layer_norm.py tests/test_op_softmax.py tests/test_op_sampling.py tests/test_op_causal_attention.py)
         for tool in memcheck racecheck; do
             stage "$tool" "${TIMEOUT_SANITIZE:-240}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
                 compute-sanitizer --tool "$tool" --error-exitcode 99 ${SANITIZER_FILTER---kernel-name kns=pyminigpt} \

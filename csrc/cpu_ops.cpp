@@ -31,13 +31,13 @@ TORCH_LIBRARY_IMPL(pyminigpt, CPU, m) {
   // softmax.cpp
   m.impl("softmax_fwd", PYMINIGPT_CPU_KERNEL(softmax_fwd));
   m.impl("softmax_bwd", PYMINIGPT_CPU_KERNEL(softmax_bwd));
-  // layernorm.cpp
+  // layer_norm.cpp
   m.impl("layer_norm_fwd", PYMINIGPT_CPU_KERNEL(layer_norm_fwd));
   m.impl("layer_norm_bwd", PYMINIGPT_CPU_KERNEL(layer_norm_bwd));
   // sampling.cpp
   m.impl("top_k_top_p_filter", PYMINIGPT_CPU_KERNEL(top_k_top_p_filter));
   m.impl("sample", PYMINIGPT_CPU_KERNEL(sample));
-  // attention.cpp
+  // causal_attention.cpp
   m.impl("causal_attention_fwd", PYMINIGPT_CPU_KERNEL(causal_attention_fwd));
   m.impl("causal_attention_bwd", PYMINIGPT_CPU_KERNEL(causal_attention_bwd));
   // linear.cpp (CPU only: on a GPU, cuBLAS already streams the weights at full bandwidth)

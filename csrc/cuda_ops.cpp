@@ -324,13 +324,13 @@ TORCH_LIBRARY_IMPL(pyminigpt, CUDA, m) {
   // cuda/softmax.cu
   m.impl("softmax_fwd", &softmax_fwd);
   m.impl("softmax_bwd", &softmax_bwd);
-  // cuda/layernorm.cu
+  // cuda/layer_norm.cu
   m.impl("layer_norm_fwd", &layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
   // cuda/sampling.cu
   m.impl("top_k_top_p_filter", &top_k_top_p_filter);
   m.impl("sample", &sample);
-  // cuda/attention.cu
+  // cuda/causal_attention.cu
   m.impl("causal_attention_fwd", &causal_attention_fwd);
   m.impl("causal_attention_bwd", &causal_attention_bwd);
 }

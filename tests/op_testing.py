@@ -12,8 +12,8 @@ from pyminigpt.ops import dispatch, reference
 # The documented input limits of the kernel backends on CUDA, by (backend, op). `auto` sends
 # inputs outside them to another backend, so a strict test of such an input is skipped there.
 DOCUMENTED_LIMITS = {
-    ("cuda", "causal_attention"): "csrc/cuda/attention.cu takes fp16/bf16, head dim 64 or 128, non-empty q",
-    ("triton", "layer_norm"): "kernels/layernorm.py takes rows of at most MAX_COLS (16384) columns",
+    ("cuda", "causal_attention"): "csrc/cuda/causal_attention.cu takes fp16/bf16, head dim 64 or 128, non-empty q",
+    ("triton", "layer_norm"): "kernels/layer_norm.py takes rows of at most MAX_COLS (16384) columns",
 }
 
 

@@ -32,8 +32,8 @@ pytest.importorskip("triton")
 from pyminigpt.ops import reference
 from pyminigpt.ops import triton as triton_ops
 
-attention = triton_ops.attention
-layernorm = triton_ops.layernorm
+attention_kernels = triton_ops.attention_kernels
+layer_norm_kernels = triton_ops.layer_norm_kernels
 sampling = triton_ops.sampling
 softmax_kernels = triton_ops.softmax_kernels
 
@@ -108,8 +108,8 @@ def test_layer_norm_fwd_bwd(dtype, param_dtype, n_rows, n_cols):
     x = (rand(n_rows, n_cols, scale=2.0) + 0.5).to(dtype)
     w, b = rand(n_cols, dtype=param_dtype), rand(n_cols, dtype=param_dtype)
     dy = rand(n_rows, n_cols, dtype=dtype)
-    y, mean, rstd = layernorm.layer_norm_fwd(x, w, b, 1e-5)
-    dx, dw, db = layernorm.layer_norm_bwd(dy, x, w, mean, rstd)
+    y, mean, rstd = layer_norm_kernels.layer_norm_fwd(x, w, b, 1e-5)
+    dx, dw, db = layer_norm_kernels.layer_norm_bwd(dy, x, w, mean, rstd)
     assert mean.dtype == rstd.dtype == torch.float32 and dw.dtype == db.dtype == param_dtype
 
     leaves64 = [t.double().requires_grad_() for t in (x, w, b)]
@@ -139,9 +139,9 @@ def check_attention(b, h, tq, tk, d, dtype, transpose_layout=False):
     else:
         q, k, v = rand(b, h, tq, d, dtype=dtype), rand(b, h, tk, d, dtype=dtype), rand(b, h, tk, d, dtype=dtype)
     scale = 1.0 / math.sqrt(d)
-    out, lse = attention.attention_fwd(q, k, v, scale)
+    out, lse = attention_kernels.attention_fwd(q, k, v, scale)
     grad_out = rand(b, h, tq, d, dtype=dtype)
-    dq, dk, dv = attention.attention_bwd(grad_out, q, k, v, out, lse, scale)
+    dq, dk, dv = attention_kernels.attention_bwd(grad_out, q, k, v, out, lse, scale)
 
     leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
     out64 = reference.causal_attention(*leaves64, scale)
@@ -191,16 +191,16 @@ def test_attention_fp16_strided():
 )
 def test_attention_decode_split_k(tk, d, dtype):
     """Tq == 1 goes through the split-K partial + combine kernels (fwd), the usual kernels (bwd)."""
-    n_splits, _ = attention._decode_splits(2, tk, torch.device(DEVICE))
+    n_splits, _ = attention_kernels._decode_splits(2, tk, torch.device(DEVICE))
     assert tk < 64 or n_splits > 1  # the long case really splits
     check_attention(1, 2, 1, tk, d, dtype)
 
 
 def test_attention_rejects_unsupported_head_dim():
     q = rand(1, 1, 4, 256)
-    assert not attention.supports(q)
+    assert not attention_kernels.supports(q)
     with pytest.raises(ValueError, match="head dims"):
-        attention.attention_fwd(q, q, q, 1.0)
+        attention_kernels.attention_fwd(q, q, q, 1.0)
 
 
 # ---- top-k / top-p filter and sampling -------------------------------------------------

@@ -16,7 +16,7 @@
   /* softmax.cpp */                                                                                        \
   at::Tensor softmax_fwd(const at::Tensor& x, double temperature);                                         \
   at::Tensor softmax_bwd(const at::Tensor& y, const at::Tensor& grad_y, double temperature);               \
-  /* layernorm.cpp */                                                                                      \
+  /* layer_norm.cpp */                                                                                     \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,     \
                                                                 const at::Tensor& bias, double eps);               \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,     \
@@ -26,7 +26,7 @@
   at::Tensor top_k_top_p_filter(const at::Tensor& logits, int64_t top_k, double top_p, int64_t min_tokens_to_keep); \
   at::Tensor sample(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,                     \
                     const at::Tensor& uniform);                                                                    \
-  /* attention.cpp */                                                                                      \
+  /* causal_attention.cpp */                                                                               \
   std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,           \
                                                           const at::Tensor& v, double scale);              \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(                                     \

@@ -17,7 +17,7 @@ namespace pyminigpt::cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// ---- layernorm.cu ------------------------------------------------------------------------
+// ---- layer_norm.cu -----------------------------------------------------------------------
 // x, y, grad_y, grad_x: (n_rows, n_cols) of `dtype`; weight, bias, grad_weight, grad_bias:
 // (n_cols,) of `weight_dtype`, which is `dtype` or fp32 (autocast keeps parameters in fp32).
 // mean, rstd: fp32 (n_rows,).
@@ -49,7 +49,7 @@ cudaError_t top_k_top_p_filter(const void* logits, void* out, int64_t n_rows, in
 cudaError_t sample(const void* logits, const float* uniform, int64_t* tokens, int64_t n_rows, int64_t vocab,
                    float temperature, int64_t top_k, float top_p, DType dtype, cudaStream_t stream);
 
-// ---- attention.cu ------------------------------------------------------------------------
+// ---- causal_attention.cu -----------------------------------------------------------------
 // An attention input of shape (batch, heads, len, head_dim) whose rows need not be packed:
 // element (b, h, i, d) is at data[b * batch_stride + h * head_stride + i * row_stride + d]
 // (strides in elements; the q, k, v views of a fused qkv projection are such tensors). The

@@ -63,7 +63,7 @@ def linear(x, weight, bias):
     return ops.linear(x.reshape(-1, shape[-1]), weight, bias).view(*shape[:-1], weight.shape[0])
 
 
-# csrc/cuda/attention.cu launches one block per 64 keys along a grid dimension (<= 65535)
+# csrc/cuda/causal_attention.cu launches one block per 64 keys along a grid dimension (<= 65535)
 _CUDA_ATTENTION_MAX_KV_LEN = 65535 * 64
 
 
@@ -88,7 +88,7 @@ def _supports(op: str, device_type: str):
     if op in ("top_k_top_p_filter", "sample"):
         return lambda logits, *rest: _runs_on(device_type, _LOGITS, logits)
     if op == "causal_attention":
-        if device_type == "cuda":  # csrc/cuda/attention.cu: fp16/bf16 tensor cores, head dim 64 or 128
+        if device_type == "cuda":  # csrc/cuda/causal_attention.cu: fp16/bf16 tensor cores, head dim 64 or 128
             return lambda q, k, v, scale: (
                 q.device.type == "cuda"
                 and q.dtype in (torch.float16, torch.bfloat16)

@@ -17,10 +17,14 @@ from torch.library import triton_op, wrap_triton
 from . import autograd, dispatch
 
 try:
-    from pyminigpt.kernels import INTERPRET, attention, layernorm, sampling
+    from pyminigpt.kernels import INTERPRET, sampling
+    from pyminigpt.kernels import causal_attention as attention_kernels
+    from pyminigpt.kernels import layer_norm as layer_norm_kernels
     from pyminigpt.kernels import softmax as softmax_kernels
 except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
-    from kernels import INTERPRET, attention, layernorm, sampling
+    from kernels import INTERPRET, sampling
+    from kernels import causal_attention as attention_kernels
+    from kernels import layer_norm as layer_norm_kernels
     from kernels import softmax as softmax_kernels
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,14 +66,14 @@ def softmax_bwd(y: torch.Tensor, grad_y: torch.Tensor, temperature: float) -> to
 def layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm.layer_norm_fwd(x, weight, bias, eps, wrap=_wrap)
+    return layer_norm_kernels.layer_norm_fwd(x, weight, bias, eps, wrap=_wrap)
 
 
 @triton_op("pyminigpt_triton::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm.layer_norm_bwd(grad_y, x, weight, mean, rstd, wrap=_wrap)
+    return layer_norm_kernels.layer_norm_bwd(grad_y, x, weight, mean, rstd, wrap=_wrap)
 
 
 # ---- top-k / top-p filter and sampling (not differentiable) ----------------------------
@@ -94,7 +98,7 @@ def sample_op(
 def causal_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention.attention_fwd(q, k, v, scale, wrap=_wrap)
+    return attention_kernels.attention_fwd(q, k, v, scale, wrap=_wrap)
 
 
 @triton_op("pyminigpt_triton::causal_attention_bwd", mutates_args=())
@@ -107,7 +111,7 @@ def causal_attention_bwd(
     lse: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention.attention_bwd(grad_out, q, k, v, out, lse, scale, wrap=_wrap)
+    return attention_kernels.attention_bwd(grad_out, q, k, v, out, lse, scale, wrap=_wrap)
 
 
 autograd.register("pyminigpt_triton", softmax_bwd, layer_norm_bwd, causal_attention_bwd)
@@ -153,7 +157,7 @@ def _supports_layer_norm(x, weight, bias, eps):
         and x.dtype in _KERNEL_DTYPES
         and weight.dtype == bias.dtype
         and weight.dtype in (x.dtype, torch.float32)
-        and 0 < x.shape[-1] <= layernorm.MAX_COLS
+        and 0 < x.shape[-1] <= layer_norm_kernels.MAX_COLS
     )
 
 
@@ -166,7 +170,7 @@ def _supports_logits(logits, *args):
 
 
 def _supports_attention(q, k, v, scale):
-    return _triton_runs_on(q) and attention.supports(q)
+    return _triton_runs_on(q) and attention_kernels.supports(q)
 
 
 dispatch.register("layer_norm", "triton", layer_norm, supports=_supports_layer_norm)

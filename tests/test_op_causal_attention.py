@@ -189,8 +189,8 @@ def test_decode_with_more_threads_than_heads(backend, tk):
 # ---- the C++ operators themselves (cpu and cuda backends) ----------------------------
 
 
-# The dtypes each device's operator takes: csrc/cpu/attention.cpp fp32/bf16 and any head dim;
-# csrc/cuda/attention.cu fp16/bf16 (tensor cores) and head dims 64 and 128 only.
+# The dtypes each device's operator takes: csrc/cpu/causal_attention.cpp fp32/bf16 and any head dim;
+# csrc/cuda/causal_attention.cu fp16/bf16 (tensor cores) and head dims 64 and 128 only.
 NATIVE_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float16, torch.bfloat16)}
 
 
@@ -229,7 +229,7 @@ def test_native_opcheck(native_device, shape):
 def test_native_rejects_bad_inputs(native_device):
     device = native_device
     q, k, v = _inputs(_native_shape((1, 2, 4, 6, 16), device), torch.bfloat16, device)
-    # the inputs, and each device's message (csrc/cpu/attention.cpp, csrc/cuda_ops.cpp and csrc/cuda/attention.cu)
+    # the inputs, and each device's message (csrc/cpu/causal_attention.cpp, csrc/cuda_ops.cpp and csrc/cuda/causal_attention.cu)
     cases = [
         (
             (q.double(), k.double(), v.double()),
