@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import _no_wrap
+from .launch import launch_per_row
 
 LOG2E = 1.4426950408889634  # host side: the sample kernel gets log2(e) / temperature
 # constexpr: a compiled @triton.jit function may read only constexpr globals (the
@@ -237,13 +238,6 @@ def sample_kernel(
     tl.store(token_ptr + row, tl.where(token < n_cols, token, last_kept).to(tl.int64))
 
 
-def _launch_per_row(kernel, logits: torch.Tensor, *args, wrap) -> None:
-    """kernel(logits, *args) with one program per row of logits (B, V), in tiles of up to 4096 logits."""
-    n_rows, n_cols = logits.shape
-    block = min(triton.next_power_of_2(n_cols), 4096)
-    wrap(kernel)[(n_rows,)](logits, *args, BLOCK=block, num_warps=4 if block <= 1024 else 8)
-
-
 def supports(logits: torch.Tensor) -> bool:
     """Whether these kernels take this logits tensor (2-D, fp16/bf16/fp32, contiguous rows)."""
     return (
@@ -259,8 +253,9 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float, min_token
         return out
     top_k = top_k if top_k < n_cols else 0
     min_tokens_to_keep = min(min_tokens_to_keep, n_cols)  # more than the row keeps the row (and fits int32)
-    _launch_per_row(
+    launch_per_row(
         top_k_top_p_filter_kernel,
+        logits,
         logits,
         out,
         logits.stride(0),
@@ -284,7 +279,17 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u
     if n_rows == 0:
         return tokens
     top_k = top_k if top_k < n_cols else 0
-    _launch_per_row(
-        sample_kernel, logits, uniform, tokens, logits.stride(0), n_cols, LOG2E / temperature, top_k, top_p, wrap=wrap
+    launch_per_row(
+        sample_kernel,
+        logits,
+        logits,
+        uniform,
+        tokens,
+        logits.stride(0),
+        n_cols,
+        LOG2E / temperature,
+        top_k,
+        top_p,
+        wrap=wrap,
     )
     return tokens

@@ -28,17 +28,13 @@ import triton
 import triton.language as tl
 
 from . import _no_wrap, rounded_to
+from .launch import launch_per_row
 
 LOG2E = 1.4426950408889634
 
 
-def _tile_width(n_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): the whole row in one tile up to 8192 columns, else 4096-wide tiles."""
-    block = triton.next_power_of_2(n_cols)
-    if block > 8192:
-        block = 4096
-    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-    return block, num_warps
+# Rows up to this wide are one tile (one read of the row); wider ones are swept in 4096-wide tiles.
+WHOLE_ROW_UP_TO = 8192
 
 
 @triton.jit
@@ -123,21 +119,19 @@ def softmax_bwd_kernel(
             _store_row(dx_row, start + cols, n_cols, y * (dy - dot) * inv_temperature)
 
 
-def _launch_per_row(kernel, rows: tuple[torch.Tensor, ...], scalar: float, wrap) -> torch.Tensor:
+def _launch(kernel, rows: tuple[torch.Tensor, ...], scalar: float, wrap) -> torch.Tensor:
     """kernel over the (N, V) matrices `rows` (inputs, then the output), one program per row. Returns the output."""
     out = rows[-1]
-    n_rows, n_cols = out.shape
-    if n_rows == 0:
-        return out
-    block, num_warps = _tile_width(n_cols)
-    wrap(kernel)[(n_rows,)](
+    launch_per_row(
+        kernel,
+        out,
         *rows,
         *(t.stride(0) for t in rows),
-        n_cols,
+        out.shape[1],
         scalar,
-        BLOCK=block,
-        ONE_TILE=n_cols <= block,
-        num_warps=num_warps,
+        wrap=wrap,
+        whole_row_up_to=WHOLE_ROW_UP_TO,
+        pass_one_tile=True,
     )
     return out
 
@@ -145,10 +139,10 @@ def _launch_per_row(kernel, rows: tuple[torch.Tensor, ...], scalar: float, wrap)
 def softmax_fwd(x: torch.Tensor, temperature: float, wrap=_no_wrap) -> torch.Tensor:
     """y = softmax(x / temperature) for x (N, V) with a contiguous last dim. Returns (N, V) in x's dtype."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch_per_row(softmax_fwd_kernel, (x, y), LOG2E / temperature, wrap)
+    return _launch(softmax_fwd_kernel, (x, y), LOG2E / temperature, wrap)
 
 
 def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, temperature: float, wrap=_no_wrap) -> torch.Tensor:
     """dx = y * (dy - sum(dy * y)) / temperature for y, dy (N, V). Returns (N, V) in y's dtype."""
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    return _launch_per_row(softmax_bwd_kernel, (y, dy, dx), 1.0 / temperature, wrap)
+    return _launch(softmax_bwd_kernel, (y, dy, dx), 1.0 / temperature, wrap)

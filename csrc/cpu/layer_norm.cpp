@@ -36,9 +36,6 @@ constexpr int64_t W = fVec::size();
 // Row blocks of the backward's two-stage dw / db reduction.
 constexpr int64_t kGradientBlocks = 32;
 
-// Rows per parallel task: enough elements (~32k) to amortise the task overhead.
-int64_t rows_per_task(int64_t row_width) { return std::max<int64_t>(1, 32768 / row_width); }
-
 // The first n lanes of v, the rest zero.
 fVec first_lanes(const fVec& v, int64_t n) { return n == W ? v : fVec::set(fVec(0.f), v, n); }
 

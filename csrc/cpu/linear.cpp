@@ -30,9 +30,8 @@
 //   y = the threads' partial sums, added in order, + b
 //
 // It reads wt once too. bf16 is widened there (VDPBF16PS would need pairs of rows interleaved),
-// so with more rows of x the arithmetic shows: bench/linear_rows.py --transposed, GPT-2-124M's
-// 48 projections from memory, against torch's matmul: fp32 1.5-2.8x at 1 to 8 rows, bf16
-// 1.6x at 1 row down to 1.0x at 8. Any other layout of the weight is copied to (N, K) first.
+// so with more rows of x the arithmetic shows (bench/linear_rows.py --transposed measures it
+// against torch's matmul; bench/RESULTS.md). Any other layout of the weight is copied to (N, K) first.
 // Inputs with more rows than kLinearMaxRows go to ATen's GEMM, which reuses each weight across
 // the rows. Which row counts are worth sending here is the caller's choice
 // (pyminigpt/ops/native.py, LINEAR_MAX_ROWS, with its measurements).
@@ -68,8 +67,7 @@ constexpr int kVectorRegisters = W >= 16 ? 32 : 16;
 // Weight rows per block for M rows of x.
 // - Up to 4 rows of x: one weight row at a time. W is then read as one sequential stream, which
 //   the hardware prefetcher follows at full speed; R interleaved rows are R short streams of
-//   1.5-3 KiB that it does not (bench/test_bench_linear.py, 1 x 768 -> 50257, 2 threads, R = 4
-//   -> 1: fp32 5.81 -> 4.15 ms, bf16 4.11 -> 1.87 ms).
+//   1.5-3 KiB that it does not (bench/test_bench_linear.py measures both; bench/RESULTS.md).
 // - More rows: each weight is used M times, the arithmetic shows, and blocks of R rows reuse each
 //   chunk of x from registers. At most 4: a block holds R x M accumulators, the R rows' weights
 //   (2 vectors each), one row of x (2 vectors) and a few temporaries in registers.

@@ -132,9 +132,8 @@ float row_max(const float* x, int64_t n) {
 // their k largest: bound = the k-th of them, a lower bound of the answer. The scan of the
 // rest pushes only values above bound (about k / i of them at token i for a random row);
 // each time the pool fills up, nth_element cuts it back to k and raises bound. A small
-// capacity keeps bound close behind the answer, so fewer values are pushed than with the
-// 1024-value pool filled one push at a time that this replaced (64 x 50257, k = 50,
-// p = 0.9, 2 threads: filter 2.30 -> 1.45 ms, sample 1.72 -> 1.14 ms).
+// capacity keeps bound close behind the answer, so fewer values are pushed than with a
+// large pool filled one push at a time (the timings of both are in bench/RESULTS.md).
 float kth_largest(const float* x, int64_t n, int64_t k, std::vector<float>& pool) {
   const auto greater = std::greater<float>();
   const int64_t capacity = std::max<int64_t>(4 * k, 256);

@@ -16,9 +16,8 @@
 // `torch.softmax(x / T)` also writes and rereads the temporary x / T.
 //
 // The exponential is at::vec's exp_u20 (a polynomial, <= 20 ulp, the one PyTorch's CPU
-// flash attention uses); Sleef's 1-ulp exp made the kernel 1.2x slower
-// (64 x 50257 fp32: 1.53 ms -> 1.25 ms on 2 cores) for an error far below the fp32
-// rounding of x / T that the tests allow.
+// flash attention uses), not Sleef's 1-ulp exp: that one is slower (bench/RESULTS.md) for
+// an error gain far below the fp32 rounding of x / T that the tests allow.
 //
 // Rows are split across threads with at::parallel_for. Storage is float or bfloat16;
 // the arithmetic is always fp32.
@@ -37,9 +36,6 @@ namespace pyminigpt::cpu::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t W = fVec::size();
-
-// Rows per parallel task: enough elements (~32k) to amortise the task overhead.
-int64_t rows_per_task(int64_t row_width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_width, 1)); }
 
 constexpr int64_t BLOCK = 1024;  // elements per block of the online softmax (4 KiB of fp32)
 // The lanes start at the lowest finite value, not -inf, so that a block of -inf logits

@@ -1,4 +1,5 @@
-// Loads and stores between a tensor's element type and Vectorized<float>.
+// Loads and stores between a tensor's element type and Vectorized<float>, lane reductions,
+// and the grain of the row-wise kernels' at::parallel_for.
 //
 // The CPU kernels compute in fp32 whatever the storage type (float or bfloat16), one
 // Vectorized<float> (8 lanes with AVX2, 16 with AVX-512) at a time. Include this only
@@ -56,5 +57,11 @@ inline float reduce_max(const fVec& v) {
 }
 // The sum of v's lanes.
 inline float reduce_sum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
+
+// Rows per parallel task for rows of `row_width` elements: enough elements (~32k) to
+// amortise the task overhead, and at least one row (also for empty rows).
+inline int64_t rows_per_task(int64_t row_width) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_width, 1));
+}
 
 }  // namespace pyminigpt::cpu::CPU_CAPABILITY
