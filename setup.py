@@ -14,6 +14,7 @@ Install against the torch you have: pip install --no-build-isolation .
 """
 
 import glob
+import hashlib
 import os
 import shlex
 import subprocess
@@ -54,7 +55,13 @@ class BuildWithCpuCapabilities(BuildExtension):
     def compile_cpu_kernels(self) -> list:
         abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
         includes = [f"-I{path}" for path in include_paths()]
-        out_dir = os.path.join(self.build_temp, "cpu_kernels")
+        compiler = os.environ.get("CXX", "c++")
+        extra_flags = shlex.split(os.environ.get("CFLAGS", ""))
+        # One object folder per compiler and $CFLAGS: pip builds in the source tree's build/, and
+        # the up-to-date check below looks at times only, so a sanitized build must not pick up
+        # the objects of a plain one (or the reverse).
+        flags_key = hashlib.sha1(" ".join([compiler, *extra_flags]).encode()).hexdigest()[:12]
+        out_dir = os.path.join(self.build_temp, f"cpu_kernels-{flags_key}")
         os.makedirs(out_dir, exist_ok=True)
         jobs = []
         for capability, isa_flags in CPU_CAPABILITY_FLAGS.items():
@@ -62,8 +69,8 @@ class BuildWithCpuCapabilities(BuildExtension):
                 name = os.path.splitext(os.path.basename(source))[0]
                 obj = os.path.join(out_dir, f"{name}.{capability}.o")
                 defines = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
-                command = [os.environ.get("CXX", "c++"), "-c", source, "-o", obj, abi, *CXX_FLAGS, *isa_flags,
-                           *defines, *includes, *shlex.split(os.environ.get("CFLAGS", ""))]
+                flags = [abi, *CXX_FLAGS, *isa_flags, *defines, *includes, *extra_flags]
+                command = [compiler, "-c", source, "-o", obj, *flags]
                 jobs.append((source, obj, command))
         stale = [job for job in jobs if self.force or not is_up_to_date(job[1], [job[0], *CPU_KERNEL_HEADERS])]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -74,7 +81,7 @@ class BuildWithCpuCapabilities(BuildExtension):
 def run_compiler(job) -> None:
     source, obj, command = job
     print(f"compiling {source} -> {obj}", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
     sys.stdout.write(result.stdout + result.stderr)
     if result.returncode != 0:
         raise RuntimeError(f"compiling {source} failed:\n{' '.join(command)}")
