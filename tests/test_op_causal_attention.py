@@ -229,7 +229,8 @@ def test_native_opcheck(native_device, shape):
 def test_native_rejects_bad_inputs(native_device):
     device = native_device
     q, k, v = _inputs(_native_shape((1, 2, 4, 6, 16), device), torch.bfloat16, device)
-    # the inputs, and each device's message (csrc/cpu/causal_attention.cpp, csrc/cuda_ops.cpp and csrc/cuda/causal_attention.cu)
+    # the inputs, and each device's message (csrc/cpu/causal_attention.cpp, csrc/cuda_ops.cpp and
+    # csrc/cuda/causal_attention.cu)
     cases = [
         (
             (q.double(), k.double(), v.double()),
