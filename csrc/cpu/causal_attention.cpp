@@ -121,10 +121,17 @@ void gemm(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_r
     for (; j + kTileVecs * W <= cols; j += kTileVecs * W)
       gemm_tile<kTileRows, kTileVecs, ACCUMULATE>(depth, a_i, a_row, a_col, b + j, ldb, c_i + j, ldc);
     switch ((cols - j) / W) {
-      case 0: break;
-      case 1: gemm_tile<kTileRows, 1, ACCUMULATE>(depth, a_i, a_row, a_col, b + j, ldb, c_i + j, ldc); break;
-      case 2: gemm_tile<kTileRows, 2, ACCUMULATE>(depth, a_i, a_row, a_col, b + j, ldb, c_i + j, ldc); break;
-      default: gemm_tile<kTileRows, 3, ACCUMULATE>(depth, a_i, a_row, a_col, b + j, ldb, c_i + j, ldc); break;
+      case 0:
+        break;
+      case 1:
+        gemm_tile<kTileRows, 1, ACCUMULATE>(depth, a_i, a_row, a_col, b + j, ldb, c_i + j, ldc);
+        break;
+      case 2:
+        gemm_tile<kTileRows, 2, ACCUMULATE>(depth, a_i, a_row, a_col, b + j, ldb, c_i + j, ldc);
+        break;
+      default:
+        gemm_tile<kTileRows, 3, ACCUMULATE>(depth, a_i, a_row, a_col, b + j, ldb, c_i + j, ldc);
+        break;
     }
   }
 }
@@ -142,8 +149,8 @@ struct Heads {
 
 // dst (rows x padded_d, fp32) = src rows [0, valid_rows) (D wide, row stride src_stride); zeros elsewhere.
 template <typename scalar_t>
-void pack_rows(const scalar_t* src, int64_t src_stride, int64_t valid_rows, int64_t rows, int64_t D,
-               int64_t padded_d, float* dst) {
+void pack_rows(const scalar_t* src, int64_t src_stride, int64_t valid_rows, int64_t rows, int64_t D, int64_t padded_d,
+               float* dst) {
   for (int64_t r = 0; r < rows; ++r) {
     float* out = dst + r * padded_d;
     if (r >= valid_rows) {
@@ -156,8 +163,7 @@ void pack_rows(const scalar_t* src, int64_t src_stride, int64_t valid_rows, int6
 
 // dst (D x rows, fp32) = the transpose of src rows [0, valid_rows); zeros in the other columns.
 template <typename scalar_t>
-void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t valid_rows, int64_t rows, int64_t D,
-                     float* dst) {
+void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t valid_rows, int64_t rows, int64_t D, float* dst) {
   for (int64_t r = 0; r < valid_rows; ++r)
     for (int64_t d = 0; d < D; ++d) dst[d * rows + r] = static_cast<float>(src[r * src_stride + d]);
   for (int64_t d = 0; d < D; ++d) std::fill(dst + d * rows + valid_rows, dst + (d + 1) * rows, 0.f);
@@ -232,9 +238,9 @@ void attention_fwd_tiled(const Heads<const scalar_t>& q, const Heads<const scala
             gemm<false>(block_q, kKeyPanel, D, q_blk.data(), padded_d, 1, kt_head.data() + panel * D, kKeyPanel,
                         scores.data() + panel - k0, kFwdBlockK);
           for (int64_t i = 0; i < block_q; ++i) {
-            const float alpha = online_softmax_row(scores.data() + i * kFwdBlockK,
-                                                   visible_keys(q0 + i, offset, k0, width), width, scale, row_max[i],
-                                                   row_sum[i]);
+            const float alpha =
+                online_softmax_row(scores.data() + i * kFwdBlockK, visible_keys(q0 + i, offset, k0, width), width,
+                                   scale, row_max[i], row_sum[i]);
             float* acc_i = acc.data() + i * padded_d;
             if (alpha != 1.f)
               for (int64_t d = 0; d < padded_d; d += W) (fVec::loadu(acc_i + d) * fVec(alpha)).store(acc_i + d);
@@ -308,10 +314,18 @@ MaxAndSum attend_one_query(const float* q_row, const scalar_t* keys, int64_t k_s
   }
   for (int64_t d0 = 0; d0 < D; d0 += kTileVecs * W) {
     switch (std::min<int64_t>(kTileVecs, ceil_div(D - d0, W))) {
-      case 1: weighted_sum_of_rows<1>(scores, values, v_stride, nk, D, d0, acc); break;
-      case 2: weighted_sum_of_rows<2>(scores, values, v_stride, nk, D, d0, acc); break;
-      case 3: weighted_sum_of_rows<3>(scores, values, v_stride, nk, D, d0, acc); break;
-      default: weighted_sum_of_rows<kTileVecs>(scores, values, v_stride, nk, D, d0, acc); break;
+      case 1:
+        weighted_sum_of_rows<1>(scores, values, v_stride, nk, D, d0, acc);
+        break;
+      case 2:
+        weighted_sum_of_rows<2>(scores, values, v_stride, nk, D, d0, acc);
+        break;
+      case 3:
+        weighted_sum_of_rows<3>(scores, values, v_stride, nk, D, d0, acc);
+        break;
+      default:
+        weighted_sum_of_rows<kTileVecs>(scores, values, v_stride, nk, D, d0, acc);
+        break;
     }
   }
   return {m, reduce_sum(vsum)};
@@ -325,8 +339,8 @@ void attention_fwd_decode(const Heads<const scalar_t>& q, const Heads<const scal
                           int64_t Tk, int64_t D, float scale) {
   const int64_t padded_d = round_up(D, W);
   const int64_t heads = B * H;
-  const int64_t splits = std::clamp<int64_t>(ceil_div(at::get_num_threads(), heads), 1,
-                                             std::max<int64_t>(1, Tk / kDecodeMinKeysPerTask));
+  const int64_t splits =
+      std::clamp<int64_t>(ceil_div(at::get_num_threads(), heads), 1, std::max<int64_t>(1, Tk / kDecodeMinKeysPerTask));
   const int64_t keys_per_split = ceil_div(Tk, splits);
   // Per (head, split): the partial max, sum and unnormalised output.
   std::vector<MaxAndSum> partial(heads * splits);
@@ -378,9 +392,10 @@ void attention_bwd_tiled(const Heads<const scalar_t>& grad_out, const Heads<cons
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     // dq += dS k adds a whole block of rows, padded ones too (with dS = 0): dq_acc has room
     // for every row of the last block.
-    std::vector<float> delta(Tq), dq_acc(round_up(Tq, block_q) * padded_d), kt_blk(D * kBwdBlockK), k_blk(kBwdBlockK * padded_d),
-        vt_blk(D * kBwdBlockK), dk_acc(kBwdBlockK * padded_d), dv_acc(kBwdBlockK * padded_d), q_blk(block_q * padded_d),
-        dout_blk(block_q * padded_d), p_blk(block_q * kBwdBlockK), ds_blk(block_q * kBwdBlockK);
+    std::vector<float> delta(Tq), dq_acc(round_up(Tq, block_q) * padded_d), kt_blk(D * kBwdBlockK),
+        k_blk(kBwdBlockK * padded_d), vt_blk(D * kBwdBlockK), dk_acc(kBwdBlockK * padded_d),
+        dv_acc(kBwdBlockK * padded_d), q_blk(block_q * padded_d), dout_blk(block_q * padded_d),
+        p_blk(block_q * kBwdBlockK), ds_blk(block_q * kBwdBlockK);
     for (int64_t head = begin; head < end; ++head) {
       const int64_t b = head / H, h = head % H;
       const float* lse_bh = lse + head * Tq;
@@ -465,8 +480,8 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   check_heads(op, "k", k, q);
   check_heads(op, "v", v, q);
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(2) >= q.size(2), op, ": k must have at least as many positions (", k.size(2),
-              ") as q (", q.size(2), ")");
+  TORCH_CHECK(k.size(2) >= q.size(2), op, ": k must have at least as many positions (", k.size(2), ") as q (",
+              q.size(2), ")");
 }
 
 }  // namespace

@@ -11,29 +11,30 @@
 #include <optional>
 #include <tuple>
 
-#define PYMINIGPT_DECLARE_CPU_KERNELS(CAPABILITY)                                                          \
-  namespace pyminigpt::cpu::CAPABILITY {                                                                   \
-  /* softmax.cpp */                                                                                        \
-  at::Tensor softmax_fwd(const at::Tensor& x, double temperature);                                         \
-  at::Tensor softmax_bwd(const at::Tensor& y, const at::Tensor& grad_y, double temperature);               \
-  /* layer_norm.cpp */                                                                                     \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,     \
-                                                                const at::Tensor& bias, double eps);               \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,     \
-                                                                const at::Tensor& weight, const at::Tensor& mean,  \
-                                                                const at::Tensor& rstd);                           \
-  /* sampling.cpp */                                                                                       \
-  at::Tensor top_k_top_p_filter(const at::Tensor& logits, int64_t top_k, double top_p, int64_t min_tokens_to_keep); \
-  at::Tensor sample(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,                     \
-                    const at::Tensor& uniform);                                                                    \
-  /* causal_attention.cpp */                                                                               \
-  std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,           \
-                                                          const at::Tensor& v, double scale);              \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(                                     \
-      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,           \
-      const at::Tensor& out, const at::Tensor& lse, double scale);                                         \
-  /* linear.cpp */                                                                                         \
-  at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);  \
+#define PYMINIGPT_DECLARE_CPU_KERNELS(CAPABILITY)                                                                      \
+  namespace pyminigpt::cpu::CAPABILITY {                                                                               \
+  /* softmax.cpp */                                                                                                    \
+  at::Tensor softmax_fwd(const at::Tensor& x, double temperature);                                                     \
+  at::Tensor softmax_bwd(const at::Tensor& y, const at::Tensor& grad_y, double temperature);                           \
+  /* layer_norm.cpp */                                                                                                 \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,         \
+                                                                const at::Tensor& bias, double eps);                   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,         \
+                                                                const at::Tensor& weight, const at::Tensor& mean,      \
+                                                                const at::Tensor& rstd);                               \
+  /* sampling.cpp */                                                                                                   \
+  at::Tensor top_k_top_p_filter(const at::Tensor& logits, int64_t top_k, double top_p, int64_t min_tokens_to_keep);    \
+  at::Tensor sample(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,                         \
+                    const at::Tensor& uniform);                                                                        \
+  /* causal_attention.cpp */                                                                                           \
+  std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,                    \
+                                                          const at::Tensor& v, double scale);                          \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, \
+                                                                      const at::Tensor& k, const at::Tensor& v,        \
+                                                                      const at::Tensor& out, const at::Tensor& lse,    \
+                                                                      double scale);                                   \
+  /* linear.cpp */                                                                                                     \
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);             \
   }
 
 PYMINIGPT_DECLARE_CPU_KERNELS(DEFAULT)

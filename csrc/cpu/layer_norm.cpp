@@ -129,8 +129,8 @@ void reduce_partials(const float* partial, int64_t blocks, int64_t C, weight_t* 
 
 void check_storage(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "layer_norm: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
-              "layer_norm: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "layer_norm: ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
 }
 
 // weight (and bias) must be (C,) of x's dtype or float32.
@@ -165,8 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   if (rows == 0) return {y, mean, rstd};
   PYMINIGPT_DISPATCH_FLOAT_AND_BFLOAT16(xc.scalar_type(), "layer_norm_fwd", [&] {
     layer_norm_fwd_rows(xc.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
-                        y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(),
-                        rstd.mutable_data_ptr<float>(), rows, C, static_cast<float>(eps));
+                        y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(),
+                        rows, C, static_cast<float>(eps));
   });
   return {y, mean, rstd};
 }

@@ -190,8 +190,8 @@ Threshold top_p_sorted(const std::vector<Token>& ascending, double top_p, int64_
 }
 
 // Top-p over every x_i >= kth (the top-k survivors) of a long row, through a histogram.
-Threshold top_p_histogram(const float* x, int64_t n, float kth, float max, double top_p, int64_t min_keep,
-                          float inv_t, Workspace& ws) {
+Threshold top_p_histogram(const float* x, int64_t n, float kth, float max, double top_p, int64_t min_keep, float inv_t,
+                          Workspace& ws) {
   double bucket_mass[kBuckets] = {};
   int64_t bucket_count[kBuckets] = {};
   ws.bucket.resize(n);
@@ -280,7 +280,8 @@ const float* fp32_row(const scalar_t* x, int64_t n, Workspace& ws) {
     return x;
   } else {
     ws.row.resize(n);
-    for (int64_t i = 0; i < n; i += W) load_float(x + i, std::min(W, n - i)).store(ws.row.data() + i, std::min(W, n - i));
+    for (int64_t i = 0; i < n; i += W)
+      load_float(x + i, std::min(W, n - i)).store(ws.row.data() + i, std::min(W, n - i));
     return ws.row.data();
   }
 }
@@ -306,9 +307,10 @@ void filter_rows(const scalar_t* logits, scalar_t* out, int64_t rows, int64_t n,
 }
 
 // The draw from survivors gathered in vocabulary order (few of them): masses in double.
-int64_t draw_from_survivors(const std::vector<Token>& survivors, const Threshold& t, float max, float inv_t,
-                            double u) {
-  const auto mass = [&](const Token& s) { return t.keeps(s.value, s.index) ? std::exp((s.value - double(max)) * inv_t) : 0.0; };
+int64_t draw_from_survivors(const std::vector<Token>& survivors, const Threshold& t, float max, float inv_t, double u) {
+  const auto mass = [&](const Token& s) {
+    return t.keeps(s.value, s.index) ? std::exp((s.value - double(max)) * inv_t) : 0.0;
+  };
   double total = 0;
   for (const Token& s : survivors) total += mass(s);
   const double target = u * total;
@@ -327,8 +329,7 @@ int64_t draw_from_survivors(const std::vector<Token>& survivors, const Threshold
 
 // The draw over a whole row: the masses of each group of W tokens are summed first, then
 // the walk skips whole groups until the one where the cumulative mass crosses u * total.
-int64_t draw_from_row(const float* x, int64_t n, const Threshold& t, float max, float inv_t, double u,
-                      Workspace& ws) {
+int64_t draw_from_row(const float* x, int64_t n, const Threshold& t, float max, float inv_t, double u, Workspace& ws) {
   const int64_t groups = (n + W - 1) / W;
   ws.mass.resize(groups * W);
   ws.block_mass.resize(groups);
@@ -404,8 +405,7 @@ void check_filter(int64_t top_k, double top_p, const char* op) {
 at::Tensor top_k_top_p_filter(const at::Tensor& logits, int64_t top_k, double top_p, int64_t min_tokens_to_keep) {
   check_logits(logits, "top_k_top_p_filter");
   check_filter(top_k, top_p, "top_k_top_p_filter");
-  TORCH_CHECK(min_tokens_to_keep >= 1, "top_k_top_p_filter: min_tokens_to_keep must be >= 1, got ",
-              min_tokens_to_keep);
+  TORCH_CHECK(min_tokens_to_keep >= 1, "top_k_top_p_filter: min_tokens_to_keep must be >= 1, got ", min_tokens_to_keep);
   const at::Tensor x = logits.contiguous();
   at::Tensor out = at::empty_like(x);
   const Filter f{top_k, top_p, min_tokens_to_keep, 1.f};
@@ -429,8 +429,8 @@ at::Tensor sample(const at::Tensor& logits, double temperature, int64_t top_k, d
   at::Tensor tokens = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   const Filter f{top_k, top_p, 1, static_cast<float>(1.0 / temperature)};
   PYMINIGPT_DISPATCH_FLOAT_AND_BFLOAT16(x.scalar_type(), "sample", [&] {
-    sample_rows(x.const_data_ptr<scalar_t>(), u.const_data_ptr<float>(), tokens.mutable_data_ptr<int64_t>(),
-                x.size(0), x.size(1), f);
+    sample_rows(x.const_data_ptr<scalar_t>(), u.const_data_ptr<float>(), tokens.mutable_data_ptr<int64_t>(), x.size(0),
+                x.size(1), f);
   });
   return tokens;
 }

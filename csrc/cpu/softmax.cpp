@@ -126,8 +126,8 @@ void softmax_bwd_rows(const scalar_t* y, const scalar_t* dy, scalar_t* dx, int64
 
 void check_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "softmax: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
-              "softmax: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "softmax: ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.dim() >= 1, "softmax: ", name, " must have at least one dimension");
 }
 
@@ -151,8 +151,8 @@ at::Tensor softmax_bwd(const at::Tensor& y, const at::Tensor& grad_y, double tem
   check_input(y, "y");
   check_input(grad_y, "grad_y");
   TORCH_CHECK(y.sizes() == grad_y.sizes() && y.scalar_type() == grad_y.scalar_type(),
-              "softmax_bwd: grad_y must match y, got ", grad_y.sizes(), " ", grad_y.scalar_type(), " and ",
-              y.sizes(), " ", y.scalar_type());
+              "softmax_bwd: grad_y must match y, got ", grad_y.sizes(), " ", grad_y.scalar_type(), " and ", y.sizes(),
+              " ", y.scalar_type());
   const at::Tensor yc = y.contiguous(), dyc = grad_y.contiguous();
   at::Tensor dx = at::empty_like(yc);
   const int64_t C = yc.size(-1);

@@ -152,7 +152,8 @@ struct HeadRows {
 // Head bh = b * heads + h of t.
 template <typename T>
 __device__ __forceinline__ HeadRows<T> head_rows(const Heads& t, int64_t bh, int64_t heads) {
-  return {static_cast<const T*>(t.data) + bh / heads * t.batch_stride + bh % heads * t.head_stride, static_cast<int32_t>(t.row_stride)};
+  return {static_cast<const T*>(t.data) + bh / heads * t.batch_stride + bh % heads * t.head_stride,
+          static_cast<int32_t>(t.row_stride)};
 }
 
 // Copies rows [row0, row0 + ROWS) of a head's (n_rows, D) matrix into a padded shared
@@ -188,7 +189,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 // [16 w, 16 w + 16) of the block's 64. Shared: Q tile, then two stages of (K, V) tiles.
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Heads q, Heads k, Heads v, T* __restrict__ out,
+__global__ void
+__launch_bounds__(kThreads) attention_fwd_kernel(Heads q, Heads k, Heads v, T* __restrict__ out,
                                                                  float* __restrict__ lse, int64_t heads,
                                                                  int64_t q_len, int64_t kv_len, float scale_log2) {
   constexpr int LD = D + kPad;

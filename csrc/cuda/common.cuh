@@ -18,12 +18,12 @@
 namespace pyminigpt::cuda {
 
 // Return from the enclosing launcher with the first CUDA error (launch or API).
-#define PYMINIGPT_CUDA_RETURN_IF_ERROR(expr)       \
-  do {                                             \
-    cudaError_t pyminigpt_err_ = (expr);           \
-    if (pyminigpt_err_ != cudaSuccess) {           \
-      return pyminigpt_err_;                       \
-    }                                              \
+#define PYMINIGPT_CUDA_RETURN_IF_ERROR(expr) \
+  do {                                       \
+    cudaError_t pyminigpt_err_ = (expr);     \
+    if (pyminigpt_err_ != cudaSuccess) {     \
+      return pyminigpt_err_;                 \
+    }                                        \
   } while (0)
 
 // Lets `kernel` be launched with `bytes` of dynamic shared memory: above 48 KB a kernel
@@ -43,11 +43,17 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 // Calls `body.template operator()<T>()` with T the element type named by `dtype`.
 template <typename Body>

@@ -27,9 +27,9 @@ cudaError_t layer_norm_fwd(const void* x, const void* weight, const void* bias, 
                            cudaStream_t stream);
 // Bytes of scratch that layer_norm_bwd needs (the per-chunk partial sums of dweight, dbias).
 size_t layer_norm_bwd_workspace_bytes(int64_t n_rows, int64_t n_cols);
-cudaError_t layer_norm_bwd(const void* grad_y, const void* x, const void* weight, const float* mean,
-                           const float* rstd, void* grad_x, void* grad_weight, void* grad_bias, void* workspace,
-                           int64_t n_rows, int64_t n_cols, DType dtype, DType weight_dtype, cudaStream_t stream);
+cudaError_t layer_norm_bwd(const void* grad_y, const void* x, const void* weight, const float* mean, const float* rstd,
+                           void* grad_x, void* grad_weight, void* grad_bias, void* workspace, int64_t n_rows,
+                           int64_t n_cols, DType dtype, DType weight_dtype, cudaStream_t stream);
 
 // ---- softmax.cu --------------------------------------------------------------------------
 // x, y, grad_y, grad_x: (n_rows, n_cols) of `dtype`; y = softmax(x / temperature) per row.
@@ -42,10 +42,9 @@ cudaError_t softmax_bwd(const void* y, const void* grad_y, void* grad_x, int64_t
 // ---- sampling.cu -------------------------------------------------------------------------
 // logits, out: (n_rows, vocab) of `dtype`; uniform: fp32 (n_rows,) in [0, 1); tokens: int64 (n_rows,).
 // top_k == 0 or >= vocab disables top-k; top_p >= 1 disables top-p.
-const char* sampling_unsupported(int64_t n_rows, int64_t vocab, int64_t top_k, float top_p,
-                                 int64_t min_tokens_to_keep);
-cudaError_t top_k_top_p_filter(const void* logits, void* out, int64_t n_rows, int64_t vocab, int64_t top_k,
-                               float top_p, int64_t min_tokens_to_keep, DType dtype, cudaStream_t stream);
+const char* sampling_unsupported(int64_t n_rows, int64_t vocab, int64_t top_k, float top_p, int64_t min_tokens_to_keep);
+cudaError_t top_k_top_p_filter(const void* logits, void* out, int64_t n_rows, int64_t vocab, int64_t top_k, float top_p,
+                               int64_t min_tokens_to_keep, DType dtype, cudaStream_t stream);
 cudaError_t sample(const void* logits, const float* uniform, int64_t* tokens, int64_t n_rows, int64_t vocab,
                    float temperature, int64_t top_k, float top_p, DType dtype, cudaStream_t stream);
 
@@ -68,8 +67,8 @@ bool heads_readable(const Heads& t, DType dtype);
 // head_dim), grad_k and grad_v (batch, heads, kv_len, head_dim), lse fp32 (batch, heads,
 // q_len), natural log; the backward takes `out` as the forward wrote it. Query i sees keys
 // j <= i + kv_len - q_len.
-const char* causal_attention_unsupported(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
-                                         int64_t head_dim, DType dtype);
+const char* causal_attention_unsupported(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
+                                         DType dtype);
 // Bytes of scratch the forward needs (split-K partial results of the decode path; 0 otherwise).
 size_t causal_attention_fwd_workspace_bytes(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
                                             int64_t head_dim);

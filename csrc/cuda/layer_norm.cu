@@ -34,9 +34,9 @@ constexpr int64_t kMinRowsPerChunk = 64;
 constexpr int64_t kMaxChunks = 512;
 
 template <typename T, typename W, bool kVec>
-__global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ weight,
-                                      const W* __restrict__ bias, T* __restrict__ y, float* __restrict__ mean_out,
-                                      float* __restrict__ rstd_out, int64_t n_rows, int64_t n_cols, float eps) {
+__global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ weight, const W* __restrict__ bias,
+                                      T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                      int64_t n_rows, int64_t n_cols, float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / 32;
   if (row >= n_rows) return;  // whole warps leave together: no block-level sync below
@@ -219,7 +219,7 @@ cudaError_t layer_norm_fwd(const void* x, const void* weight, const void* bias, 
     return dispatch_weight_type<T>(weight_dtype, [&](auto w_tag) {
       using W = decltype(w_tag);
       auto kernel = rows_aligned<T>(n_cols, {x, weight, bias, y}) ? layer_norm_fwd_kernel<T, W, true>
-                                                                   : layer_norm_fwd_kernel<T, W, false>;
+                                                                  : layer_norm_fwd_kernel<T, W, false>;
       kernel<<<row_blocks(n_rows), kRowsPerBlock * 32, 0, stream>>>(
           static_cast<const T*>(x), static_cast<const W*>(weight), static_cast<const W*>(bias), static_cast<T*>(y),
           mean, rstd, n_rows, n_cols, eps);
@@ -232,9 +232,9 @@ size_t layer_norm_bwd_workspace_bytes(int64_t n_rows, int64_t n_cols) {
   return 2 * sizeof(float) * static_cast<size_t>(n_chunks(n_rows)) * static_cast<size_t>(n_cols);
 }
 
-cudaError_t layer_norm_bwd(const void* grad_y, const void* x, const void* weight, const float* mean,
-                           const float* rstd, void* grad_x, void* grad_weight, void* grad_bias, void* workspace,
-                           int64_t n_rows, int64_t n_cols, DType dtype, DType weight_dtype, cudaStream_t stream) {
+cudaError_t layer_norm_bwd(const void* grad_y, const void* x, const void* weight, const float* mean, const float* rstd,
+                           void* grad_x, void* grad_weight, void* grad_bias, void* workspace, int64_t n_rows,
+                           int64_t n_cols, DType dtype, DType weight_dtype, cudaStream_t stream) {
   if (layer_norm_unsupported(n_rows, n_cols, dtype, weight_dtype) != nullptr) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto x_tag) {
     using T = decltype(x_tag);
@@ -248,24 +248,22 @@ cudaError_t layer_norm_bwd(const void* grad_y, const void* x, const void* weight
       }
       auto dx_kernel = rows_aligned<T>(n_cols, {grad_y, x, weight, grad_x}) ? layer_norm_bwd_dx_kernel<T, W, true>
                                                                             : layer_norm_bwd_dx_kernel<T, W, false>;
-      dx_kernel<<<row_blocks(n_rows), kRowsPerBlock * 32, 0, stream>>>(
-          dy, xt, static_cast<const W*>(weight), mean, rstd, static_cast<T*>(grad_x), n_rows, n_cols);
+      dx_kernel<<<row_blocks(n_rows), kRowsPerBlock * 32, 0, stream>>>(dy, xt, static_cast<const W*>(weight), mean,
+                                                                       rstd, static_cast<T*>(grad_x), n_rows, n_cols);
       PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
       const int64_t chunks = n_chunks(n_rows);
       float* partial_dw = static_cast<float*>(workspace);
       float* partial_db = partial_dw + chunks * n_cols;
-      const dim3 partial_grid(static_cast<unsigned>((n_cols + kColTile - 1) / kColTile),
-                              static_cast<unsigned>(chunks));
+      const dim3 partial_grid(static_cast<unsigned>((n_cols + kColTile - 1) / kColTile), static_cast<unsigned>(chunks));
       layer_norm_bwd_partial_kernel<T><<<partial_grid, dim3(kColTile, kRowSlices), 0, stream>>>(
           dy, xt, mean, rstd, partial_dw, partial_db, n_rows, n_cols, rows_per_chunk(n_rows));
       PYMINIGPT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
       constexpr int kFinalThreads = 256;
-      layer_norm_bwd_final_kernel<W><<<static_cast<unsigned>((n_cols + kFinalThreads - 1) / kFinalThreads),
-                                       kFinalThreads, 0, stream>>>(partial_dw, partial_db,
-                                                                   static_cast<W*>(grad_weight),
-                                                                   static_cast<W*>(grad_bias), chunks, n_cols);
+      layer_norm_bwd_final_kernel<W>
+          <<<static_cast<unsigned>((n_cols + kFinalThreads - 1) / kFinalThreads), kFinalThreads, 0, stream>>>(
+              partial_dw, partial_db, static_cast<W*>(grad_weight), static_cast<W*>(grad_bias), chunks, n_cols);
       return cudaGetLastError();
     });
   });

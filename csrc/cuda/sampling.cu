@@ -308,7 +308,8 @@ __device__ Cut find_cut(const T* row, int64_t vocab, int top_k, float top_p, int
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) top_k_top_p_filter_kernel(const T* __restrict__ logits, T* __restrict__ out,
+__global__ void
+__launch_bounds__(kThreads) top_k_top_p_filter_kernel(const T* __restrict__ logits, T* __restrict__ out,
                                                                       int64_t vocab, int top_k, float top_p,
                                                                       int min_tokens_to_keep) {
   extern __shared__ __align__(16) unsigned char smem[];

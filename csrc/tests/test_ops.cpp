@@ -147,7 +147,8 @@ void test_top_k_top_p_filter() {
   check(at::equal(kept, largest), "top_k_top_p_filter: top_k=10 must keep the 10 largest logits");
   check(at::equal(topk.masked_select(kept), logits.masked_select(kept)), "top_k_top_p_filter: kept logits changed");
   // Against transformers' warpers, top-p alone and after top-k, with min_tokens_to_keep.
-  const std::vector<std::tuple<int64_t, double, int64_t>> cases = {{0, 0.9, 1}, {50, 0.8, 1}, {0, 0.01, 5}, {0, 1.0, 1}};
+  const std::vector<std::tuple<int64_t, double, int64_t>> cases = {
+      {0, 0.9, 1}, {50, 0.8, 1}, {0, 0.01, 5}, {0, 1.0, 1}};
   for (const auto& [top_k, top_p, min_keep] : cases) {
     const Tensor y = filter_op().call(logits, top_k, top_p, min_keep);
     std::ostringstream what;
@@ -160,7 +161,8 @@ void test_sample() {
   const auto sample = op<Tensor(const Tensor&, double, int64_t, double, const Tensor&)>("sample");
   const Tensor logits = at::randn({16, 1000}) * 2;
   const Tensor u = at::rand({16});
-  for (const auto& [T, top_k, top_p] : std::vector<std::tuple<double, int64_t, double>>{{1.0, 0, 1.0}, {0.8, 50, 0.9}}) {
+  for (const auto& [T, top_k, top_p] :
+       std::vector<std::tuple<double, int64_t, double>>{{1.0, 0, 1.0}, {0.8, 50, 0.9}}) {
     const Tensor token = sample.call(logits, T, top_k, top_p, u);
     check(token.scalar_type() == at::kLong && token.sizes() == at::IntArrayRef{16}, "sample: expected (16,) int64");
     // The draw: the first kept index whose cumulative kept probability exceeds u * total.
@@ -195,7 +197,8 @@ void test_causal_attention_fwd() {
   check_close(lse, attention_reference(q, k, v, scale).second, "attention lse");
   // Fewer queries than keys (decoding), k and v slices of a larger cache (strided sequence dim).
   const Tensor q2 = at::randn({2, 3, 5, 64}), cache_k = at::randn({2, 3, 48, 64}), cache_v = at::randn({2, 3, 48, 64});
-  const Tensor k2 = cache_k.index({Slice(), Slice(), Slice(0, 37)}), v2 = cache_v.index({Slice(), Slice(), Slice(0, 37)});
+  const Tensor k2 = cache_k.index({Slice(), Slice(), Slice(0, 37)}),
+               v2 = cache_v.index({Slice(), Slice(), Slice(0, 37)});
   auto [out2, lse2] = attention_fwd().call(q2, k2, v2, 0.3);
   auto [out2_ref, lse2_ref] = attention_reference(q2, k2, v2, 0.3);
   check_close(out2, out2_ref, "attention out (Tq=5 < Tk=37, strided k/v)");
@@ -210,9 +213,10 @@ void test_causal_attention_bwd() {
   const Tensor dout = at::randn_like(out_ref);
   const std::vector<Tensor> ref = grads(out_ref, {q, k, v}, dout);
   auto [out, lse] = attention_fwd().call(q.detach(), k.detach(), v.detach(), scale);
-  auto [dq, dk, dv] = op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  const Tensor&, double)>("causal_attention_bwd")
-                          .call(dout, q.detach(), k.detach(), v.detach(), out, lse, scale);
+  auto [dq, dk, dv] =
+      op<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
+          "causal_attention_bwd")
+          .call(dout, q.detach(), k.detach(), v.detach(), out, lse, scale);
   check_close(dq, ref[0], "attention_bwd dq");
   check_close(dk, ref[1], "attention_bwd dk");
   check_close(dv, ref[2], "attention_bwd dv");

@@ -108,7 +108,7 @@ class FaultHandler {
     stack.ss_sp = alternate_stack;
     stack.ss_size = sizeof alternate_stack;
     sigaltstack(&stack, &previous_stack_);
-    struct sigaction action {};
+    struct sigaction action{};
     action.sa_sigaction = on_fault;
     action.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&action.sa_mask);
@@ -120,7 +120,7 @@ class FaultHandler {
   }
 
  private:
-  struct sigaction previous_action_ {};
+  struct sigaction previous_action_{};
   stack_t previous_stack_{};
 };
 
@@ -198,12 +198,14 @@ bool release_warp_ops(int first) {
       if (lane.state == State::kDone)
         throw std::runtime_error(where(leader) + " waits at " + leader.op->name + " for " + where(lane) +
                                  ", which exited");
-      complete = lane.state == State::kAtWarpOp && lane.op->mask == mask && std::strcmp(lane.op->name, leader.op->name) == 0;
+      complete =
+          lane.state == State::kAtWarpOp && lane.op->mask == mask && std::strcmp(lane.op->name, leader.op->name) == 0;
       ops[m] = lane.op;
     }
     if (!complete) continue;
     leader.op->resolve(ops, mask);
-    if (!g_block.failure.empty()) throw std::runtime_error(where(leader) + ", " + leader.op->name + ": " + g_block.failure);
+    if (!g_block.failure.empty())
+      throw std::runtime_error(where(leader) + ", " + leader.op->name + ": " + g_block.failure);
     for (int m = 0; m < 32; ++m)
       if (mask >> m & 1u) threads[first + m].state = State::kReady;
     released = true;
@@ -286,7 +288,8 @@ void run_block(const uint3& block, const std::function<void()>& body, size_t dyn
     }
     if (!g_block.failure.empty()) throw std::runtime_error(g_block.failure);
     if (progressed) continue;
-    if (std::all_of(g_block.threads.begin(), g_block.threads.end(), [](const Thread& t) { return t.state == State::kDone; }))
+    if (std::all_of(g_block.threads.begin(), g_block.threads.end(),
+                    [](const Thread& t) { return t.state == State::kDone; }))
       return;
     if (release_barrier()) continue;
     std::string text = "deadlock:";
@@ -341,12 +344,14 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, co
   const auto opted_in = g_max_dynamic_smem.find(kernel);
   const size_t smem_limit = opted_in == g_max_dynamic_smem.end() ? kDefaultSmemLimit : opted_in->second;
   const size_t threads = size_t{block.x} * block.y * block.z;
-  if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
-      grid.y > 65535 || grid.z > 65535 || dynamic_smem > smem_limit) {
+  if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
+      grid.z > 65535 || dynamic_smem > smem_limit) {
     g_last_error = cudaErrorInvalidConfiguration;
     char text[160];
-    std::snprintf(text, sizeof text, "invalid launch: grid (%u, %u, %u), block (%u, %u, %u), %zu bytes of dynamic shared memory (limit %zu)",
-                  grid.x, grid.y, grid.z, block.x, block.y, block.z, dynamic_smem, smem_limit);
+    std::snprintf(
+        text, sizeof text,
+        "invalid launch: grid (%u, %u, %u), block (%u, %u, %u), %zu bytes of dynamic shared memory (limit %zu)", grid.x,
+        grid.y, grid.z, block.x, block.y, block.z, dynamic_smem, smem_limit);
     g_last_failure = text;
     return;
   }

@@ -52,13 +52,13 @@ int top_k_top_p_filter(const void* logits, void* out, int64_t n_rows, int64_t vo
                        int64_t min_tokens_to_keep, int dtype) {
   return k::top_k_top_p_filter(logits, out, n_rows, vocab, top_k, top_p, min_tokens_to_keep, DType(dtype), nullptr);
 }
-int sample(const void* logits, const float* uniform, int64_t* tokens, int64_t n_rows, int64_t vocab,
-           float temperature, int64_t top_k, float top_p, int dtype) {
+int sample(const void* logits, const float* uniform, int64_t* tokens, int64_t n_rows, int64_t vocab, float temperature,
+           int64_t top_k, float top_p, int dtype) {
   return k::sample(logits, uniform, tokens, n_rows, vocab, temperature, top_k, top_p, DType(dtype), nullptr);
 }
 
-const char* causal_attention_unsupported(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,
-                                         int64_t head_dim, int dtype) {
+const char* causal_attention_unsupported(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len, int64_t head_dim,
+                                         int dtype) {
   return k::causal_attention_unsupported(batch, heads, q_len, kv_len, head_dim, DType(dtype));
 }
 size_t causal_attention_fwd_workspace_bytes(int64_t batch, int64_t heads, int64_t q_len, int64_t kv_len,

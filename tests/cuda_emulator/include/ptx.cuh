@@ -35,7 +35,7 @@ inline uint16_t half_at(const void* row, int column) {
 
 inline void resolve_ldmatrix_x4_trans(emu::WarpOp* const* lanes, unsigned) {
   for (int l = 0; l < 32; ++l) {
-    auto& r = *static_cast<uint32_t(*)[4]>(lanes[l]->out);
+    auto& r = *static_cast<uint32_t (*)[4]>(lanes[l]->out);
     for (int i = 0; i < 4; ++i) {
       const void* row0 = *static_cast<const void* const*>(lanes[8 * i + 2 * (l % 4)]->in);
       const void* row1 = *static_cast<const void* const*>(lanes[8 * i + 2 * (l % 4) + 1]->in);
@@ -77,7 +77,7 @@ void resolve_mma_16816(emu::WarpOp* const* lanes, unsigned) {
     }
   }
   for (int l = 0; l < 32; ++l) {
-    float(&d)[4] = *static_cast<float(*)[4]>(lanes[l]->out);
+    float (&d)[4] = *static_cast<float (*)[4]>(lanes[l]->out);
     const int g = l / 4, t = l % 4;
     for (int e = 0; e < 4; ++e) {
       const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
