@@ -244,13 +244,6 @@ def _launch_per_row(kernel, logits: torch.Tensor, *args, wrap) -> None:
     wrap(kernel)[(n_rows,)](logits, *args, BLOCK=block, num_warps=4 if block <= 1024 else 8)
 
 
-def supports(logits: torch.Tensor) -> bool:
-    """Whether these kernels take this logits tensor (2-D, fp16/bf16/fp32, contiguous rows)."""
-    return (
-        logits.dim() == 2 and logits.dtype in (torch.float16, torch.bfloat16, torch.float32) and logits.stride(-1) == 1
-    )
-
-
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float, min_tokens_to_keep: int, wrap=_no_wrap):
     """logits (B, V) with the entries top-k then top-p remove set to -inf (NaN -> -inf). Returns (B, V)."""
     n_rows, n_cols = logits.shape

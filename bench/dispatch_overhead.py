@@ -1,0 +1,158 @@
+"""The per-call cost of `pyminigpt.ops` (argument checks + backend choice + wrapper) on the CPU.
+
+Each case times three members, interleaved (one batch of calls each per round; medians over
+rounds):
+
+- `ops`: the public function (`ops.layer_norm`, ...), as the model calls it;
+- `kernel`: the same C++ kernel called directly (`torch.ops.pyminigpt.*`, through the dispatcher
+  and, under no_grad, the Python autograd kernel that `torch.library.register_autograd` adds);
+- `torch`: PyTorch's own op (`F.layer_norm`, ...).
+
+`ops - kernel` is what the Python layer costs per call; on a tiny tensor it is nearly all of it.
+
+    python bench/dispatch_overhead.py [--rounds N]
+    python bench/dispatch_overhead.py --against OLD_TREE [--rounds N] [--runs R]
+
+`--against` compares this tree's `ops` with another source tree's (for example a `git archive`
+of an older commit, with the built `pyminigpt/_C*.so` copied in): it runs this script R times in
+each tree, alternating, in fresh processes, and reports both trees' `ops - kernel` microseconds
+and `ops / torch` ratios per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _cases():
+    from pyminigpt import ops
+
+    kernels = torch.ops.pyminigpt
+    torch.manual_seed(0)
+    cases = {}
+    for rows, cols in ((512, 768), (1, 8)):
+        x, w, b = torch.randn(rows, cols), torch.randn(cols), torch.randn(cols)
+        cases[f"layer_norm {rows}x{cols}"] = {
+            "ops": lambda x=x, w=w, b=b: ops.layer_norm(x, w, b),
+            "kernel": lambda x=x, w=w, b=b: kernels.layer_norm_fwd(x, w, b, 1e-5),
+            "torch": lambda x=x, w=w, b=b, c=cols: F.layer_norm(x, (c,), w, b, 1e-5),
+        }
+    x = torch.randn(1, 8)
+    cases["softmax 1x8"] = {
+        "ops": lambda: ops.softmax(x, 1.0),
+        "kernel": lambda: kernels.softmax_fwd(x, 1.0),
+        "torch": lambda: torch.softmax(x, -1),
+    }
+    x, w, b = torch.randn(1, 64), torch.randn(64, 64), torch.randn(64)
+    cases["linear 1x64 -> 64"] = {
+        "ops": lambda: ops.linear(x, w, b),
+        "kernel": lambda: kernels.linear(x, w, b),
+        "torch": lambda: F.linear(x, w, b),
+    }
+    return cases
+
+
+def _seconds_per_call(fn, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def measure(rounds: int) -> dict[str, dict[str, float]]:
+    """Median microseconds per call of each member of each case, members interleaved per round.
+
+    Every case runs under no_grad (a forward of the model outside `generate`, the op benchmarks)
+    and under inference_mode (`generate`), which skips the autograd dispatch key entirely.
+    """
+    results = {}
+    for mode, context in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
+        with context():
+            for name, members in _cases().items():
+                for fn in members.values():  # warm-up: the first call imports backends and fills caches
+                    fn()
+                first = _seconds_per_call(members["torch"], 20)
+                calls = max(20, min(20000, int(0.005 / max(first, 1e-9))))
+                times = {member: [] for member in members}
+                for _ in range(rounds):
+                    for member, fn in members.items():
+                        times[member].append(_seconds_per_call(fn, calls) * 1e6)
+                results[f"{name}, {mode}"] = {member: statistics.median(t) for member, t in times.items()}
+    return results
+
+
+def _print_one(results) -> None:
+    print("| case | ops (us) | kernel (us) | torch (us) | ops - kernel (us) | ops / torch |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(
+            f"| {name} | {r['ops']:.2f} | {r['kernel']:.2f} | {r['torch']:.2f} | "
+            f"{r['ops'] - r['kernel']:.2f} | {r['ops'] / r['torch']:.2f} |"
+        )
+
+
+def _run_in(tree: Path, rounds: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--rounds", str(rounds), "--json"],
+        env=env,
+        cwd=tree,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def compare(other: Path, rounds: int, runs: int) -> None:
+    here = Path(__file__).resolve().parents[1]
+    trees = {"this tree": here, "other tree": other.resolve()}
+    per_tree = {label: [] for label in trees}
+    for _ in range(runs):
+        for label, tree in trees.items():
+            per_tree[label].append(_run_in(tree, rounds))
+    print(f"medians over {runs} alternating runs per tree, {rounds} interleaved rounds each")
+    print("| case | ops - kernel, other (us) | ops - kernel, this (us) | ops / torch, other | ops / torch, this |")
+    print("|---|---|---|---|---|")
+    for name in per_tree["this tree"][0]:
+
+        def median(label, stat, name=name):
+            return statistics.median(stat(run[name]) for run in per_tree[label])
+
+        overhead = lambda r: r["ops"] - r["kernel"]
+        ratio = lambda r: r["ops"] / r["torch"]
+        print(
+            f"| {name} | {median('other tree', overhead):.2f} | {median('this tree', overhead):.2f} | "
+            f"{median('other tree', ratio):.2f} | {median('this tree', ratio):.2f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--against", type=Path, help="another source tree to compare with")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.against is not None:
+        compare(args.against, args.rounds, args.runs)
+        return
+    results = measure(args.rounds)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        _print_one(results)
+
+
+if __name__ == "__main__":
+    main()
