@@ -23,26 +23,6 @@ def _dense_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def below_autograd(op, *args):
-    """op(*args), straight to the device kernel when no gradient is asked for.
-
-    `torch.library.register_autograd` puts a Python kernel on the Autograd key. Under no_grad
-    (or with no input that requires grad) it only steps below autograd and redispatches, yet
-    that Python step costs more than a small kernel. Doing the same step here skips it; with
-    a gradient to record, or while torch.compile traces, the op goes through autograd as usual.
-    """
-    # inference mode leaves out the Autograd key already; torch.compile reads is_compiling() as
-    # True and traces nothing after it
-    if (
-        torch.is_inference_mode_enabled()
-        or torch.compiler.is_compiling()
-        or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
-    ):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether the extension registered a kernel for pyminigpt::op_name on this dispatch key."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyminigpt::{op_name}", dispatch_key)

@@ -13,7 +13,8 @@ import torch
 import pyminigpt._C
 
 from . import dispatch, rules
-from .library import below_autograd, has_kernel, ops
+from .autograd import below_autograd
+from .library import has_kernel, ops
 
 # The most rows of x sent to csrc/cpu/linear.cpp, set by the C++ side (csrc/cpu/kernels.h): all it
 # is compiled for. More rows reuse each weight often enough for ATen's blocked GEMM to win

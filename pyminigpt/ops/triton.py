@@ -16,6 +16,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from . import autograd, dispatch, rules
+from .autograd import below_autograd
 
 try:
     from pyminigpt.kernels import INTERPRET, attention, layernorm, sampling
@@ -116,12 +117,12 @@ autograd.register("pyminigpt_triton", softmax_bwd, layer_norm_bwd, causal_attent
 
 
 def layer_norm(x, weight, bias, eps):
-    y, _mean, _rstd = layer_norm_fwd(_rows(x), weight, bias, eps)
-    return y.view(x.shape)
+    y, _mean, _rstd = below_autograd(layer_norm_fwd, _rows(x), weight, bias, eps)
+    return y.view_as(x)
 
 
 def softmax(x, temperature):
-    return softmax_fwd(_rows(x), temperature).view(x.shape)
+    return below_autograd(softmax_fwd, _rows(x), temperature).view_as(x)
 
 
 def top_k_top_p_filter(logits, top_k, top_p, min_tokens_to_keep):
@@ -133,7 +134,8 @@ def sample(logits, temperature, top_k, top_p, uniform):
 
 
 def causal_attention(q, k, v, scale):
-    out, _lse = causal_attention_fwd(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), scale)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    out, _lse = below_autograd(causal_attention_fwd, q, k, v, scale)
     return out
 
 
