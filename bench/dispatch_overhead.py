@@ -91,14 +91,48 @@ def measure(rounds: int) -> dict[str, dict[str, float]]:
     return results
 
 
+def measure_model(rounds: int) -> dict[str, float]:
+    """Milliseconds of a small GPT (2 layers, 128 wide): a sampled decode of 32 tokens
+    (`generate`, under inference_mode) and a forward of 64 positions under no_grad, interleaved."""
+    from pyminigpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=512, n_positions=128, n_embd=128, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None
+    )
+    model = GPT(config).eval()
+    prompt = torch.randint(0, 512, (1, 8))
+    tokens = torch.randint(0, 512, (1, 64))
+
+    def decode():
+        model.generate(prompt, max_new_tokens=32, do_sample=True, top_k=50, top_p=0.9)
+
+    def forward():
+        with torch.no_grad():
+            model(tokens)
+
+    members = {"decode 32 tokens, 2x128 GPT": decode, "forward 64 positions, 2x128 GPT, no_grad": forward}
+    for fn in members.values():
+        fn()
+    times = {name: [] for name in members}
+    for _ in range(rounds):
+        for name, fn in members.items():
+            times[name].append(_seconds_per_call(fn, 3) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _print_one(results) -> None:
     print("| case | ops (us) | kernel (us) | torch (us) | ops - kernel (us) | ops / torch |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
+        if name == "model":
+            continue
         print(
             f"| {name} | {r['ops']:.2f} | {r['kernel']:.2f} | {r['torch']:.2f} | "
             f"{r['ops'] - r['kernel']:.2f} | {r['ops'] / r['torch']:.2f} |"
         )
+    for name, ms in results["model"].items():
+        print(f"{name}: {ms:.2f} ms")
 
 
 def _run_in(tree: Path, rounds: int) -> dict:
@@ -125,6 +159,8 @@ def compare(other: Path, rounds: int, runs: int) -> None:
     print("| case | ops - kernel, other (us) | ops - kernel, this (us) | ops / torch, other | ops / torch, this |")
     print("|---|---|---|---|---|")
     for name in per_tree["this tree"][0]:
+        if name == "model":
+            continue
 
         def median(label, stat, name=name):
             return statistics.median(stat(run[name]) for run in per_tree[label])
@@ -135,6 +171,12 @@ def compare(other: Path, rounds: int, runs: int) -> None:
             f"| {name} | {median('other tree', overhead):.2f} | {median('this tree', overhead):.2f} | "
             f"{median('other tree', ratio):.2f} | {median('this tree', ratio):.2f} |"
         )
+    print("| model | other tree (ms) | this tree (ms) | this / other |")
+    print("|---|---|---|---|")
+    for name in per_tree["this tree"][0]["model"]:
+        this = statistics.median(run["model"][name] for run in per_tree["this tree"])
+        other = statistics.median(run["model"][name] for run in per_tree["other tree"])
+        print(f"| {name} | {other:.2f} | {this:.2f} | {this / other:.2f} |")
 
 
 def main() -> None:
@@ -148,6 +190,7 @@ def main() -> None:
         compare(args.against, args.rounds, args.runs)
         return
     results = measure(args.rounds)
+    results["model"] = measure_model(args.rounds)
     if args.json:
         print(json.dumps(results))
     else:

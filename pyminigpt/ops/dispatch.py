@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,8 +55,16 @@ class Kernel:
 _kernels: dict[str, dict[str, Kernel]] = {op: {} for op in OPS}
 _unavailable: dict[str, str] = {}  # backend -> why it cannot run here
 _imported: set[str] = set()
+_import_lock = threading.RLock()  # a second thread waits for the backend's import instead of seeing it half done
 # (op, active backend name, device, dtype) -> ((backend, fn, check or None), ...) to try in order
 _choices: dict[tuple, tuple[tuple[str, Callable, Callable | None], ...]] = {}
+_registry_changes = 0  # counts _forget_choices(): a choice computed across a change is not cached
+
+
+def _forget_choices() -> None:
+    global _registry_changes
+    _registry_changes += 1
+    _choices.clear()
 
 
 def register(op: str, backend: str, fn: Callable) -> None:
@@ -70,27 +79,30 @@ def register(op: str, backend: str, fn: Callable) -> None:
     if (op, backend) not in RULES:
         raise ValueError(f"rules.RULES has no entry for ({op!r}, {backend!r}): say which inputs the kernel takes")
     _kernels[op][backend] = Kernel(fn, RULES[(op, backend)])
-    _choices.clear()
+    _forget_choices()
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
     """Record why `backend` cannot run on this install (shown by `backend_status()`)."""
     _unavailable[backend] = reason
-    _choices.clear()
+    _forget_choices()
 
 
 def _import_backend(backend: str) -> None:
     module = _BACKEND_MODULES[backend]
     if module in _imported:
         return
-    _imported.add(module)
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001  (any import failure of a backend must leave the reference path working)
-        for name, mod in _BACKEND_MODULES.items():
-            if mod == module:
-                _unavailable.setdefault(name, f"{module} failed to import: {type(exc).__name__}: {exc}")
-        _choices.clear()
+    with _import_lock:
+        if module in _imported:
+            return
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001  (any import failure of a backend must leave the reference path working)
+            for name, mod in _BACKEND_MODULES.items():
+                if mod == module:
+                    _unavailable.setdefault(name, f"{module} failed to import: {type(exc).__name__}: {exc}")
+            _forget_choices()
+        _imported.add(module)
 
 
 def _kernel(op: str, backend: str) -> Kernel | None:
@@ -149,8 +161,10 @@ def choose(op: str, *args) -> tuple[str, Callable]:
     key = (op, name, first.device, first.dtype)  # the device itself: hashing it is cheaper than its .type
     candidates = _choices.get(key)
     if candidates is None:
+        changes = _registry_changes
         candidates = _candidates(op, name, first.device.type, first.dtype)
-        _choices[key] = candidates
+        if changes == _registry_changes:
+            _choices[key] = candidates
     for backend, fn, check in candidates:
         if check is None or check(*args):
             return backend, fn
