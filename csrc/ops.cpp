@@ -25,12 +25,20 @@ TORCH_LIBRARY(pyminigpt, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
-// pyminigpt._C is imported from Python only for the side effect above (registering the
-// operators); it exports no Python functions of its own.
+// pyminigpt._C is imported from Python for the side effect above (registering the operators).
+// It exports no functions, only the kernels' limits that the Python side routes by
+// (pyminigpt/ops/rules.py), so that each is set in one place.
 #include <Python.h>
+
+#include "cpu/kernels.h"
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "pyminigpt's C++/CUDA operators (torch.ops.pyminigpt)", -1,
                                nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddIntConstant(m, "LINEAR_MAX_ROWS", pyminigpt::cpu::kLinearMaxRows) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

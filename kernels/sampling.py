@@ -238,11 +238,6 @@ def sample_kernel(
     tl.store(token_ptr + row, tl.where(token < n_cols, token, last_kept).to(tl.int64))
 
 
-def supports(logits: torch.Tensor) -> bool:
-    """Whether these kernels take this logits tensor (2-D, fp16/bf16/fp32, contiguous rows)."""
-    return (
-        logits.dim() == 2 and logits.dtype in (torch.float16, torch.bfloat16, torch.float32) and logits.stride(-1) == 1
-    )
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float, min_tokens_to_keep: int, wrap=_no_wrap):

@@ -15,10 +15,14 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .model import GPT, GPTConfig
+from .config import GPTConfig
+
+if TYPE_CHECKING:  # the model imports this module: a type name only, no import at run time
+    from .model import GPT
 
 # The block weights HF stores as Conv1D, i.e. transposed relative to nn.Linear.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from pyminigpt.ops import dispatch, reference
+from pyminigpt.ops.rules import RULES
 
 # The documented input limits of the kernel backends on CUDA, by (backend, op). `auto` sends
 # inputs outside them to another backend, so a strict test of such an input is skipped there.
+# The words are the rules' own (pyminigpt/ops/rules.py).
 DOCUMENTED_LIMITS = {
-    ("cuda", "causal_attention"): "csrc/cuda/causal_attention.cu takes fp16/bf16, head dim 64 or 128, non-empty q",
-    ("triton", "layer_norm"): "kernels/layer_norm.py takes rows of at most MAX_COLS (16384) columns",
+    (backend, op): RULES[(op, backend)].limit for backend, op in (("cuda", "causal_attention"), ("triton", "layer_norm"))
 }
 
 

@@ -11,6 +11,12 @@
 #include <optional>
 #include <tuple>
 
+namespace pyminigpt::cpu {
+// The most rows of x that linear.cpp is compiled for; more fall back to at::linear. Exported to
+// Python as pyminigpt._C.LINEAR_MAX_ROWS (csrc/ops.cpp), which pyminigpt/ops/native.py reads.
+constexpr int kLinearMaxRows = 8;
+}  // namespace pyminigpt::cpu
+
 #define PYMINIGPT_DECLARE_CPU_KERNELS(CAPABILITY)                                                                      \
   namespace pyminigpt::cpu::CAPABILITY {                                                                               \
   /* softmax.cpp */                                                                                                    \

@@ -61,7 +61,6 @@ namespace pyminigpt::cpu::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t W = fVec::size();
-constexpr int kLinearMaxRows = 8;  // the most rows of x the kernel is compiled for
 // Vector registers: 32 with AVX-512, 16 with AVX2.
 constexpr int kVectorRegisters = W >= 16 ? 32 : 16;
 // Weight rows per block for M rows of x.

@@ -42,11 +42,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     validate.tensor("x", x, min_ndim=1)
     validate.tensor("weight", weight, ndim=1)
     validate.tensor("bias", bias, ndim=1)
-    if weight.device != x.device or bias.device != x.device:
-        raise ValueError(f"weight ({weight.device}) and bias ({bias.device}) must be on x's device {x.device}")
-    if weight.shape[0] != x.shape[-1] or bias.shape[0] != x.shape[-1]:
+    device, cols = x.device, x.shape[-1]
+    if weight.device != device or bias.device != device:
+        raise ValueError(f"weight ({weight.device}) and bias ({bias.device}) must be on x's device {device}")
+    if weight.shape[0] != cols or bias.shape[0] != cols:
         raise ValueError(
-            f"weight and bias must have shape ({x.shape[-1]},) to match x {tuple(x.shape)}, "
+            f"weight and bias must have shape ({cols},) to match x {tuple(x.shape)}, "
             f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
         )
     eps = validate.positive_float("eps", eps)

@@ -17,6 +17,26 @@ from __future__ import annotations
 import torch
 
 
+def below_autograd(op, *args):
+    """op(*args), straight to the device kernel when no gradient is asked for.
+
+    `torch.library.register_autograd` puts a Python kernel on the Autograd key. Under no_grad
+    (or with no input that requires grad) it only steps below autograd and redispatches, yet
+    that Python step costs more than a small kernel. Doing the same step here skips it; with
+    a gradient to record, or while torch.compile traces, the op goes through autograd as usual.
+    """
+    # inference mode leaves out the Autograd key already; torch.compile reads is_compiling() as
+    # True and traces nothing after it
+    if (
+        torch.is_inference_mode_enabled()
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
+    ):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def register(namespace: str, softmax_bwd, layer_norm_bwd, causal_attention_bwd) -> None:
     """Make `namespace::{softmax,layer_norm,causal_attention}_fwd` differentiable through the given backward ops."""
 

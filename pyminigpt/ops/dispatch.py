@@ -1,28 +1,40 @@
 """Backend registry and choice.
 
 Every operation has a `reference` implementation (plain PyTorch). Kernel backends
-register themselves here with `register(op, backend, fn, supports)`; `call(op, ...)`
-runs the active backend's kernel when its `supports(...)` accepts the inputs and the
-reference otherwise.
+register themselves here with `register(op, backend, fn)`; what each kernel takes is its
+entry in `rules.RULES`. `call(op, ...)` runs the active backend's kernel when its rule
+accepts the inputs and the reference otherwise.
 
 The active backend is `auto` unless `PYMINIGPT_BACKEND` or `use_backend(...)` says
 otherwise. `auto` tries, for the device of the op's first tensor argument, the backends
 in `AUTO_ORDER` and then the reference. A named backend that cannot run the inputs
 falls back to the reference too, unless `use_backend(name, strict=True)` is asked for
 (the tests use that to be sure the kernel itself ran).
+
+The active backend is a `contextvars.ContextVar`: each thread (and each asyncio task) holds
+its own, so a server thread and a data-loader thread cannot switch each other's. A new
+thread starts at the default (`PYMINIGPT_BACKEND`, else `auto`).
+
+The choice is cached per (op, active backend, device, dtype of the first tensor): the
+kernels whose rule takes that device and dtype, in the order they are tried. Only a rule's
+`check` (shapes, the other tensors, autocast) is asked again on each call, and most rules
+have none. Registering a kernel or marking a backend unavailable empties the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from . import reference
+from .rules import RULES, Rule
 
 # The five operations, and `linear` (nn.Linear's op), which only the `cpu` backend implements
 # (decoding's few-row matmuls); on other backends it is torch's matmul, strict or not.
@@ -37,43 +49,60 @@ _BACKEND_MODULES = {"cpu": "pyminigpt.ops.native", "cuda": "pyminigpt.ops.native
 @dataclass(frozen=True)
 class Kernel:
     fn: Callable
-    supports: Callable[..., bool]
+    rule: Rule
 
 
 _kernels: dict[str, dict[str, Kernel]] = {op: {} for op in OPS}
 _unavailable: dict[str, str] = {}  # backend -> why it cannot run here
 _imported: set[str] = set()
+_import_lock = threading.RLock()  # a second thread waits for the backend's import instead of seeing it half done
+# (op, active backend name, device, dtype) -> ((backend, fn, check or None), ...) to try in order
+_choices: dict[tuple, tuple[tuple[str, Callable, Callable | None], ...]] = {}
+_registry_changes = 0  # counts _forget_choices(): a choice computed across a change is not cached
 
 
-def _always(*args, **kwargs) -> bool:
-    return True
+def _forget_choices() -> None:
+    global _registry_changes
+    _registry_changes += 1
+    _choices.clear()
 
 
-def register(op: str, backend: str, fn: Callable, supports: Callable[..., bool] | None = None) -> None:
-    """Register `fn` (the op's public signature, inputs already validated) as `backend`'s kernel for `op`."""
+def register(op: str, backend: str, fn: Callable) -> None:
+    """Register `fn` (the op's public signature, inputs already validated) as `backend`'s kernel for `op`.
+
+    The inputs it takes are `rules.RULES[(op, backend)]`.
+    """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if backend not in BACKENDS or backend == "reference":
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
-    _kernels[op][backend] = Kernel(fn, supports or _always)
+    if (op, backend) not in RULES:
+        raise ValueError(f"rules.RULES has no entry for ({op!r}, {backend!r}): say which inputs the kernel takes")
+    _kernels[op][backend] = Kernel(fn, RULES[(op, backend)])
+    _forget_choices()
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
     """Record why `backend` cannot run on this install (shown by `backend_status()`)."""
     _unavailable[backend] = reason
+    _forget_choices()
 
 
 def _import_backend(backend: str) -> None:
     module = _BACKEND_MODULES[backend]
     if module in _imported:
         return
-    _imported.add(module)
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001  (any import failure of a backend must leave the reference path working)
-        for name, mod in _BACKEND_MODULES.items():
-            if mod == module:
-                _unavailable.setdefault(name, f"{module} failed to import: {type(exc).__name__}: {exc}")
+    with _import_lock:
+        if module in _imported:
+            return
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001  (any import failure of a backend must leave the reference path working)
+            for name, mod in _BACKEND_MODULES.items():
+                if mod == module:
+                    _unavailable.setdefault(name, f"{module} failed to import: {type(exc).__name__}: {exc}")
+            _forget_choices()
+        _imported.add(module)
 
 
 def _kernel(op: str, backend: str) -> Kernel | None:
@@ -89,14 +118,14 @@ def _check_backend_name(name) -> str:
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
 
 
-_active = {"name": "auto", "strict": False}
-_env_backend = os.environ.get("PYMINIGPT_BACKEND")
-if _env_backend:
-    _active["name"] = _env_backend  # checked on first use, so a typo is reported, not fatal at import
+# (backend name, strict). The environment's name is checked on first use, so a typo is reported, not fatal at import.
+_active: contextvars.ContextVar[tuple[str, bool]] = contextvars.ContextVar(
+    "pyminigpt_backend", default=(os.environ.get("PYMINIGPT_BACKEND") or "auto", False)
+)
 
 
 def current_backend() -> str:
-    return _check_backend_name(_active["name"])
+    return _check_backend_name(_active.get()[0])
 
 
 @contextlib.contextmanager
@@ -104,35 +133,47 @@ def use_backend(name: str, strict: bool = False):
     """Run the ops in this block on backend `name` ('auto', 'reference', 'cpu', 'triton', 'cuda').
 
     With strict=True an input the backend cannot run raises instead of falling back to
-    the reference.
+    the reference. The choice holds for this thread (this context) only.
     """
     _check_backend_name(name)
-    saved = dict(_active)
-    _active.update(name=name, strict=strict)
+    token = _active.set((name, bool(strict)))
     try:
         yield
     finally:
-        _active.clear()
-        _active.update(saved)
+        _active.reset(token)
 
 
-def _first_tensor(args) -> torch.Tensor:
-    return next(a for a in args if isinstance(a, torch.Tensor))
+def _candidates(op: str, name: str, device_type: str, dtype: torch.dtype) -> tuple:
+    """The kernels `name` would try for op on a first tensor of this device type and dtype, in order."""
+    backends = AUTO_ORDER.get(device_type, ()) if _check_backend_name(name) == "auto" else (name,)
+    found = []
+    for backend in backends:
+        kernel = _kernel(op, backend)
+        if kernel is not None and kernel.rule.takes_device_and_dtype(device_type, dtype):
+            found.append((backend, kernel.fn, kernel.rule.check))
+    return tuple(found)
 
 
 def choose(op: str, *args) -> tuple[str, Callable]:
-    """The backend that `call(op, *args)` would run, and its function."""
-    name = current_backend()
-    candidates = AUTO_ORDER.get(_first_tensor(args).device.type, ()) if name == "auto" else (name,)
-    for backend in candidates:
-        kernel = _kernel(op, backend)
-        if kernel is not None and kernel.supports(*args):
-            return backend, kernel.fn
-    implements = name in _kernels[op] or name in _unavailable  # an unavailable backend fails every op
-    if _active["strict"] and name not in ("auto", "reference") and implements:
-        why = _unavailable.get(name, "its supports() rejected these inputs")
-        shapes = [tuple(a.shape) + (a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor)]
-        raise ValueError(f"backend {name!r} cannot run {op} on inputs {shapes}: {why}")
+    """The backend that `call(op, *args)` would run, and its function. Every op's first argument is its tensor."""
+    name, strict = _active.get()
+    first = args[0]
+    key = (op, name, first.device, first.dtype)  # the device itself: hashing it is cheaper than its .type
+    candidates = _choices.get(key)
+    if candidates is None:
+        changes = _registry_changes
+        candidates = _candidates(op, name, first.device.type, first.dtype)
+        if changes == _registry_changes:
+            _choices[key] = candidates
+    for backend, fn, check in candidates:
+        if check is None or check(*args):
+            return backend, fn
+    if strict and name not in ("auto", "reference"):
+        implements = name in _kernels[op] or name in _unavailable  # an unavailable backend fails every op
+        if implements:
+            why = _unavailable.get(name, "its supports() rejected these inputs")
+            shapes = [tuple(a.shape) + (a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor)]
+            raise ValueError(f"backend {name!r} cannot run {op} on inputs {shapes}: {why}")
     return "reference", getattr(reference, op)
 
 

@@ -4,7 +4,8 @@ Each launcher becomes a `torch.library.triton_op` in the `pyminigpt_triton` name
 its kernels launched through `wrap_triton`, so that torch.compile traces into them
 (fake tensors flow through the launchers; no `register_fake` needed). Layer norm, softmax
 and attention get their backward from autograd.py. The functions at the bottom
-have the public signatures of `pyminigpt.ops` and are registered with `dispatch`.
+have the public signatures of `pyminigpt.ops` and are registered with `dispatch`; the
+inputs they take are their entries in `rules.RULES`, with the kernels' limits published below.
 
 The kernels run on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (tests).
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from . import autograd, dispatch
+from . import autograd, dispatch, rules
+from .autograd import below_autograd
 
 try:
     from pyminigpt.kernels import INTERPRET, sampling
@@ -26,8 +28,6 @@ except ImportError:  # a source checkout run with PYTHONPATH: the top-level kern
     from kernels import causal_attention as attention_kernels
     from kernels import layer_norm as layer_norm_kernels
     from kernels import softmax as softmax_kernels
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _wrap(kernel):
@@ -121,12 +121,12 @@ autograd.register("pyminigpt_triton", softmax_bwd, layer_norm_bwd, causal_attent
 
 
 def layer_norm(x, weight, bias, eps):
-    y, _mean, _rstd = layer_norm_fwd(_rows(x), weight, bias, eps)
-    return y.view(x.shape)
+    y, _mean, _rstd = below_autograd(layer_norm_fwd, _rows(x), weight, bias, eps)
+    return y.view_as(x)
 
 
 def softmax(x, temperature):
-    return softmax_fwd(_rows(x), temperature).view(x.shape)
+    return below_autograd(softmax_fwd, _rows(x), temperature).view_as(x)
 
 
 def top_k_top_p_filter(logits, top_k, top_p, min_tokens_to_keep):
@@ -138,43 +138,20 @@ def sample(logits, temperature, top_k, top_p, uniform):
 
 
 def causal_attention(q, k, v, scale):
-    out, _lse = causal_attention_fwd(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), scale)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    out, _lse = below_autograd(causal_attention_fwd, q, k, v, scale)
     return out
 
 
-def _triton_runs_on(t: torch.Tensor) -> bool:
-    """CUDA tensors on the current device (a Triton launch uses the current device and its
-    stream); CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
-    if t.device.type == "cuda":
-        return t.device.index is None or t.device.index == torch.cuda.current_device()
-    return t.device.type == "cpu" and INTERPRET
+rules.LIMITS["triton_layer_norm_max_cols"] = layer_norm_kernels.MAX_COLS
+rules.LIMITS["triton_attention_max_head_dim"] = attention_kernels.MAX_HEAD_DIM
+rules.LIMITS["triton_attention_max_batch_heads"] = attention_kernels.MAX_BATCH_HEADS
 
-
-def _supports_layer_norm(x, weight, bias, eps):
-    # weight and bias may stay fp32 while x is fp16/bf16 (autocast)
-    return (
-        _triton_runs_on(x)
-        and x.dtype in _KERNEL_DTYPES
-        and weight.dtype == bias.dtype
-        and weight.dtype in (x.dtype, torch.float32)
-        and 0 < x.shape[-1] <= layer_norm_kernels.MAX_COLS
-    )
-
-
-def _supports_softmax(x, temperature):
-    return _triton_runs_on(x) and x.dtype in _KERNEL_DTYPES and x.shape[-1] > 0
-
-
-def _supports_logits(logits, *args):
-    return _triton_runs_on(logits) and logits.dtype in _KERNEL_DTYPES
-
-
-def _supports_attention(q, k, v, scale):
-    return _triton_runs_on(q) and attention_kernels.supports(q)
-
-
-dispatch.register("layer_norm", "triton", layer_norm, supports=_supports_layer_norm)
-dispatch.register("softmax", "triton", softmax, supports=_supports_softmax)
-dispatch.register("top_k_top_p_filter", "triton", top_k_top_p_filter, supports=_supports_logits)
-dispatch.register("sample", "triton", sample, supports=_supports_logits)
-dispatch.register("causal_attention", "triton", causal_attention, supports=_supports_attention)
+for _op, _fn in (
+    ("layer_norm", layer_norm),
+    ("softmax", softmax),
+    ("top_k_top_p_filter", top_k_top_p_filter),
+    ("sample", sample),
+    ("causal_attention", causal_attention),
+):
+    dispatch.register(_op, "triton", _fn)

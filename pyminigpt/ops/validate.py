@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .rules import FLOAT_DTYPES
 
 
 def tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | None = None, floating: bool = True) -> None:
@@ -37,6 +37,8 @@ def same_device_and_dtype(reference_name: str, reference: torch.Tensor, **others
 
 
 def positive_float(name: str, value) -> float:
+    if type(value) is float and 0.0 < value < math.inf:  # the common case, without the ABC checks below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
@@ -45,6 +47,8 @@ def positive_float(name: str, value) -> float:
 
 
 def top_k(value) -> int:
+    if type(value) is int and value >= 0:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"top_k must be an int, got {type(value).__name__}")
     if value < 0:
@@ -53,6 +57,8 @@ def top_k(value) -> int:
 
 
 def top_p(value) -> float:
+    if type(value) is float and 0.0 < value <= 1.0:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"top_p must be a number, got {type(value).__name__}")
     if not (0.0 < value <= 1.0):
@@ -61,6 +67,8 @@ def top_p(value) -> float:
 
 
 def min_tokens_to_keep(value) -> int:
+    if type(value) is int and value >= 1:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"min_tokens_to_keep must be an int, got {type(value).__name__}")
     if value < 1:
