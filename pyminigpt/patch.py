@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -206,21 +207,32 @@ def _blocks_only_the_future(mask: torch.Tensor, tq: int, tk: int) -> bool:
     return bool(((seen == causal) & (blocked != causal)).all())
 
 
+# the last mask `_is_causal_mask` read and its answer: every layer of a forward gets the same mask
+_last_mask_checked: list = [lambda: None, None, False]  # weakref to the mask, (its _version, Tq, Tk), the answer
+
+
+def _is_causal_mask(mask: torch.Tensor, tq: int, tk: int) -> bool:
+    """`_blocks_only_the_future`, read once per mask tensor (one host read a forward, not one a layer)."""
+    ref, key, answer = _last_mask_checked
+    if ref() is mask and key == (mask._version, tq, tk):
+        return answer
+    answer = _blocks_only_the_future(mask, tq, tk)
+    _last_mask_checked[:] = [weakref.ref(mask), (mask._version, tq, tk), answer]
+    return answer
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *, original: str, **kwargs):
     """transformers' attention-function signature: q (B, H, Tq, D), k/v (B, H, Tk, D) -> ((B, Tq, H, D), weights).
 
     Weights are None from the kernel (as from SDPA); the original implementation gives its own.
     """
     tq, tk = query.shape[2], key.shape[2]
-    purely_causal = attention_mask is None or (
-        not torch.compiler.is_compiling() and _blocks_only_the_future(attention_mask, tq, tk)
-    )
     if (
-        purely_causal
-        and dropout == 0.0
+        dropout == 0.0
         and getattr(module, "is_causal", False)
         and tq <= tk
         and not _recording_attention_weights()
+        and (attention_mask is None or (not torch.compiler.is_compiling() and _is_causal_mask(attention_mask, tq, tk)))
     ):
         return ops.causal_attention(query, key, value, scaling).transpose(1, 2), None
     if original == "eager" and getattr(module, "reorder_and_upcast_attn", False):

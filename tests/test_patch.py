@@ -276,10 +276,10 @@ def _pyminigpt_ops(fn):
 
 
 def _config(attn_implementation="sdpa", **overrides):
+    settings = {"n_layer": 2, **overrides}
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=64, n_embd=48, n_head=3, n_layer=2, bos_token_id=VOCAB - 1,
-        eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        num_labels=3, **overrides,
+        vocab_size=VOCAB, n_positions=64, n_embd=48, n_head=3, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+        pad_token_id=VOCAB - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=3, **settings,
     )  # fmt: skip
     config._attn_implementation = attn_implementation
     return config
@@ -453,3 +453,21 @@ def test_torch_compile_fullgraph_of_a_patched_model_matches_eager():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for kernel in KERNELS:
         assert ran[kernel] > 0, (kernel, ran)
+
+
+def test_a_mask_tensor_is_read_once_per_forward_and_again_when_it_changes(monkeypatch):
+    model = pyminigpt.patch_hf_gpt2(transformers.GPT2LMHeadModel(_config("eager", n_layer=3)).eval())
+    reads = []
+    check = pyminigpt.patch._blocks_only_the_future
+    monkeypatch.setattr(pyminigpt.patch, "_blocks_only_the_future", lambda *a: reads.append(a[1:]) or check(*a))
+    input_ids, _ = _inputs(batch=1, length=5)
+    with torch.no_grad():
+        model(input_ids)
+        assert reads == [(5, 5)]  # eager's causal mask, shared by the 3 layers
+        mask = torch.zeros(1, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), -torch.inf)
+        _, ran = _pyminigpt_ops(lambda: model(input_ids, attention_mask=mask))
+        assert ran["pyminigpt::causal_attention_fwd"] == 3
+        mask[..., 0, 0] = -torch.inf  # changed in place: read again, no longer causal
+        _, ran = _pyminigpt_ops(lambda: model(input_ids, attention_mask=mask))
+        assert ran["pyminigpt::causal_attention_fwd"] == 0
+    assert len(reads) == 3
