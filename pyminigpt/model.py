@@ -116,8 +116,16 @@ class Linear(nn.Linear):
 
 
 def _check_index_range(name: str, ids: torch.Tensor, bound_name: str, bound: int) -> None:
-    """Raises unless every value of `ids` is in [0, bound); one read to the host (one sync on a GPU)."""
+    """Raises unless every value of `ids` is in [0, bound); one read to the host (one sync on a GPU).
+
+    Under torch.compile a host read cannot be traced, so the check becomes a tensor assert that the
+    compiled graph runs (a RuntimeError naming the argument, without the values).
+    """
     if ids.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        in_range = (ids >= 0).all() & (ids < bound).all()
+        torch._assert_async(in_range, f"{name} must be in [0, {bound_name}={bound})")
         return
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()
     if lo < 0 or hi >= bound:
@@ -276,8 +284,9 @@ class GPT(nn.Module):
         past + arange(T). logits_to_keep > 0 computes the LM head for the last that many positions only.
         """
         self._check_inputs(input_ids, attention_mask, labels, past_key_values, position_ids, logits_to_keep)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: the causal kernel path
+        # no padding: the causal kernel path (a host read; compiled, the mask path serves all-ones masks too)
+        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            attention_mask = None
         return self._forward(
             input_ids, attention_mask, labels, past_key_values, use_cache,
             output_attentions, output_hidden_states, position_ids, logits_to_keep,

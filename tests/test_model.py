@@ -1,6 +1,8 @@
 """GPT against transformers' GPT2LMHeadModel built from the same random tiny config (fp32, atol 1e-5)."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -271,3 +273,64 @@ def test_bad_inputs():
         model(ids, logits_to_keep=-1)
     with pytest.raises(TypeError, match="past_key_values"):
         model(ids, past_key_values=((ids, ids),))
+
+
+def _no_dropout_model(seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    return GPT(config)
+
+
+def test_torch_compile_fullgraph_inference_matches_eager_and_keeps_the_checks():
+    torch._dynamo.reset()
+    model = _no_dropout_model().eval()
+    compiled = torch.compile(model, fullgraph=True)
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=ATOL)
+        # the eager path drops an all-ones mask after a host read; compiled, the mask path runs
+        mask = torch.ones_like(ids)
+        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, model(ids).logits, rtol=1e-5, atol=ATOL)
+        bad = ids.clone()
+        bad[1, 3] = VOCAB
+        with pytest.raises(RuntimeError, match=rf"input_ids must be in \[0, vocab_size={VOCAB}\)"):
+            compiled(bad)
+        with pytest.raises(ValueError, match=rf"vocab_size={VOCAB}\), got values in \[\d+, {VOCAB}\]"):
+            model(bad)  # outside compilation, the clear error with the values
+
+
+def test_torch_compile_fullgraph_training_matches_eager():
+    torch._dynamo.reset()
+    ids = random_ids(2, 8)
+    results = []
+    for compile_it in (False, True):
+        model = _no_dropout_model().train()
+        forward = torch.compile(model, fullgraph=True) if compile_it else model
+        output = forward(ids, labels=ids)
+        output.loss.backward()
+        results.append((output.logits.detach(), output.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (logits, loss, grads), (c_logits, c_loss, c_grads) = results
+    torch.testing.assert_close(c_logits, logits, rtol=1e-5, atol=ATOL)
+    torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=ATOL)
+    for name in grads:
+        torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-4, atol=ATOL, msg=name)
+
+
+def test_torch_compile_fullgraph_works_before_any_eager_call():
+    """In a fresh process the first op call imports its backend; under compilation that must trace."""
+    script = (
+        "import torch\n"
+        "from pyminigpt.model import GPT, GPTConfig\n"
+        "model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()\n"
+        "ids = torch.randint(0, 50, (1, 6))\n"
+        "with torch.no_grad():\n"
+        "    with torch.profiler.profile() as profile:\n"
+        "        got = torch.compile(model, fullgraph=True)(ids).logits\n"
+        "    torch.testing.assert_close(got, model(ids).logits, rtol=1e-5, atol=1e-5)\n"
+        "ran = {e.name for e in profile.events()}\n"
+        "assert {'pyminigpt::layer_norm_fwd', 'pyminigpt::causal_attention_fwd', 'pyminigpt::linear'} <= ran, ran\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -6,6 +6,10 @@ and seeded sampling token-for-token equal, and unpatching restores it bit for bi
 
 from __future__ import annotations
 
+import collections
+import copy
+import functools
+
 import pytest
 import torch
 import transformers
@@ -242,13 +246,228 @@ def test_patching_twice_is_idempotent_and_unpatching_an_unpatched_model_raises()
     generate = model.generate
     pyminigpt.patch_hf_gpt2(model)
     assert model.generate is generate
-    assert model.config._attn_implementation == "pyminigpt+eager"
+    assert model.config._attn_implementation == "eager"  # the config says what the user chose
+    assert model.transformer.h[0].attn.config._attn_implementation == "pyminigpt+eager"  # the module's own view
     pyminigpt.unpatch_hf_gpt2(model)
-    assert model.config._attn_implementation == "eager"
+    assert model.transformer.h[0].attn.config is model.config
     with pytest.raises(ValueError, match="not patched"):
         pyminigpt.unpatch_hf_gpt2(model)
 
 
 def test_patch_rejects_other_models():
-    with pytest.raises(TypeError, match="GPT2LMHeadModel"):
+    with pytest.raises(TypeError, match="GPT2Model, GPT2LMHeadModel.*got Linear"):
         pyminigpt.patch_hf_gpt2(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="got Linear"):
+        pyminigpt.unpatch_hf_gpt2(torch.nn.Linear(2, 2))
+
+
+
+# ---- per model, every class, what transformers' users rely on ------------------------------
+
+KERNELS = ("pyminigpt::layer_norm_fwd", "pyminigpt::causal_attention_fwd", "pyminigpt::linear")
+
+
+def _pyminigpt_ops(fn):
+    """Run fn() under the profiler; return its result and how many times each pyminigpt:: op ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        result = fn()
+    ran = collections.Counter(e.name for e in profile.events() if e.name.startswith("pyminigpt::"))
+    return result, ran
+
+
+def _config(attn_implementation="sdpa", **overrides):
+    settings = {"n_layer": 2, **overrides}
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=48, n_head=3, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+        pad_token_id=VOCAB - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=3, **settings,
+    )  # fmt: skip
+    config._attn_implementation = attn_implementation
+    return config
+
+
+# class name -> its inputs; few rows (<= 8) so that the projections run on the CPU's linear kernel
+CLASSES = {
+    "GPT2Model": lambda ids: {"input_ids": ids},
+    "GPT2LMHeadModel": lambda ids: {"input_ids": ids},
+    "GPT2DoubleHeadsModel": lambda ids: {
+        "input_ids": ids[:, :4].expand(2, 4).unsqueeze(0),
+        "mc_token_ids": torch.tensor([[3, 2]]),
+    },
+    "GPT2ForSequenceClassification": lambda ids: {"input_ids": ids},
+    "GPT2ForTokenClassification": lambda ids: {"input_ids": ids},
+    "GPT2ForQuestionAnswering": lambda ids: {"input_ids": ids},
+}
+
+
+def _output_tensors(output):
+    return {k: v for k, v in output.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("class_name", list(CLASSES))
+def test_every_gpt2_class_patches_runs_the_kernels_and_matches(class_name, attn_implementation):
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(_config(attn_implementation)).eval()
+    inputs = CLASSES[class_name](_inputs(batch=1, length=6)[0])
+    results = []
+    for patched in (False, True):
+        if patched:
+            pyminigpt.patch_hf_gpt2(model)
+        model.zero_grad()
+
+        def forward_backward():
+            outputs = _output_tensors(model(**inputs))
+            sum(t.float().square().mean() for t in outputs.values()).backward()
+            return outputs
+
+        outputs, ran = _pyminigpt_ops(forward_backward)
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((outputs, grads, ran))
+    (expected, expected_grads, ran_unpatched), (got, got_grads, ran_patched) = results
+    assert not ran_unpatched
+    for kernel in KERNELS:
+        assert ran_patched[kernel] > 0, (kernel, ran_patched)
+    assert expected.keys() == got.keys() and expected_grads.keys() == got_grads.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    for name in expected_grads:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert model.config._attn_implementation == attn_implementation
+
+
+def test_patching_is_per_model_whatever_config_object_models_share():
+    config = _config()
+    first, second = transformers.GPT2LMHeadModel(config).eval(), transformers.GPT2Model(config).eval()
+    pyminigpt.patch_hf_gpt2(first)
+    # built after patching, from the patched model's own config: a draft model, a copy
+    third = transformers.GPT2LMHeadModel(first.config).eval()
+    input_ids, _ = _inputs(batch=1, length=5)
+    with torch.no_grad():
+        for model, patched in ((first, True), (second, False), (third, False)):
+            _, ran = _pyminigpt_ops(functools.partial(model, input_ids))
+            assert bool(ran) == patched, (type(model).__name__, ran)
+        # each can be patched and unpatched on its own
+        pyminigpt.patch_hf_gpt2(second)
+        pyminigpt.patch_hf_gpt2(third)
+        pyminigpt.unpatch_hf_gpt2(first)
+        for model, patched in ((first, False), (second, True), (third, True)):
+            _, ran = _pyminigpt_ops(functools.partial(model, input_ids))
+            assert bool(ran) == patched, (type(model).__name__, ran)
+    assert config._attn_implementation == "sdpa"
+
+
+def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own():
+    model = pyminigpt.patch_hf_gpt2(transformers.GPT2LMHeadModel(_config()).eval())
+    twin = copy.deepcopy(model)
+    assert twin.config is not model.config and twin.transformer.h[0].attn.config.config is twin.config
+    pyminigpt.unpatch_hf_gpt2(model)
+    input_ids, _ = _inputs(batch=1, length=5)
+    with torch.no_grad():
+        _, ran = _pyminigpt_ops(lambda: twin(input_ids))
+        assert ran["pyminigpt::causal_attention_fwd"] == 2
+        torch.testing.assert_close(twin(input_ids).logits, model(input_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_set_attn_implementation_after_patching_is_followed_and_kept_by_unpatch():
+    model = pyminigpt.patch_hf_gpt2(transformers.GPT2LMHeadModel(_config("sdpa")).eval())
+    reference = transformers.GPT2LMHeadModel(_config("eager")).eval()
+    reference.load_state_dict(model.state_dict())
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    assert model.transformer.h[0].attn.config._attn_implementation == "pyminigpt+eager"
+    input_ids, _ = _inputs(batch=2, length=7)
+    with torch.no_grad():
+        got, ran = _pyminigpt_ops(lambda: model(input_ids).logits)
+        torch.testing.assert_close(got, reference(input_ids).logits, rtol=1e-5, atol=1e-5)
+    assert ran["pyminigpt::causal_attention_fwd"] == 2  # eager's causal mask is recognised as such
+    pyminigpt.unpatch_hf_gpt2(model)
+    assert model.config._attn_implementation == "eager"
+    assert model.transformer.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_output_attentions_returns_the_unpatched_weights(attn_implementation):
+    model = transformers.GPT2LMHeadModel(_config(attn_implementation)).eval()
+    input_ids, mask = _inputs(batch=2, length=6)
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=mask, output_attentions=True)
+        pyminigpt.patch_hf_gpt2(model)
+        got = model(input_ids, attention_mask=mask, output_attentions=True)
+        _, ran = _pyminigpt_ops(lambda: model(input_ids, attention_mask=mask))  # and without, the kernel
+    assert len(got.attentions) == len(expected.attentions)
+    for weights, want in zip(got.attentions, expected.attentions):
+        torch.testing.assert_close(weights, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    assert ran["pyminigpt::causal_attention_fwd"] == 2
+
+
+def test_a_continued_prefill_over_a_cache_runs_the_kernel():
+    """SDPA builds a mask when several queries continue a cache; it is purely causal, so the kernel runs."""
+    model = transformers.GPT2LMHeadModel(_config("sdpa")).eval()
+    input_ids, _ = _inputs(batch=1, length=9)
+    with torch.no_grad():
+        expected = model(input_ids).logits[:, 5:]
+        pyminigpt.patch_hf_gpt2(model)
+        cache = model(input_ids[:, :5], use_cache=True).cache
+        got, ran = _pyminigpt_ops(lambda: model(input_ids[:, 5:], cache=cache).logits)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert ran["pyminigpt::causal_attention_fwd"] == 2
+
+
+def _tiny_tokenizer():
+    """A word-level tokenizer over the test vocabulary: w0 ... w95 and <eos> (the last id)."""
+    import tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<eos>": VOCAB - 1}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<eos>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", bos_token="<eos>", pad_token="<eos>", unk_token="<eos>"
+    )
+
+
+@pytest.mark.parametrize("sampling", [{"do_sample": False}, {"do_sample": True, "top_k": 10, "temperature": 0.8}])
+def test_text_generation_pipeline_gives_the_same_text(sampling):
+    tokenizer = _tiny_tokenizer()
+    model = transformers.GPT2LMHeadModel(_config()).eval()
+    prompts = ["w1 w2 w3", "w40 w7"]
+    texts = []
+    for patched in (False, True):
+        if patched:
+            pyminigpt.patch_hf_gpt2(model)
+        generator = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+        torch.manual_seed(7)
+        texts.append([out[0]["generated_text"] for out in generator(prompts, max_new_tokens=8, **sampling)])
+    assert texts[1] == texts[0]
+    assert all(len(text.split()) > len(prompt.split()) for text, prompt in zip(texts[0], prompts))
+
+
+def test_torch_compile_fullgraph_of_a_patched_model_matches_eager():
+    torch._dynamo.reset()
+    model = pyminigpt.patch_hf_gpt2(transformers.GPT2LMHeadModel(_config()).eval())
+    input_ids, _ = _inputs(batch=1, length=6)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        compiled = torch.compile(model, fullgraph=True)
+        got, ran = _pyminigpt_ops(lambda: compiled(input_ids).logits)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for kernel in KERNELS:
+        assert ran[kernel] > 0, (kernel, ran)
+
+
+def test_a_mask_tensor_is_read_once_per_forward_and_again_when_it_changes(monkeypatch):
+    model = pyminigpt.patch_hf_gpt2(transformers.GPT2LMHeadModel(_config("eager", n_layer=3)).eval())
+    reads = []
+    check = pyminigpt.patch._blocks_only_the_future
+    monkeypatch.setattr(pyminigpt.patch, "_blocks_only_the_future", lambda *a: reads.append(a[1:]) or check(*a))
+    input_ids, _ = _inputs(batch=1, length=5)
+    with torch.no_grad():
+        model(input_ids)
+        assert reads == [(5, 5)]  # eager's causal mask, shared by the 3 layers
+        mask = torch.zeros(1, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), -torch.inf)
+        _, ran = _pyminigpt_ops(lambda: model(input_ids, attention_mask=mask))
+        assert ran["pyminigpt::causal_attention_fwd"] == 3
+        mask[..., 0, 0] = -torch.inf  # changed in place: read again, no longer causal
+        _, ran = _pyminigpt_ops(lambda: model(input_ids, attention_mask=mask))
+        assert ran["pyminigpt::causal_attention_fwd"] == 0
+    assert len(reads) == 3

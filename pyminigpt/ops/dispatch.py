@@ -88,6 +88,8 @@ def mark_unavailable(backend: str, reason: str) -> None:
     _forget_choices()
 
 
+# torch.compile cannot trace an import: the first call under compilation imports at trace time
+@torch.compiler.assume_constant_result
 def _import_backend(backend: str) -> None:
     module = _BACKEND_MODULES[backend]
     if module in _imported:
