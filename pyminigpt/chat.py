@@ -1,0 +1,128 @@
+"""`pyminigpt chat MODEL [--feedback]`: talk to a model; with --feedback, rate its replies and tune it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .runs import (
+    UsageError,
+    add_sampling_args,
+    check_sampling,
+    load_model,
+    pick_device,
+    sampling_kwargs,
+    save_model_dir,
+)
+
+
+def _ask_rating(read) -> float | None | str:
+    """A rating in [-1, 1], '' to skip, or None to quit (q or end of input)."""
+    from .feedback import check_reward
+
+    while True:
+        answer = read("rate it from -1 (bad) to 1 (good), Enter to skip, q to quit: ")
+        if answer is None or answer.strip().lower() in ("q", "quit"):
+            return None
+        answer = answer.strip()
+        if not answer:
+            return ""
+        try:
+            return check_reward(float(answer))
+        except ValueError:
+            print(f"  {answer!r} is not a number in [-1, 1]")
+
+
+def _read_line(prompt: str) -> str | None:
+    try:
+        return input(prompt)
+    except EOFError:
+        print()
+        return None
+
+
+def run(args) -> int:
+    """Run `pyminigpt chat`."""
+    from .analysis import generate_text, plot_curve
+    from .feedback import FeedbackTrainer
+
+    out = Path(args.out)
+    check_sampling(args)
+    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
+    if args.feedback and out.resolve() in (loaded.path.resolve(), loaded.path.parent.resolve()):
+        raise UsageError(f"--out {str(out)!r} would overwrite the model being tuned; choose another directory")
+    trainer = None
+    if args.feedback:
+        if not (args.lr > 0 and args.kl_coef >= 0):
+            raise UsageError(f"--lr must be > 0 and --kl-coef >= 0, got {args.lr} and {args.kl_coef}")
+        trainer = FeedbackTrainer(loaded.model, loaded.tokenizer, lr=args.lr, kl_coef=args.kl_coef, sos=loaded.sos)
+    print(f"chatting with {str(loaded.path)!r}" + (" (feedback on: your ratings tune it)" if trainer else ""))
+    print("type a prompt and press Enter; q or end of input quits")
+    while True:
+        prompt = _read_line("> ")
+        if prompt is None or prompt.strip().lower() in ("q", "quit"):
+            break
+        try:
+            loaded.tokenizer.encode(prompt)
+            kwargs = sampling_kwargs(args, loaded, prompt)
+        except (ValueError, UsageError) as err:
+            print(f"  cannot use this prompt: {err}")
+            continue
+        print(prompt, end="", flush=True)
+        [text] = generate_text(
+            loaded.model,
+            loaded.tokenizer,
+            prompt,
+            sos=loaded.sos,
+            stream=lambda piece: print(piece, end="", flush=True),
+            **kwargs,
+        )
+        print()
+        if trainer is None:
+            continue
+        response = text[len(prompt) :]
+        if not response:
+            print("  (empty reply: nothing to rate)")
+            continue
+        rating = _ask_rating(_read_line)
+        if rating is None:
+            break
+        if rating == "":
+            continue
+        stats = trainer.step(prompt, response, rating)
+        print(
+            f"  reward {stats['reward']:+.2f}, advantage {stats['advantage']:+.2f}, "
+            f"log p/token {stats['logprob']:.3f}, KL {stats['kl']:.4f}"
+        )
+    if trainer is not None:
+        if not trainer.rewards:
+            print("no ratings given: nothing saved")
+            return 0
+        save_model_dir(loaded, out)
+        plot = plot_curve(
+            trainer.rewards, out / "rewards.png", title="feedback rewards", xlabel="rating", ylabel="reward"
+        )
+        print(
+            f"{len(trainer.rewards)} ratings (mean {sum(trainer.rewards) / len(trainer.rewards):+.2f}); "
+            f"tuned model saved to {str(out)!r}, rewards plotted in {plot!r}"
+        )
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add the `chat` sub-command to an argparse sub-parser set."""
+    p = subparsers.add_parser(
+        "chat",
+        help="talk to a model; --feedback to rate and tune it",
+        description="Read prompts from stdin and print the model's replies. With --feedback, rate each "
+        "reply in [-1, 1]: every rating is a policy-gradient step (with a KL leash to the "
+        "starting model); at the end the tuned model and a plot of the rewards are saved.",
+    )
+    p.add_argument("model", help="run directory, checkpoint directory, or GPT-2 directory")
+    p.add_argument("--feedback", action="store_true", help="rate the replies and fine-tune on the ratings")
+    p.add_argument("--lr", type=float, default=3e-4, help="feedback learning rate (default 3e-4)")
+    p.add_argument("--kl-coef", type=float, default=0.1, help="weight of the KL penalty (default 0.1)")
+    p.add_argument(
+        "--out", default="pyminigpt-feedback", help="where the tuned model goes (default ./pyminigpt-feedback)"
+    )
+    add_sampling_args(p)
+    p.set_defaults(run=run)
