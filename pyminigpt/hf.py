@@ -10,8 +10,6 @@ without transformers being imported; hub names go through `transformers.GPT2LMHe
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -111,24 +109,15 @@ def save_pretrained(model: GPT, directory) -> None:
     """Write config.json and model.safetensors (HF layout) into directory, each atomically."""
     from safetensors.torch import save_file
 
+    from .io import atomic_write
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_to_hf(model.state_dict())
     if model.config.tie_word_embeddings:
         del tensors["lm_head.weight"]  # the same tensor as transformer.wte.weight
     tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}
-    _write_atomically(directory / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    config_json = json.dumps(config_to_hf_dict(model.config), indent=2, sort_keys=True) + "\n"
-    _write_atomically(directory / "config.json", lambda f: Path(f).write_text(config_json))
-
-
-def _write_atomically(path: Path, write) -> None:
-    """write(temp_path) next to path, then rename it over path: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(
+        directory / "config.json", json.dumps(config_to_hf_dict(model.config), indent=2, sort_keys=True) + "\n"
+    )

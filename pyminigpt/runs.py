@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .io import atomic_write
 
 RUN_FILE, TOKENIZER_FILE = "run.json", "tokenizer.json"
 # Model presets: GPT-2 shapes from a toy to GPT-2 small, each with its default context.
@@ -48,9 +49,7 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 def pick_device(name: str) -> torch.device:

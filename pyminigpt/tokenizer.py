@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .io import atomic_write
+
 __all__ = ["BPETokenizer", "CharTokenizer", "Tokenizer", "load_tokenizer"]
 
 PAD, SOS, EOS, UNK = "<PAD>", "<SOS>", "<EOS>", "<UNK>"
@@ -52,13 +54,8 @@ def _read_json(path: str | os.PathLike, what: str) -> dict:
 
 
 def _write_json(obj: dict, path: str | os.PathLike) -> Path:
-    """Write `obj` to `path` atomically (a temporary file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write `obj` to `path` as JSON, atomically (see `pyminigpt.io`)."""
+    return atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=1))
 
 
 class Tokenizer:

@@ -52,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .io import atomic_write
 
 __all__ = ["Trainer", "TrainerConfig", "plot_history"]
 
@@ -123,11 +124,7 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, fig.savefig)
 
 
 def _join_process_group(on_cuda: bool) -> tuple[int, int, int]:
