@@ -2,6 +2,9 @@
 
     <name>/config.json                 the model config (GPT.from_pretrained reads the directory,
     <name>/model.safetensors           and so does transformers.GPT2LMHeadModel)
+    <name>/generation_config.json      the special token ids for transformers' generate
+    <name>/tokenizer.json              the tokenizer, in transformers' layout, when one is given
+    <name>/tokenizer_config.json       (so AutoTokenizer and pipeline("text-generation") load it)
     <name>/trainer_state.json          step, data position, best loss, history, optimizer
                                        hyper-parameters, Python/NumPy RNG states, file checksums
     <name>/trainer_state.safetensors   optimizer moments, torch RNG states
@@ -66,8 +69,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
-def save_checkpoint(path: str | os.PathLike, model, state: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write model weights + config, `state` (JSON-able) and `tensors` as checkpoint directory `path`."""
+def save_checkpoint(
+    path: str | os.PathLike, model, state: dict, tensors: dict[str, torch.Tensor], tokenizer=None
+) -> Path:
+    """Write model weights + config, `state` (JSON-able), `tensors` and `tokenizer`'s files as checkpoint `path`.
+
+    With a tokenizer (`pyminigpt.tokenizer`), the directory is a complete transformers
+    model directory. Every file but trainer_state.json is recorded with its size and SHA-256.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -75,9 +84,11 @@ def save_checkpoint(path: str | os.PathLike, model, state: dict, tensors: dict[s
         raise FileExistsError(f"refusing to overwrite {str(path)!r}: it is not a pyminigpt training checkpoint")
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp, model_max_length=model.config.n_positions)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                 for name in (CONFIG, WEIGHTS, STATE_TENSORS)}  # fmt: skip
+        files = {file.name: {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+                 for file in sorted(tmp.iterdir()) if file.is_file()}  # fmt: skip
         record = {"format_version": FORMAT_VERSION, "files": files, **state}
         (tmp / STATE_JSON).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return path
