@@ -1,4 +1,10 @@
-"""`pyminigpt chat MODEL [--feedback]`: talk to a model; with --feedback, rate its replies and tune it."""
+"""`pyminigpt chat MODEL [--feedback]`: talk to a model; with --feedback, rate its replies and tune it.
+
+MODEL is a run, a checkpoint or a GPT-2 directory (BPE tokenizers included). With
+--feedback, each rating is one `FeedbackTrainer` step; at the end the tuned model is saved
+as a run directory (`--out`: run.json, tokenizer.json, last/ a transformers model
+directory, rewards.png) that `generate`, `perplexity`, `explore` and `chat` read.
+"""
 
 from __future__ import annotations
 
@@ -62,6 +68,8 @@ def run(args) -> int:
         if prompt is None or prompt.strip().lower() in ("q", "quit"):
             break
         try:
+            if not prompt.strip():
+                raise ValueError("the prompt is empty (type some text, or q to quit)")
             loaded.tokenizer.encode(prompt)
             kwargs = sampling_kwargs(args, loaded, prompt)
         except (ValueError, UsageError) as err:
@@ -97,14 +105,16 @@ def run(args) -> int:
         if not trainer.rewards:
             print("no ratings given: nothing saved")
             return 0
-        save_model_dir(loaded, out)
+        model_dir = save_model_dir(loaded, out)
         plot = plot_curve(
             trainer.rewards, out / "rewards.png", title="feedback rewards", xlabel="rating", ylabel="reward"
         )
         print(
             f"{len(trainer.rewards)} ratings (mean {sum(trainer.rewards) / len(trainer.rewards):+.2f}); "
-            f"tuned model saved to {str(out)!r}, rewards plotted in {plot!r}"
+            f"tuned model saved to the run directory {str(out)!r} ({str(model_dir)!r} is a transformers "
+            f"model directory), rewards plotted in {plot!r}"
         )
+        print(f"try: pyminigpt generate {out}")
     return 0
 
 

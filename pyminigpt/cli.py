@@ -38,6 +38,7 @@ from .runs import (
     check_sampling,
     encode_check,
     load_corpus,
+    load_init_model,
     load_model,
     make_datasets,
     make_model,
@@ -45,18 +46,28 @@ from .runs import (
     read_json,
     sampling_kwargs,
     seed_all,
+    size_name,
+    tokenizer_kind,
+    with_dropout,
     write_json,
 )
 
 __all__ = ["UsageError", "build_parser", "main"]
 
+DEFAULT_VOCAB_SIZE, DEFAULT_DROPOUT = 1024, 0.1  # train's defaults for a run from scratch
+
 
 def cmd_train(args) -> int:
+    from .model import GPT, GPTConfig
     from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
     from .trainer import Trainer, TrainerConfig
 
     out = Path(args.out)
+    init = None  # the Loaded model that --init-from starts from
+    model_config = None  # the architecture of a run that started from --init-from
     if args.resume:
+        if args.init_from is not None:
+            raise UsageError("--init-from starts a new run and --resume continues the one in --out: give one of them")
         run = read_json(out / RUN_FILE, "run file (needed by --resume)")
         missing = [key for key in ("format", "data", "size", "context", "tokenizer") if key not in run]
         if missing:
@@ -64,6 +75,12 @@ def cmd_train(args) -> int:
         data = args.data if args.data is not None else run["data"]
         lines, size, kind = run["format"] == "lines", args.size or run["size"], run["tokenizer"]
         context = args.context or run["context"]
+        model_config = run.get("model_config")
+        if model_config is not None and args.size is not None and args.size != run["size"]:
+            raise UsageError(
+                f"--size {args.size} contradicts the run in {str(out)!r}, which started from "
+                f"{run.get('init_from')!r} (size {run['size']}): leave --size out"
+            )
         try:
             tokenizer = load_tokenizer(out / TOKENIZER_FILE)
         except (OSError, ValueError) as err:
@@ -73,29 +90,48 @@ def cmd_train(args) -> int:
             raise UsageError(
                 f"{str(out)!r} already holds a training run: pass --resume to continue it, or choose another --out"
             )
-        data, size, kind = args.data, args.size or "small", args.tokenizer
+        data = args.data
         lines = args.lines or data is None
         context = args.context
+        if args.init_from is not None:
+            init = load_init_model(args.init_from, args.size, args.vocab_size, args.tokenizer, context)
+            tokenizer, kind, size = init.tokenizer, tokenizer_kind(init.tokenizer), size_name(init.model.config)
+        else:
+            size, kind = args.size or "small", args.tokenizer or "char"
     source, corpus = load_corpus(data)
     if lines and isinstance(corpus, str):
         corpus = [line.strip() for line in corpus.splitlines() if line.strip()]
     if context is not None and context < 3:
         raise UsageError(f"--context must be >= 3, got {context}")
-    if not args.resume:
+    if not args.resume and init is None:
         try:
             if kind == "char":
                 tokenizer = CharTokenizer.from_text(corpus)
             else:
-                tokenizer = BPETokenizer.train(corpus, vocab_size=args.vocab_size)
+                tokenizer = BPETokenizer.train(corpus, vocab_size=args.vocab_size or DEFAULT_VOCAB_SIZE)
         except ValueError as err:
             raise UsageError(f"{source}: {err}") from None
+    if init is not None:
+        for piece in corpus if lines else [corpus]:
+            encode_check(init, piece, source)
     if context is None:
-        # a sequence run fits its longest text; a stream run takes the preset's context
-        context = max(len(tokenizer.encode(t)) for t in corpus) + 2 if lines else SIZES[size]["context"]
+        # a sequence run fits its longest text; a stream run takes the preset's (or the model's) context
+        longest = max(len(tokenizer.encode(t)) for t in corpus) + 2 if lines else None
+        limit = init.model.config.n_positions if init is not None else None
+        if lines:
+            context = min(longest, limit) if limit is not None else longest
+        else:
+            context = limit if limit is not None else SIZES[size]["context"]
     train_ds, eval_ds = make_datasets(source, corpus, tokenizer, lines, context)
     seed_all(args.seed)
     try:
-        model = make_model(tokenizer, size, context, args.dropout)
+        if init is not None:
+            model = init.model if args.dropout is None else with_dropout(init.model, args.dropout)
+            model_config = model.config.to_dict()
+        elif model_config is not None:  # resuming a run that started from --init-from
+            model = GPT(GPTConfig(**model_config))
+        else:
+            model = make_model(tokenizer, size, context, DEFAULT_DROPOUT if args.dropout is None else args.dropout)
         config = TrainerConfig(
             max_steps=args.steps,
             batch_size=args.batch_size,
@@ -110,42 +146,44 @@ def cmd_train(args) -> int:
             device=str(pick_device(args.device)),
             progress=not args.no_progress,
         )
-        trainer = Trainer(model, train_ds, eval_ds, config)
+        trainer = Trainer(model, train_ds, eval_ds, config, tokenizer=tokenizer)
     except ValueError as err:  # a GPTConfig / TrainerConfig / Trainer check on the options or the data
         raise UsageError(f"{source}: {err}") from None
-    if not args.resume:
+    say = print if trainer.is_main else lambda *a, **k: None  # under torchrun, rank 0 alone writes and prints
+    if not args.resume and trainer.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out / TOKENIZER_FILE)
-        write_json(
-            {
-                "format": "lines" if lines else "stream",
-                "data": data and str(Path(data).resolve()),
-                "size": size,
-                "context": context,
-                "tokenizer": kind,
-            },
-            out / RUN_FILE,
-        )
-    print(
-        f"training a {size} GPT ({model.num_parameters():,} parameters, context {context}) on the {source}: "
+        run = {
+            "format": "lines" if lines else "stream",
+            "data": data and str(Path(data).resolve()),
+            "size": size,
+            "context": context,
+            "tokenizer": kind,
+        }
+        if init is not None:
+            run.update(init_from=str(init.path.resolve()), model_config=model_config)
+        write_json(run, out / RUN_FILE)
+    start = f"fine-tuning {str(init.path)!r}" if init is not None else f"training a {size} GPT"
+    say(
+        f"{start} ({model.num_parameters():,} parameters, context {context}) on the {source}: "
         f"{len(train_ds):,} training {'texts' if lines else 'windows'}, {kind} "
         f"tokenizer with {tokenizer.vocab_size} tokens"
     )
     history = trainer.train(resume_from="auto" if args.resume else None)
     if not history:
-        print(f"nothing to do: the run in {str(out)!r} is already at step {trainer.step} (raise --steps to go on)")
+        say(f"nothing to do: the run in {str(out)!r} is already at step {trainer.step} (raise --steps to go on)")
         return 0
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     summary = f"final train loss {history[-1]['loss']:.3f}"
     if evals:
         summary += f", eval loss {evals[0]:.3f} -> {evals[-1]:.3f}"
-    print(summary)
-    print(
+    say(summary)
+    say(
         f"saved {out / 'last'}"
         + (f" and {out / 'best'}" if (out / "best").is_dir() else "")
         + f"; loss curve {out / 'loss.png'}"
     )
-    print(f"try: pyminigpt generate {out}")
+    say(f"each checkpoint is a transformers model directory; try: pyminigpt generate {out}")
     return 0
 
 
@@ -196,6 +234,8 @@ def cmd_perplexity(args) -> int:
         except (OSError, ValueError) as err:
             raise UsageError(str(err)) from None
     else:
+        if not args.text.strip():
+            raise UsageError("--text is empty: give some text to score")
         text, source = args.text, "the text"
     texts = [line.strip() for line in text.splitlines() if line.strip()] if loaded.sos else text
     for piece in [texts] if isinstance(texts, str) else texts:
@@ -282,9 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", default=None, help="UTF-8 text file (default: built-in names, one per sequence)")
     p.add_argument("--lines", action="store_true", help="each line of DATA is one sequence (<SOS> line <EOS>)")
     p.add_argument(
-        "--tokenizer", choices=("char", "bpe"), default="char", help="character or byte-level BPE (default char)"
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="start from the weights and tokenizer of a GPT-2 directory, a run or a checkpoint, and fine-tune "
+        "them (the context defaults to the model's; --size, --vocab-size and --tokenizer must agree with it)",
     )
-    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (default 1024)")
+    p.add_argument(
+        "--tokenizer", choices=("char", "bpe"), default=None, help="character or byte-level BPE (default char)"
+    )
+    p.add_argument("--vocab-size", type=int, default=None, help=f"BPE vocabulary size (default {DEFAULT_VOCAB_SIZE})")
     p.add_argument(
         "--size",
         choices=tuple(SIZES),
@@ -294,9 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
         + " (default small)",
     )
     p.add_argument(
-        "--context", type=int, default=None, help="context length (default: the preset's, or the longest line + 2)"
+        "--context",
+        type=int,
+        default=None,
+        help="context length (default: the preset's or the --init-from model's, or the longest line + 2)",
     )
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (default 0.1)")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help=f"dropout rate (default {DEFAULT_DROPOUT}; with --init-from, the model's own rates)",
+    )
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")

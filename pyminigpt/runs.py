@@ -139,10 +139,11 @@ def find_run_dir(weights: Path) -> Path | None:
     return None
 
 
-def load_model(path: str, device: torch.device, tokenizer_path: str | None = None) -> Loaded:
+def load_model(path: str, device: torch.device, tokenizer_path: str | None = None, argument: str = "MODEL") -> Loaded:
     """Load MODEL (a run directory, a checkpoint, or a GPT-2 directory) with its tokenizer.
 
     Trainer checkpoints are verified (sizes, SHA-256, config) before any weight is used.
+    `argument` names the command-line argument that gave `path`, in the error messages.
     """
     from safetensors import SafetensorError
 
@@ -153,15 +154,15 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
 
     weights = Path(path)
     if not weights.is_dir():
-        raise UsageError(f"model directory not found: {str(weights)!r}")
+        raise UsageError(f"{argument}: model directory not found: {str(weights)!r}")
     if not (weights / "config.json").is_file() and (weights / RUN_FILE).is_file():  # a run: take its best checkpoint
         found = [weights / name for name in ("best", "last") if (weights / name / "config.json").is_file()]
         if not found:
-            raise UsageError(f"run directory {str(weights)!r} has no checkpoint yet (best/ or last/)")
+            raise UsageError(f"{argument}: run directory {str(weights)!r} has no checkpoint yet (best/ or last/)")
         weights = found[0]
     config_file = weights / "config.json"
     if not config_file.is_file():
-        raise UsageError(f"{str(weights)!r} is not a model directory (no config.json)")
+        raise UsageError(f"{argument}: {str(weights)!r} is not a GPT-2 model directory (no config.json)")
 
     run_dir = find_run_dir(weights)
     run = read_json(run_dir / RUN_FILE, "run file") if run_dir is not None else {}
@@ -173,19 +174,21 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
             tokenizer = load_tokenizer(tokenizer_path)
         else:
             tokenizer_path = str(weights)
-            if not ((weights / "tokenizer.json").is_file() or (weights / "vocab.json").is_file()):
+            if not (weights / "tokenizer.json").is_file() and not all(
+                (weights / name).is_file() for name in ("vocab.json", "merges.txt")
+            ):
                 raise UsageError(
-                    f"no tokenizer in {str(weights)!r} (tokenizer.json, or vocab.json + merges.txt); "
-                    f"pass --tokenizer FILE"
+                    f"{argument}: no tokenizer in {str(weights)!r} (tokenizer.json, or vocab.json + merges.txt)"
+                    + ("; pass --tokenizer FILE" if argument == "MODEL" else "")
                 )
             tokenizer = BPETokenizer.from_pretrained(weights)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load the tokenizer: {err}") from None
+        raise UsageError(f"{argument}: cannot load the tokenizer: {err}") from None
 
     try:
         config = config_from_hf(read_json(config_file, "model config"))
     except (TypeError, ValueError) as err:
-        raise UsageError(f"model config {str(config_file)!r} is not a GPT-2 config: {err}") from None
+        raise UsageError(f"{argument}: model config {str(config_file)!r} is not a GPT-2 config: {err}") from None
     if (weights / "trainer_state.json").is_file():
         model = GPT(config)
         load_checkpoint(weights, model)  # verifies every file; CheckpointError names it
@@ -193,10 +196,12 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
         try:
             model = GPT.from_pretrained(weights)
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise UsageError(f"cannot load the weights in {str(weights)!r} (truncated or corrupt?): {err}") from None
+            raise UsageError(
+                f"{argument}: cannot load the weights in {str(weights)!r} (truncated or corrupt?): {err}"
+            ) from None
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(
-            f"tokenizer {tokenizer_path!r} has {tokenizer.vocab_size} tokens but the model in {str(weights)!r} "
+            f"{argument}: tokenizer {tokenizer_path!r} has {tokenizer.vocab_size} tokens but the model in {str(weights)!r} "
             f"has vocab_size={model.config.vocab_size}: they were not made for each other"
         )
     return Loaded(model.to(device).eval(), tokenizer, run.get("format") == "lines", weights, tokenizer_path)
@@ -279,9 +284,82 @@ def load_corpus(data: str | None) -> tuple[str, object]:
         raise UsageError(str(err)) from None
 
 
-def save_model_dir(loaded: Loaded, out: Path) -> None:
-    """Write model + tokenizer + run file as a model directory that `load_model` reads."""
+def save_model_dir(loaded: Loaded, out: Path, name: str = "last") -> Path:
+    """Write `loaded` as a run directory that `load_model` reads; returns the model directory `out/name`.
+
+    out/run.json (format, tokenizer kind, where it was tuned from), out/tokenizer.json, and
+    out/name/: a complete transformers model directory (config, weights, generation
+    config, tokenizer files), written atomically.
+    """
+    from .io import atomic_directory
+
     out.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(out)
+    with atomic_directory(out / name) as tmp:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp, model_max_length=loaded.model.config.n_positions)
     loaded.tokenizer.save(out / TOKENIZER_FILE)
-    write_json({"format": "lines" if loaded.sos else "stream", "tuned_from": str(loaded.path)}, out / RUN_FILE)
+    run = {
+        "format": "lines" if loaded.sos else "stream",
+        "tokenizer": tokenizer_kind(loaded.tokenizer),
+        "context": loaded.model.config.n_positions,
+        "tuned_from": str(Path(loaded.path).resolve()),
+    }
+    write_json(run, out / RUN_FILE)
+    return out / name
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """'char' or 'bpe', as `train --tokenizer` names them."""
+    from .tokenizer import CharTokenizer
+
+    return "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
+
+
+def size_name(config) -> str:
+    """The preset (`SIZES`) with the shape of `config`, or its shape as LAYERSxWIDTH."""
+    shape = (config.n_layer, config.n_head, config.n_embd)
+    for name, preset in SIZES.items():
+        if (preset["n_layer"], preset["n_head"], preset["n_embd"]) == shape:
+            return name
+    return f"{config.n_layer}x{config.n_embd}"
+
+
+def load_init_model(path: str, size: str | None, vocab_size: int | None, tokenizer: str | None, context: int | None):
+    """`train --init-from`: load the model and tokenizer at `path`, refusing options that contradict them.
+
+    size, vocab_size, tokenizer, context: the `train` options as given (None: not given).
+    """
+    loaded = load_model(path, torch.device("cpu"), argument="--init-from")
+    config = loaded.model.config
+    model_desc = (
+        f"the model in --init-from {str(loaded.path)!r} ({config.n_layer} layers, {config.n_head} heads, "
+        f"width {config.n_embd}, vocab_size {config.vocab_size}, context {config.n_positions})"
+    )
+    if size is not None and size_name(config) != size:
+        preset = SIZES[size]
+        raise UsageError(
+            f"--size {size} ({preset['n_layer']} layers, {preset['n_head']} heads, width {preset['n_embd']}) "
+            f"contradicts {model_desc}: leave --size out"
+        )
+    if vocab_size is not None and vocab_size != config.vocab_size:
+        raise UsageError(f"--vocab-size {vocab_size} contradicts {model_desc}: leave --vocab-size out")
+    if tokenizer is not None and tokenizer != tokenizer_kind(loaded.tokenizer):
+        raise UsageError(
+            f"--tokenizer {tokenizer} contradicts {model_desc}, whose tokenizer is "
+            f"{tokenizer_kind(loaded.tokenizer)}: leave --tokenizer out"
+        )
+    if context is not None and context > config.n_positions:
+        raise UsageError(f"--context {context} is longer than the context of {model_desc}")
+    return loaded
+
+
+def with_dropout(model, dropout: float):
+    """A copy of GPT `model` with its three dropout rates set to `dropout` (same weights)."""
+    from dataclasses import replace
+
+    from .model import GPT
+
+    config = replace(model.config, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    copy = GPT(config)
+    copy.load_state_dict(model.state_dict())
+    return copy
