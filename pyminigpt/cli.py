@@ -2,6 +2,7 @@
 
     pyminigpt demo                      train a character model on fantasy names and explore it (~90 s on 2 cores)
     pyminigpt train [DATA]              train a model on a text file (or the built-in names)
+    pyminigpt train DATA --init-from DIR  fine-tune a GPT-2 directory (or a run) on a text file
     pyminigpt generate MODEL            sample text from a trained run, checkpoint or HF GPT-2 directory
     pyminigpt perplexity MODEL [FILE]   score a text
     pyminigpt chat MODEL [--feedback]   talk to a model; with --feedback, rate its replies and tune it
