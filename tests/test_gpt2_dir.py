@@ -5,8 +5,11 @@ and the errors that name the argument."""
 
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from pyminigpt.model import GPT
 from pyminigpt.runs import load_model
 from pyminigpt.tokenizer import BPETokenizer, load_tokenizer
 
+REPO = Path(__file__).resolve().parents[1]
 STEPS = ["--batch-size", "4", "--warmup", "1", "--eval-interval", "2", "--no-progress"]
 
 
@@ -159,6 +163,24 @@ def test_chat_feedback_on_a_gpt2_directory(capsys, monkeypatch, tiny_gpt2_dir, t
     code, text, _ = run(capsys, "generate", tuned, "--prompt", "the", "--num-samples", "1", "--max-new-tokens", "3")
     assert code == 0 and text.startswith("the")
     assert run(capsys, "perplexity", tuned, "--text", "the cat sat on the mat")[0] == 0
+
+
+def test_fine_tune_under_torchrun(tiny_gpt2_dir, text_file, tmp_path):
+    """The README's torchrun command: two CPU processes (gloo), one run directory written by rank 0."""
+    out = tmp_path / "ddp"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pyminigpt", "train", str(text_file), "--init-from", str(tiny_gpt2_dir), "--steps", "2",
+               "--device", "cpu", "--out", str(out), *STEPS]  # fmt: skip
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("fine-tuning") == 1  # rank 0 alone prints
+    assert json.loads((out / "last" / "trainer_state.json").read_text())["world_size"] == 2
+    load_in_transformers(out / "last")
 
 
 # ----------------------------------------------------------------------------- bad input
