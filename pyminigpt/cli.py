@@ -104,6 +104,10 @@ def cmd_train(args) -> int:
         corpus = [line.strip() for line in corpus.splitlines() if line.strip()]
     if context is not None and context < 3:
         raise UsageError(f"--context must be >= 3, got {context}")
+    if model_config is not None and context is not None and context > model_config["n_positions"]:
+        raise UsageError(
+            f"--context {context} is longer than the context of the run's model ({model_config['n_positions']})"
+        )
     if not args.resume and init is None:
         try:
             if kind == "char":
@@ -112,17 +116,19 @@ def cmd_train(args) -> int:
                 tokenizer = BPETokenizer.train(corpus, vocab_size=args.vocab_size or DEFAULT_VOCAB_SIZE)
         except ValueError as err:
             raise UsageError(f"{source}: {err}") from None
-    if init is not None:
+    if kind == "char" and (init is not None or args.resume):  # a tokenizer not built on this text
         for piece in corpus if lines else [corpus]:
-            encode_check(init, piece, source)
+            try:
+                tokenizer.encode(piece)
+            except ValueError as err:
+                raise UsageError(f"{source}: {err}") from None
     if context is None:
-        # a sequence run fits its longest text; a stream run takes the preset's (or the model's) context
-        longest = max(len(tokenizer.encode(t)) for t in corpus) + 2 if lines else None
         limit = init.model.config.n_positions if init is not None else None
-        if lines:
-            context = min(longest, limit) if limit is not None else longest
-        else:
-            context = limit if limit is not None else SIZES[size]["context"]
+        if lines:  # a sequence run fits its longest text (within the model's context)
+            context = max(len(tokenizer.encode(t)) for t in corpus) + 2
+            context = min(context, limit) if limit is not None else context
+        else:  # a stream run takes the model's context, or the preset's
+            context = limit or SIZES[size]["context"]
     train_ds, eval_ds = make_datasets(source, corpus, tokenizer, lines, context)
     seed_all(args.seed)
     try:

@@ -101,6 +101,9 @@ def test_resume_a_fine_tuning_run(capsys, fine_tuned, text_file, tmp_path):
         "--init-from",
         "--resume",
     )
+    assert_usage_error(
+        capsys, ["train", "--resume", "--out", run_dir, "--context", "65", *STEPS], "--context 65", "(64)"
+    )
     code, out, _ = run(capsys, "train", "--resume", "--out", run_dir, "--steps", "6", *STEPS)
     assert code == 0, out
     assert json.loads((run_dir / "last" / "trainer_state.json").read_text())["step"] == 6
@@ -143,6 +146,17 @@ def test_checkpoints_of_runs_from_scratch_load_in_transformers(capsys, tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(
             GPT.from_pretrained(out / "last")(torch.tensor([ids])).logits, model(torch.tensor([ids])).logits
+        )
+    if kind == "char":  # a character model cannot fine-tune on characters it never saw
+        other = tmp_path / "other.txt"
+        other.write_text("the cat #1\n", encoding="utf-8")
+        capsys.readouterr()  # transformers' progress bars
+        assert_usage_error(
+            capsys,
+            ["train", other, "--init-from", out, "--out", tmp_path / "again"],
+            "'#'",
+            "not in the vocabulary",
+            other,
         )
 
 
