@@ -324,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model on a text file or the built-in names",
         description="Train a GPT on DATA (a UTF-8 text file; default: the built-in names corpus). "
-        "The run directory gets the tokenizer, checkpoints (best/, last/) and loss.png.",
+        "The run directory gets the tokenizer, checkpoints (best/, last/) and loss.png; each checkpoint is "
+        "a transformers model directory. With --init-from DIR, fine-tune the weights and tokenizer of a GPT-2 "
+        "directory (or an earlier run) instead of starting from scratch.",
     )
     p.add_argument("data", nargs="?", default=None, help="UTF-8 text file (default: built-in names, one per sequence)")
     p.add_argument("--lines", action="store_true", help="each line of DATA is one sequence (<SOS> line <EOS>)")

@@ -198,11 +198,11 @@ def hf_tokenizer(directory):
 
 @pytest.mark.parametrize("unk", [False, True])
 def test_char_save_pretrained_loads_in_transformers(tmp_path, unk):
-    tok = CharTokenizer.from_text("hello world\nçé", unk=unk)
+    tok = CharTokenizer.from_text("hello world\nçé\U0001f680\r\t", unk=unk)
     paths = tok.save_pretrained(tmp_path, model_max_length=32)
     assert sorted(p.name for p in paths) == ["tokenizer.json", "tokenizer_config.json"]
     hf = hf_tokenizer(tmp_path)
-    text = "hello\n wé  "
+    text = "hello\n wé\U0001f680\r\n\t  "
     assert hf(text)["input_ids"] == tok.encode(text) and hf.decode(tok.encode(text)) == text
     assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (tok.pad_id, tok.sos_id, tok.eos_id)
     assert hf.model_max_length == 32
