@@ -130,6 +130,7 @@ def run(args) -> int:
             device="cpu",
             progress=not args.no_progress,
         ),
+        tokenizer=tokenizer,  # each checkpoint a complete transformers model directory
     )
     history = trainer.train()
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]

@@ -88,6 +88,7 @@ def test_demo_quick(capsys, tmp_path):
     for png in ("loss.png", "attention.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert str(out_dir / png) in out
+    assert (out_dir / "last" / "tokenizer.json").is_file()  # a transformers model directory
     # the demo's model is a run that the other commands use
     code, out, _ = run(capsys, "generate", out_dir, "--num-samples", "2", "--seed", "0")
     assert code == 0 and len(out.splitlines()) == 2
