@@ -1,10 +1,19 @@
 """Run directories, and loading a model with its tokenizer: the pieces the commands share.
 
-A training run is a directory: `run.json` (how it was made), `tokenizer.json`, the
-trainer's checkpoints `best/`, `last/`, `step-*/` (each a GPT-2 directory that
-transformers loads too) and `loss.png`. MODEL may be a run directory (its best
-checkpoint is used), one of its checkpoints, or any GPT-2 directory with its tokenizer
-files (config.json + model.safetensors + tokenizer.json or vocab.json/merges.txt).
+A training run is a directory:
+
+    run.json          how it was made: format ("lines" or "stream"), data, size, context,
+                      tokenizer ("char" or "bpe"); after --init-from also init_from and
+                      model_config; a chat --feedback tuning has tuned_from instead
+    tokenizer.json    the tokenizer, in pyminigpt's format (`tokenizer.load_tokenizer`)
+    best/ last/ step-*/   checkpoints: each a complete transformers model directory
+                      (config, weights, generation config, tokenizer files) plus the
+                      trainer state (`checkpoint.py`)
+    loss.png          (rewards.png after chat --feedback)
+
+MODEL may be a run directory (its best checkpoint is used), one of its checkpoints, or
+any GPT-2 directory with its tokenizer files (config.json + model.safetensors +
+tokenizer.json or vocab.json/merges.txt).
 
 `load_model(path, device)` returns a `Loaded` record (model, tokenizer, how prompts start);
 every problem is a `UsageError` with a one-line message naming the file.
@@ -37,6 +46,7 @@ class UsageError(Exception):
 
 
 def read_json(path: Path, what: str) -> dict:
+    """The JSON object in `path`; a missing or corrupt file is a UsageError naming `what` and the file."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -49,10 +59,12 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def write_json(obj: dict, path: Path) -> None:
+    """Write `obj` to `path` as JSON, atomically."""
     atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device for a --device value (auto: CUDA when there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -65,6 +77,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def seed_all(seed: int) -> None:
+    """Seed Python's and torch's random generators."""
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -133,6 +146,7 @@ class Loaded:
 
 
 def find_run_dir(weights: Path) -> Path | None:
+    """The run directory that holds the model directory `weights` (itself or its parent), or None."""
     for d in (weights, weights.parent):
         if (d / RUN_FILE).is_file():
             return d
@@ -216,6 +230,7 @@ def encode_check(loaded: Loaded, text: str, what: str) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None = None) -> None:
+    """The sampling, --device and --tokenizer options that generate and chat share."""
     g = p.add_argument_group("sampling (transformers' generate semantics)")
     g.add_argument(
         "--max-new-tokens",
@@ -250,6 +265,7 @@ def check_sampling(args) -> None:
 
 
 def sampling_kwargs(args, loaded: Loaded, prompt: str) -> dict:
+    """`generate_text` keyword arguments from the sampling options; --max-new-tokens fits the context."""
     from .analysis import prompt_ids
 
     context = loaded.model.config.n_positions
