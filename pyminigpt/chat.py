@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .runs import (
+    RUN_FILE,
     UsageError,
     add_sampling_args,
     check_sampling,
     load_model,
     pick_device,
+    read_json,
     sampling_kwargs,
     save_model_dir,
 )
@@ -46,6 +48,21 @@ def _read_line(prompt: str) -> str | None:
         return None
 
 
+def _check_out(out: Path) -> None:
+    """--out must be new, empty, or an earlier feedback run (which it replaces): never a training run or a model."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; choose a directory")
+    run_file = out / RUN_FILE
+    earlier_tuning = run_file.is_file() and "tuned_from" in read_json(run_file, "run file")
+    if any(out.iterdir()) and not earlier_tuning:
+        raise UsageError(
+            f"--out {str(out)!r} already holds files that are not an earlier chat --feedback run; "
+            f"choose another directory"
+        )
+
+
 def run(args) -> int:
     """Run `pyminigpt chat`."""
     from .analysis import generate_text, plot_curve
@@ -56,6 +73,8 @@ def run(args) -> int:
     loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
     if args.feedback and out.resolve() in (loaded.path.resolve(), loaded.path.parent.resolve()):
         raise UsageError(f"--out {str(out)!r} would overwrite the model being tuned; choose another directory")
+    if args.feedback:
+        _check_out(out)
     trainer = None
     if args.feedback:
         if not (args.lr > 0 and args.kl_coef >= 0):

@@ -252,3 +252,10 @@ def test_init_from_with_contradicting_options(capsys, tmp_path, text_file, tiny_
 
 def test_empty_prompt_and_text(capsys, tiny_gpt2_dir):
     assert_usage_error(capsys, ["perplexity", tiny_gpt2_dir, "--text", " "], "--text", "empty")
+
+
+def test_chat_feedback_never_overwrites_a_training_run(capsys, fine_tuned, tiny_gpt2_dir):
+    before = sorted(p.name for p in fine_tuned.rglob("*"))
+    assert_usage_error(capsys, ["chat", tiny_gpt2_dir, "--feedback", "--out", fine_tuned], "--out", "choose another")
+    assert_usage_error(capsys, ["chat", fine_tuned, "--feedback", "--out", tiny_gpt2_dir], "--out", "choose another")
+    assert sorted(p.name for p in fine_tuned.rglob("*")) == before
