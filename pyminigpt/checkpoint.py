@@ -2,14 +2,18 @@
 
     <name>/config.json                 the model config (GPT.from_pretrained reads the directory,
     <name>/model.safetensors           and so does transformers.GPT2LMHeadModel)
+    <name>/generation_config.json      the special token ids for transformers' generate
+    <name>/tokenizer.json              the tokenizer, in transformers' layout, when one is given
+    <name>/tokenizer_config.json       (so AutoTokenizer and pipeline("text-generation") load it)
     <name>/trainer_state.json          step, data position, best loss, history, optimizer
                                        hyper-parameters, Python/NumPy RNG states, file checksums
     <name>/trainer_state.safetensors   optimizer moments, torch RNG states
 
-Atomicity: everything is written into `<name>.tmp/` and fsynced; then an existing `<name>`
-is renamed to `<name>.old`, `<name>.tmp` to `<name>`, and `<name>.old` removed. At every
-instant `<name>` or `<name>.old` is a complete checkpoint, and `resolve_checkpoint` finds
-it, so a crash (or an exception) mid-save never damages what was saved before.
+Atomicity (`pyminigpt.io.atomic_directory`): everything is written into `<name>.tmp/` and
+fsynced; then an existing `<name>` is renamed to `<name>.old`, `<name>.tmp` to `<name>`, and
+`<name>.old` removed. At every instant `<name>` or `<name>.old` is a complete checkpoint, and
+`resolve_checkpoint` finds it, so a crash (or an exception) mid-save never damages what was
+saved before.
 
 Loading checks that every file is present, that its size and SHA-256 match the ones
 recorded at save time, and that the model config matches; any failure raises a
@@ -21,10 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from .io import atomic_directory
 
 __all__ = ["ARCH_FIELDS", "CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
 
@@ -50,15 +55,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name == "posix":
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The complete checkpoint directory for `path`: `path` itself, or `path.old` left by a crash mid-swap."""
     path = Path(path)
@@ -73,36 +69,28 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
-def save_checkpoint(path: str | os.PathLike, model, state: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write model weights + config, `state` (JSON-able) and `tensors` as checkpoint directory `path`."""
+def save_checkpoint(
+    path: str | os.PathLike, model, state: dict, tensors: dict[str, torch.Tensor], tokenizer=None
+) -> Path:
+    """Write model weights + config, `state` (JSON-able), `tensors` and `tokenizer`'s files as checkpoint `path`.
+
+    With a tokenizer (`pyminigpt.tokenizer`), the directory is a complete transformers
+    model directory. Every file but trainer_state.json is recorded with its size and SHA-256.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.exists() and not (path / STATE_JSON).is_file():
         raise FileExistsError(f"refusing to overwrite {str(path)!r}: it is not a pyminigpt training checkpoint")
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp, model_max_length=model.config.n_positions)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                 for name in (CONFIG, WEIGHTS, STATE_TENSORS)}  # fmt: skip
+        files = {file.name: {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+                 for file in sorted(tmp.iterdir()) if file.is_file()}  # fmt: skip
         record = {"format_version": FORMAT_VERSION, "files": files, **state}
         (tmp / STATE_JSON).write_text(json.dumps(record, indent=1), encoding="utf-8")
-        for name in (CONFIG, WEIGHTS, STATE_TENSORS, STATE_JSON):
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():  # keep the complete previous checkpoint as `.old` until the new one is in place
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .io import atomic_write
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -87,10 +88,9 @@ def write_token_file(
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         dtype = _dtype_for(vocab_size - 1)
         chunks = [ids] if isinstance(ids, (np.ndarray, torch.Tensor, list, tuple)) else ids
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    try:
+
+    def write(tmp: Path) -> None:
+        count = 0
         with open(tmp, "wb") as f:
             f.write(_HEADER.pack(_MAGIC, _VERSION, dtype.itemsize, 0))
             for chunk in chunks:
@@ -103,11 +103,8 @@ def write_token_file(
                 count += chunk.size
             f.seek(0)
             f.write(_HEADER.pack(_MAGIC, _VERSION, dtype.itemsize, count))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def read_token_file(path: str | os.PathLike) -> np.memmap:

@@ -10,8 +10,6 @@ without transformers being imported; hub names go through `transformers.GPT2LMHe
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -35,6 +33,8 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 def config_from_hf(hf_config) -> GPTConfig:
     """GPTConfig from a transformers GPT2Config, or from the dict of its config.json."""
     values = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    if values.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"model_type={values['model_type']!r} is not a GPT-2 model (expected 'gpt2')")
     for name, supported in FIXED_HF_OPTIONS.items():
         if values.get(name, supported) != supported:
             raise ValueError(f"HF config {name}={values[name]!r} is not supported (only {supported!r})")
@@ -44,6 +44,12 @@ def config_from_hf(hf_config) -> GPTConfig:
 def config_to_hf_dict(config: GPTConfig) -> dict:
     """The config.json contents transformers reads as a GPT2Config."""
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **config.to_dict()}
+
+
+def generation_config_dict(config: GPTConfig) -> dict:
+    """The generation_config.json contents: the special token ids transformers' `generate` uses."""
+    ids = {name: getattr(config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {"_from_model_config": True, **{name: value for name, value in ids.items() if value is not None}}
 
 
 def config_to_hf(config: GPTConfig):
@@ -112,8 +118,10 @@ def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=
 
 
 def save_pretrained(model: GPT, directory) -> None:
-    """Write config.json and model.safetensors (HF layout) into directory, each atomically."""
+    """Write config.json, model.safetensors (HF layout) and generation_config.json into directory, each atomically."""
     from safetensors.torch import save_file
+
+    from .io import atomic_write
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -121,18 +129,9 @@ def save_pretrained(model: GPT, directory) -> None:
     if model.config.tie_word_embeddings:
         del tensors["lm_head.weight"]  # the same tensor as transformer.wte.weight
     tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}
-    _write_atomically(directory / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    config_json = json.dumps(config_to_hf_dict(model.config), indent=2, sort_keys=True) + "\n"
-    _write_atomically(directory / "config.json", lambda f: Path(f).write_text(config_json))
-
-
-def _write_atomically(path: Path, write) -> None:
-    """write(temp_path) next to path, then rename it over path: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    for name, contents in (
+        ("config.json", config_to_hf_dict(model.config)),
+        ("generation_config.json", generation_config_dict(model.config)),
+    ):
+        atomic_write(directory / name, json.dumps(contents, indent=2, sort_keys=True) + "\n")

@@ -10,6 +10,13 @@ Both tokenizers share one interface (`Tokenizer`):
 
 `load_tokenizer(path)` reads either kind back from its JSON file.
 
+`save_pretrained(directory)` writes the tokenizer in transformers' layout instead:
+`tokenizer.json` (a `tokenizers` file) + `tokenizer_config.json` (the special tokens), which
+`transformers.AutoTokenizer.from_pretrained` loads (as a fast tokenizer) and
+`BPETokenizer.from_pretrained` reads back. A CharTokenizer is written as a `tokenizers`
+word-level model over single characters, so it encodes and decodes the same ids in
+transformers; without `unk=True` an unknown character is an error there too.
+
 CharTokenizer ids: <PAD>=0, <SOS>=1, <EOS>=2, then <UNK>=3 when built with `unk=True`,
 then the corpus characters in code-point order. Unknown characters: by default
 `encode` raises a ValueError naming every character that is not in the vocabulary;
@@ -32,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from .io import atomic_write
+
 __all__ = ["BPETokenizer", "CharTokenizer", "Tokenizer", "load_tokenizer"]
 
 PAD, SOS, EOS, UNK = "<PAD>", "<SOS>", "<EOS>", "<UNK>"
@@ -52,21 +61,24 @@ def _read_json(path: str | os.PathLike, what: str) -> dict:
 
 
 def _write_json(obj: dict, path: str | os.PathLike) -> Path:
-    """Write `obj` to `path` atomically (a temporary file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write `obj` to `path` as JSON, atomically (see `pyminigpt.io`)."""
+    return atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=1))
+
+
+# The files `save_pretrained` writes, in transformers' layout.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 class Tokenizer:
-    """The shared interface; subclasses implement `encode`, `decode`, `vocab_size`, `save`."""
+    """The shared interface; subclasses implement `encode`, `decode`, `vocab_size`, `save`, `to_tokenizers`."""
 
     pad_id: int
     sos_id: int
     eos_id: int
+    pad_token: str
+    sos_token: str
+    eos_token: str
+    unk_token: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -80,6 +92,29 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         raise NotImplementedError
+
+    def to_tokenizers(self):
+        """This tokenizer as a `tokenizers.Tokenizer` with the same ids."""
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike, model_max_length: int | None = None) -> list[Path]:
+        """Write tokenizer.json + tokenizer_config.json (transformers' layout) into `directory`; returns the paths."""
+        directory = Path(directory)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.sos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "clean_up_tokenization_spaces": False,  # decode must give back the text, spaces included
+        }
+        if self.unk_token is not None:
+            config["unk_token"] = self.unk_token
+        if model_max_length is not None:
+            config["model_max_length"] = int(model_max_length)
+        return [
+            atomic_write(directory / "tokenizer.json", self.to_tokenizers().to_str()),
+            atomic_write(directory / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n"),
+        ]
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -134,7 +169,9 @@ class CharTokenizer(Tokenizer):
         self.unk = bool(unk)
         self.specials = [PAD, SOS, EOS] + ([UNK] if self.unk else [])
         self.pad_id, self.sos_id, self.eos_id = 0, 1, 2
+        self.pad_token, self.sos_token, self.eos_token = PAD, SOS, EOS
         self.unk_id = 3 if self.unk else None
+        self.unk_token = UNK if self.unk else None
         self.chars = chars
         self._stoi = {c: i + len(self.specials) for i, c in enumerate(chars)}
         self._itos = self.specials + chars
@@ -177,6 +214,18 @@ class CharTokenizer(Tokenizer):
 
     def save(self, path: str | os.PathLike) -> Path:
         return _write_json({"type": "char", "unk": self.unk, "chars": self.chars}, path)
+
+    def to_tokenizers(self):
+        """A word-level `tokenizers.Tokenizer` whose words are single characters; the same ids."""
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer(models.WordLevel({token: i for i, token in enumerate(self._itos)}, unk_token=UNK))
+        # Oniguruma's (?m) lets "." match a newline too: every character is one piece
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens(self.specials)
+        return tok
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CharTokenizer:
@@ -235,7 +284,9 @@ class BPETokenizer(Tokenizer):
         The directory holds `tokenizer.json`, or `vocab.json` + `merges.txt`. With
         `use_transformers=True` (or None and neither layout present) it goes through
         transformers' `AutoTokenizer` (local files only), which reads any layout that
-        transformers knows. `<|endoftext|>` is SOS, EOS and padding, as in GPT-2.
+        transformers knows. The special tokens are those that `tokenizer_config.json`
+        names (eos_token, bos_token, pad_token); by default `<|endoftext|>` is SOS, EOS and
+        padding, as in GPT-2.
         """
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers
@@ -261,11 +312,12 @@ class BPETokenizer(Tokenizer):
         except Exception as err:  # noqa: BLE001 (tokenizers raises a bare Exception on malformed files)
             names = "tokenizer.json" if single.is_file() else "vocab.json / merges.txt"
             raise ValueError(f"cannot read the tokenizer in {str(path)!r} ({names}): {err}") from None
-        eos = "<|endoftext|>"
-        if tok.token_to_id(eos) is None:
-            raise ValueError(f"the tokenizer in {str(path)!r} has no {eos!r} token")
-        tok.add_special_tokens([eos])
-        return cls(tok, pad_token=eos, sos_token=eos, eos_token=eos)
+        eos, sos, pad = _special_tokens(path)
+        for token in {eos, sos, pad}:
+            if tok.token_to_id(token) is None:
+                raise ValueError(f"the tokenizer in {str(path)!r} has no {token!r} token")
+        tok.add_special_tokens(sorted({eos, sos, pad}))
+        return cls(tok, pad_token=pad, sos_token=sos, eos_token=eos)
 
     @classmethod
     def _from_transformers(cls, path: Path) -> BPETokenizer:
@@ -287,6 +339,9 @@ class BPETokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def to_tokenizers(self):
+        return self.tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -328,6 +383,18 @@ class BPETokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos_token={self.eos_token!r})"
+
+
+def _special_tokens(directory: Path) -> tuple[str, str, str]:
+    """(eos, sos, pad) token strings of a transformers tokenizer directory; GPT-2's by default."""
+
+    def name(value):  # transformers writes a token as a str or as {"content": str, ...}
+        return value.get("content") if isinstance(value, dict) else value
+
+    config_file = directory / "tokenizer_config.json"
+    config = _read_json(config_file, "tokenizer config") if config_file.is_file() else {}
+    eos = name(config.get("eos_token")) or "<|endoftext|>"
+    return eos, name(config.get("bos_token")) or eos, name(config.get("pad_token")) or eos
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -15,7 +15,9 @@ One optimizer step = `grad_accum_steps` micro-batches of `batch_size` sequences 
 Checkpoints (in `out_dir`, see `checkpoint.py` for the format and atomicity):
 `step-NNNNNNN` every `save_interval` steps (the newest `keep_checkpoints` kept), `best` at
 every new best eval loss, `last` at the end of `train()` and on Ctrl-C. Each holds the
-model (loadable with `GPT.from_pretrained`) and the full trainer state: optimizer, step,
+model (loadable with `GPT.from_pretrained`; with `Trainer(..., tokenizer=tok)` the tokenizer
+files too, so that each checkpoint is a complete transformers model directory that
+`GPT2LMHeadModel`, `AutoTokenizer` and `pipeline` load) and the full trainer state: optimizer, step,
 data position, best loss, history, and every RNG state (Python, NumPy, torch CPU and CUDA,
 per process), so a resumed fp32 run reproduces the losses of an uninterrupted one.
 
@@ -52,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .io import atomic_write
 
 __all__ = ["Trainer", "TrainerConfig", "plot_history"]
 
@@ -123,11 +126,7 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, fig.savefig)
 
 
 def _join_process_group(on_cuda: bool) -> tuple[int, int, int]:
@@ -187,11 +186,17 @@ class Trainer:
     """Train `model` (a `pyminigpt.GPT`) on `train_dataset`; see the module docstring.
 
     Attributes: `model` (the unwrapped model), `optimizer`, `step` (optimizer steps done),
-    `history`, `best_eval_loss`, `rank`, `world_size`, `device`, `interrupted`.
+    `history`, `best_eval_loss`, `rank`, `world_size`, `device`, `interrupted`. `tokenizer`
+    (a `pyminigpt.tokenizer` tokenizer, optional) is saved into every checkpoint.
     """
 
     def __init__(
-        self, model, train_dataset: Dataset, eval_dataset: Dataset | None = None, config: TrainerConfig | None = None
+        self,
+        model,
+        train_dataset: Dataset,
+        eval_dataset: Dataset | None = None,
+        config: TrainerConfig | None = None,
+        tokenizer=None,
     ):
         self.config = cfg = config if config is not None else TrainerConfig()
         if not isinstance(cfg, TrainerConfig):
@@ -213,6 +218,7 @@ class Trainer:
                 f"batch_size={cfg.batch_size} x world_size={self.world_size}"
             )
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.tokenizer = tokenizer
         self.model = model.to(self.device)
         self.ddp_model = (
             DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -527,7 +533,7 @@ class Trainer:
                 "rng": [j for j, _ in gathered],
                 "history": self.history,
             }
-            save_checkpoint(path, self.model, state, tensors)
+            save_checkpoint(path, self.model, state, tensors, tokenizer=self.tokenizer)
         if self.world_size > 1:
             dist.barrier()
         return path

@@ -88,6 +88,7 @@ def test_demo_quick(capsys, tmp_path):
     for png in ("loss.png", "attention.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert str(out_dir / png) in out
+    assert (out_dir / "last" / "tokenizer.json").is_file()  # a transformers model directory
     # the demo's model is a run that the other commands use
     code, out, _ = run(capsys, "generate", out_dir, "--num-samples", "2", "--seed", "0")
     assert code == 0 and len(out.splitlines()) == 2
@@ -227,8 +228,9 @@ def test_chat_feedback_with_scripted_stdin(names_run, tmp_path):
     assert "'not a number' is not a number in [-1, 1]" in result.stdout
     assert "3 ratings" in result.stdout
     assert (tuned / "rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tuned / "model.safetensors").is_file() and (tuned / "tokenizer.json").is_file()
-    # the tuned model is a model directory like any other
+    # the tuned model is a run directory, its model a transformers model directory
+    assert (tuned / "last" / "model.safetensors").is_file() and (tuned / "tokenizer.json").is_file()
+    assert (tuned / "run.json").is_file() and (tuned / "last" / "tokenizer_config.json").is_file()
     assert main(["generate", str(tuned), "--num-samples", "1", "--seed", "0"]) == 0
 
 

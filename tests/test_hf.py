@@ -12,6 +12,7 @@ from pyminigpt.model import GPT, GPTConfig
 
 ATOL = 1e-5
 VOCAB = 97
+SAVED_MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors"]  # what save_pretrained writes
 
 
 def tiny_hf(seed=0, **overrides):
@@ -56,7 +57,7 @@ def test_hf_save_then_from_pretrained(hf_model, tmp_path):
 def test_save_pretrained_then_hf_loads_it(hf_model, tmp_path):
     model = GPT.from_hf(hf_model)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == SAVED_MODEL_FILES  # no temp files left
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt2"
     reloaded_hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert (
@@ -71,7 +72,7 @@ def test_save_pretrained_overwrites_atomically(tmp_path):
     first, second = GPT.from_hf(tiny_hf(seed=0)), GPT.from_hf(tiny_hf(seed=1))
     first.save_pretrained(tmp_path / "nested" / "dir")
     second.save_pretrained(tmp_path / "nested" / "dir")
-    assert sorted(p.name for p in (tmp_path / "nested" / "dir").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "nested" / "dir").iterdir()) == SAVED_MODEL_FILES
     assert_same_logits(GPT.from_pretrained(tmp_path / "nested" / "dir"), second)
 
 
@@ -128,3 +129,26 @@ def test_mismatched_checkpoint_raises():
     model = GPT(GPTConfig(vocab_size=VOCAB, n_positions=32, n_embd=48, n_layer=1, n_head=3, n_inner=40))
     with pytest.raises(ValueError, match="missing|unexpected"):
         hf_convert.load_hf_state_dict(model, tiny_hf().state_dict())  # 2 layers into 1
+
+
+def test_generation_config_and_refused_model_types(tmp_path):
+    model = GPT.from_hf(tiny_hf())
+    model.save_pretrained(tmp_path)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match="model_type='bert' is not a GPT-2 model"):
+        hf_convert.config_from_hf({**config, "model_type": "bert"})
+
+
+def test_tiny_gpt2_dir_fixture(tiny_gpt2_dir):
+    """The shared fixture is what a user's save_pretrained directory holds, and pyminigpt loads it exactly."""
+    from pyminigpt.tokenizer import BPETokenizer
+
+    names = {p.name for p in tiny_gpt2_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "vocab.json", "merges.txt"} <= names
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir, local_files_only=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2_dir, local_files_only=True)
+    text = "how many r are there in strawberry?"
+    assert hf_tok(text)["input_ids"] == BPETokenizer.from_pretrained(tiny_gpt2_dir).encode(text)
+    assert_same_logits(GPT.from_pretrained(tiny_gpt2_dir), hf_model)

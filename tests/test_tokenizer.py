@@ -186,3 +186,49 @@ def test_corrupt_tokenizer_files_name_the_file(tmp_path, bpe):
     CharTokenizer.from_text("ab").save(tmp_path / "char.json")
     with pytest.raises(ValueError, match="char.json"):
         BPETokenizer.load(tmp_path / "char.json")
+
+
+# ----------------------------------------------------------------------------- transformers' layout
+
+
+def hf_tokenizer(directory):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+@pytest.mark.parametrize("unk", [False, True])
+def test_char_save_pretrained_loads_in_transformers(tmp_path, unk):
+    tok = CharTokenizer.from_text("hello world\nçé\U0001f680\r\t", unk=unk)
+    paths = tok.save_pretrained(tmp_path, model_max_length=32)
+    assert sorted(p.name for p in paths) == ["tokenizer.json", "tokenizer_config.json"]
+    hf = hf_tokenizer(tmp_path)
+    text = "hello\n wé\U0001f680\r\n\t  "
+    assert hf(text)["input_ids"] == tok.encode(text) and hf.decode(tok.encode(text)) == text
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (tok.pad_id, tok.sos_id, tok.eos_id)
+    assert hf.model_max_length == 32
+    if unk:
+        assert hf("hex")["input_ids"] == tok.encode("hex") == [*tok.encode("he"), tok.unk_id]
+    # and pyminigpt reads the same directory back, with the same ids and specials
+    back = BPETokenizer.from_pretrained(tmp_path)
+    assert back.encode(text) == tok.encode(text) and (back.pad_id, back.sos_id, back.eos_id) == (0, 1, 2)
+
+
+def test_bpe_save_pretrained_round_trip(tmp_path, bpe):
+    bpe.save_pretrained(tmp_path)
+    text = "Elbereth Gilthoniel, ça va?"
+    assert hf_tokenizer(tmp_path)(text)["input_ids"] == bpe.encode(text)
+    back = BPETokenizer.from_pretrained(tmp_path)
+    assert back.encode(text) == bpe.encode(text)
+    assert (back.pad_token, back.sos_token, back.eos_token) == ("<PAD>", "<SOS>", "<EOS>")
+
+
+def test_special_tokens_from_tokenizer_config(tmp_path, bpe):
+    """transformers may write a special token as {"content": ...}; a token the vocabulary lacks is an error."""
+    bpe.save_pretrained(tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "eos_token": {"content": "<SOS>", "special": True}}))
+    assert BPETokenizer.from_pretrained(tmp_path).eos_id == bpe.sos_id
+    config_file.write_text(json.dumps({**config, "pad_token": "<nope>"}))
+    with pytest.raises(ValueError, match="'<nope>'"):
+        BPETokenizer.from_pretrained(tmp_path)

@@ -17,6 +17,7 @@ from pyminigpt.tokenizer import CharTokenizer
 from pyminigpt.trainer import Trainer, TrainerConfig
 
 SEQ_LEN = 16
+SAVED_MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors"]  # what save_pretrained writes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -270,7 +271,7 @@ def test_fine_tune_from_pretrained(tmp_path, corpus):
         torch.testing.assert_close(value, model.state_dict()[key].cpu())
     with pytest.raises(FileExistsError, match="pretrained.*not a pyminigpt training checkpoint"):
         trainer.save_checkpoint(tmp_path / "pretrained")  # never clobbers a directory it did not write
-    assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == SAVED_MODEL_FILES
 
 
 def test_bad_trainer_inputs(corpus):
@@ -285,3 +286,21 @@ def test_bad_trainer_inputs(corpus):
     trainer = Trainer(tiny_model(tok.vocab_size), SlidingWindowDataset(ids, SEQ_LEN), config=config())
     with pytest.raises(ValueError, match="eval_dataset"):
         trainer.evaluate()
+
+
+def test_checkpoints_hold_the_tokenizer_and_verify_it(tmp_path, corpus):
+    """With a tokenizer, each checkpoint is a complete transformers directory; its files are checksummed too."""
+    transformers = pytest.importorskip("transformers")
+    tok, names, ids = corpus
+    data = SlidingWindowDataset(ids, SEQ_LEN)
+    Trainer(tiny_model(tok.vocab_size), data, config=config(tmp_path, max_steps=2), tokenizer=tok).train()
+    last = tmp_path / "last"
+    recorded = json.loads((last / "trainer_state.json").read_text())["files"]
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(recorded)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(last, local_files_only=True)
+    assert hf_tok(names[0])["input_ids"] == tok.encode(names[0])
+    transformers.GPT2LMHeadModel.from_pretrained(last, local_files_only=True)
+    (last / "tokenizer.json").write_text((last / "tokenizer.json").read_text().replace('"<EOS>"', '"<END>"'))
+    fresh = Trainer(tiny_model(tok.vocab_size), data, config=config(tmp_path))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json"):
+        fresh.load_checkpoint(last)
