@@ -72,3 +72,11 @@ def backend(request):
 def native_device(request):
     """The device of a C++/CUDA backend, for tests that call torch.ops.pyminigpt directly."""
     return request.param[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 directory (random weights, vocab.json + merges.txt BPE); shared, so treat it as read-only."""
+    from tiny_gpt2 import make_tiny_gpt2_dir
+
+    return make_tiny_gpt2_dir(tmp_path_factory.mktemp("tiny_gpt2"))
