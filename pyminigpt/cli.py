@@ -912,6 +912,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(run=cmd_chat)
 
+    from . import explore
+
+    explore.add_parser(sub)
+
     p = sub.add_parser(
         "info",
         help="version, kernel backends, CPU and GPU",
