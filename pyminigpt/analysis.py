@@ -118,8 +118,47 @@ class evaluating:
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Each token id as the text it stands for, special tokens included (for plot axes and tables)."""
-    return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+    """Each token id as the text it stands for, special tokens included (for plot axes and tables).
+
+    A byte-level BPE token that is only part of a character (which decodes alone to
+    U+FFFD) is shown by its bytes instead: '<0xF0><0x9F>'."""
+    strings = []
+    for i in ids:
+        text = tokenizer.decode([int(i)], skip_special_tokens=False)
+        strings.append(_token_bytes_text(tokenizer, int(i)) or text if "\ufffd" in text else text)
+    return strings
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins (GPT-2's): character -> the byte it stands for.
+
+    The printable Latin-1 bytes stand for themselves; the others (controls, space,
+    0x7F-0xA0, 0xAD), in byte order, take the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _token_bytes_text(tokenizer, token_id: int) -> str | None:
+    """The bytes of a byte-level BPE token as text, with what is not valid UTF-8 written as
+    <0xNN>; None when the tokenizer is not a byte-level BPE (no `tokenizers` vocabulary)."""
+    id_to_token = getattr(getattr(tokenizer, "tokenizer", None), "id_to_token", None)
+    piece = id_to_token(token_id) if id_to_token is not None else None
+    if piece is None or any(c not in _BYTE_LEVEL for c in piece):
+        return None
+    raw, out = bytes(_BYTE_LEVEL[c] for c in piece), []
+    while raw:
+        try:
+            out.append(raw.decode("utf-8"))
+            break
+        except UnicodeDecodeError as err:
+            out.append(raw[: err.start].decode("utf-8"))
+            out.append("".join(f"<0x{b:02X}>" for b in raw[err.start : err.end]))
+            raw = raw[err.end :]
+    return "".join(out)
 
 
 @dataclass
@@ -501,9 +540,8 @@ def _save(fig, path) -> str:
 def _grid(plt, panels: int, columns: int, panel_inches: float, extra_width: float = 1.0):
     """A figure with `panels` axes laid out `columns` wide (the unused ones hidden), as a flat list."""
     rows = math.ceil(panels / columns)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(panel_inches * columns + extra_width, panel_inches * rows + 0.8), squeeze=False
-    )
+    size = (panel_inches * columns + extra_width, panel_inches * rows + 0.8)
+    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
     flat = [ax for row in axes for ax in row]
     for ax in flat[panels:]:
         ax.set_visible(False)
@@ -534,19 +572,22 @@ def plot_attention(
         panel_titles = [f"layer {layer} head {head}" for layer in range(layers) for head in range(heads)]
     if len(panel_titles) != layers * heads:
         raise ValueError(f"panel_titles has {len(panel_titles)} entries for {layers * heads} panels")
+    columns = min(columns, layers * heads)
+    panel = min(max(1.6, 0.22 * T), 6.0, 13.0 / columns)  # at most ~13 inches across, as a page shows it
     plt = _pyplot()
-    fig, axes = _grid(plt, layers * heads, min(columns, layers * heads), min(max(1.6, 0.22 * T), 6.0))
+    fig, axes = _grid(plt, layers * heads, columns, panel)
     labels = [_visible(t) for t in tokens]
     show_labels = T <= 48
+    fontsize = min(6.0, 0.85 * 72 * panel / T)  # one row of a panel in points
     flat_maps = maps.reshape(layers * heads, T, T).float().cpu()
     for i, ax in enumerate(axes):
         image = ax.imshow(flat_maps[i].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_xticks([])
         ax.set_yticks([])
         if show_labels and i + columns >= len(axes):  # key tokens under the bottom panel of each column
-            ax.set_xticks(range(T), labels, fontsize=6, rotation=90)
+            ax.set_xticks(range(T), labels, fontsize=fontsize, rotation=90)
         if show_labels and i % columns == 0:  # query tokens left of the first column
-            ax.set_yticks(range(T), labels, fontsize=6)
+            ax.set_yticks(range(T), labels, fontsize=fontsize)
         ax.set_title(panel_titles[i], fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention")
     fig.suptitle(title or "attention (query rows, key columns)", fontsize=10)
@@ -606,7 +647,6 @@ def plot_pca_panels(
         _pca_scatter(ax, vectors, labels, panel_title, join)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     return _save(fig, path)
 
 

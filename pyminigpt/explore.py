@@ -105,7 +105,8 @@ def run(args) -> int:
     """`pyminigpt explore`: check the options, explore, print the report, write the page."""
     # pyminigpt.runs once cli.py is split: from .runs import UsageError, encode_check, load_model, pick_device
     from .cli import UsageError, load_model
-    from .cli import _device as pick_device, _encode_check as encode_check
+    from .cli import _device as pick_device
+    from .cli import _encode_check as encode_check
 
     given = args.prompt is not None
     prompt = args.prompt if given else DEFAULT_PROMPT
@@ -201,7 +202,9 @@ def explore(
     except ValueError:  # a one-token prompt: nothing to predict
         found.note("perplexity", "the prompt has a single token: there is nothing to predict, so no perplexity")
     if len(ids) > context:
-        found.note("perplexity", f"scored with a sliding window of {context} tokens (the context), stride {context // 2}")
+        found.note(
+            "perplexity", f"scored with a sliding window of {context} tokens (the context), stride {context // 2}"
+        )
     return found
 
 
@@ -266,10 +269,14 @@ def _sampling_grid(found: Exploration, model, tokenizer, ids: list[int], max_new
     """(setting, continuation) for each setting of SAMPLING_GRID, each drawn with a generator seeded `seed`."""
     from .analysis import generate_text
 
-    new = min(max_new_tokens, found.context - 1)
+    context = found.context
+    new = min(max_new_tokens, max(context - len(ids), context // 2), context - 1)  # the prompt keeps half, at least
+    if new < 1:
+        found.note("sampling", f"the context of {context} token leaves no room to generate")
+        return []
     if new < max_new_tokens:
-        found.note("sampling", f"{new} new tokens per generation: the context is {found.context}")
-    start = ids[-(found.context - new) :]
+        found.note("sampling", f"{new} new tokens per generation: the context is {context}")
+    start = ids[-(context - new) :]
     if len(start) < len(ids):
         found.note("sampling", f"the generations continue the last {len(start)} tokens of the prompt")
     prefix = tokenizer.decode(start)
@@ -291,6 +298,11 @@ def _visible(token: str) -> str:
 
 def _split_words(found: Exploration) -> list:
     return [w for w in found.words if w.tokens > 1 and w.word.strip()]
+
+
+def _most_split_word(found: Exploration):
+    """The split word that shows the strawberry effect best: one with letters first, then the most tokens."""
+    return max(_split_words(found), key=lambda w: (any(c.isalpha() for c in w.word), w.tokens, len(w.word)))
 
 
 def cost_summary(found: Exploration) -> str:
@@ -316,10 +328,12 @@ def format_report(found: Exploration) -> str:
         lines.append(f"{i:>4}  {token_id:>6}  {_visible(token)}")
     lines.append(f"{'word':>20}  tokens  pieces")
     for w in found.words[:TABLE_ROWS]:
-        lines.append(f"{_visible(w.word.strip()) or _visible(w.word):>20}  {w.tokens:>6}  {' | '.join(map(_visible, w.pieces))}")
+        lines.append(
+            f"{_visible(w.word.strip()) or _visible(w.word):>20}  {w.tokens:>6}  {' | '.join(map(_visible, w.pieces))}"
+        )
     split = _split_words(found)
     if split:
-        worst = max(split, key=lambda w: w.tokens)
+        worst = _most_split_word(found)
         lines.append(
             f"{len(split)} words are cut into several tokens; the model sees {worst.word.strip()!r} as "
             f"{' + '.join(map(repr, worst.pieces))}, not as letters (the strawberry effect)"
@@ -336,7 +350,7 @@ def format_report(found: Exploration) -> str:
     lines += _notes(found, "pca")
 
     lines += ["", f"5. generations (seed {found.seed}; the prompt, then each setting's continuation)"]
-    width = max(len(label) for label, _ in found.generations)
+    width = max((len(label) for label, _ in found.generations), default=0)
     for label, text in found.generations:
         lines.append(f"  {label:<{width}}  {text!r}")
     lines += _notes(found, "sampling")
@@ -362,7 +376,7 @@ def _perplexity_sentence(found: Exploration) -> str:
 # ----------------------------------------------------------------------------- the page
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 1300px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 2px 8px; text-align: left; }
 tr:nth-child(even) { background: #f6f6f6; } th { border-bottom: 1px solid #aaa; }
@@ -384,7 +398,9 @@ def _embedded_png(out: Path, name: str | None) -> str:
 def _chips(pieces, ids=None) -> str:
     """Token texts as alternately coloured chips (the id in a tooltip when `ids` are given)."""
     return "".join(
-        f'<span class="tok {"ab"[i % 2]}"' + (f' title="id {ids[i]}"' if ids else "") + f">{html.escape(_visible(p))}</span>"
+        f'<span class="tok {"ab"[i % 2]}"'
+        + (f' title="id {ids[i]}"' if ids else "")
+        + f">{html.escape(_visible(p))}</span>"
         for i, p in enumerate(pieces)
     )
 
@@ -407,7 +423,7 @@ def build_page(found: Exploration) -> str:
     split = _split_words(found)
     strawberry = ""
     if split:
-        worst = max(split, key=lambda w: w.tokens)
+        worst = _most_split_word(found)
         strawberry = (
             f"<p>{len(split)} words are cut into several tokens. The model sees <code>{e(worst.word.strip())}</code> as "
             f"{' + '.join(f'<code>{e(repr(p))}</code>' for p in worst.pieces)}: pieces, not letters, which is why "
@@ -418,8 +434,9 @@ def build_page(found: Exploration) -> str:
         f'<td><span class="bar" style="width: {max(prob * 300, 1):.0f}px"></span></td></tr>'
         for token, prob in found.next_tokens
     )
+    shown_prompt = found.prompt if len(found.prompt) <= 120 else "\u2026" + found.prompt[-100:]
     generation_rows = "".join(
-        f"<tr><td>{e(label)}</td><td><code>{e(found.prompt)}</code><b>{e(text)}</b></td></tr>"
+        f"<tr><td>{e(label)}</td><td><code>{e(shown_prompt)}<b>{e(text)}</b></code></td></tr>"
         for label, text in found.generations
     )
     perplexity = f"<p>{e(_perplexity_sentence(found))}</p>" if found.perplexity is not None else ""

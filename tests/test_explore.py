@@ -17,8 +17,16 @@ from pyminigpt.model import GPT, GPTConfig
 from pyminigpt.tokenizer import BPETokenizer, CharTokenizer
 
 PROMPT = "a strawberry is red and a banana is yellow."
-SECTIONS = ("1. tokens", "2. the next token", "3. attention of layer", "4. hidden states", "5. generations", "6. perplexity")
+SECTIONS = (
+    "1. tokens",
+    "2. the next token",
+    "3. attention of layer",
+    "4. hidden states",
+    "5. generations",
+    "6. perplexity",
+)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUICK = ("--max-new-tokens", 6, "--max-tokens", 8)  # small pictures, short generations: a fast test
 
 
 def explore(capsys, *argv):
@@ -83,7 +91,7 @@ def test_explore_a_gpt2_directory(tiny_gpt2_dir, tmp_path, capsys):
 
 def test_explore_is_reproducible(tiny_gpt2_dir, tmp_path, capsys):
     """One seed: the same command prints the same generations; another seed draws others."""
-    runs = [explore(capsys, tiny_gpt2_dir, "--prompt", PROMPT, "--out", tmp_path / str(i), "--seed", seed)[1]
+    runs = [explore(capsys, tiny_gpt2_dir, "--prompt", PROMPT, "--out", tmp_path / str(i), "--seed", seed, *QUICK)[1]
             for i, seed in enumerate((3, 3, 4))]  # fmt: skip
 
     def grid(printed):
@@ -100,12 +108,13 @@ def test_explore_a_trained_run(tokenizer, tmp_path, capsys):
     data = tmp_path / "data.txt"
     data.write_text("\n".join(["a red strawberry", "a yellow banana", "the lazy dog sat"] * 40) + "\n")
     run = tmp_path / "run"
-    train = ["train", data, "--tokenizer", tokenizer, "--vocab-size", 300, "--size", "tiny", "--steps", 3, "--batch-size", 4]
-    train += ["--eval-interval", 2, "--out", run, "--no-progress"] + (["--lines"] if tokenizer == "char" else [])
+    train = ["train", data, "--tokenizer", tokenizer, "--vocab-size", 300, "--size", "tiny", "--out", run]
+    train += ["--steps", 3, "--batch-size", 4, "--eval-interval", 2, "--no-progress"]
+    train += ["--lines"] if tokenizer == "char" else []
     assert main(list(map(str, train))) == 0
     capsys.readouterr()
     out = tmp_path / "explore"
-    code, printed, err = explore(capsys, run, "--prompt", "a red dog", "--out", out)
+    code, printed, err = explore(capsys, run, "--prompt", "a red dog", "--out", out, *QUICK)
     assert code == 0, err
     assert all(section in printed for section in SECTIONS)
     if tokenizer == "char":
@@ -119,7 +128,9 @@ def test_a_large_model_and_a_long_prompt_are_summarised(tmp_path, capsys):
     model_dir = make_tiny_gpt2_dir(tmp_path / "wide", n_head=20, n_embd=40, n_layer=12, n_positions=32)
     prompt = " ".join(["the strawberry is red and the banana is yellow."] * 8)
     out = tmp_path / "explore"
-    code, printed, err = explore(capsys, model_dir, "--prompt", prompt, "--out", out, "--max-tokens", 24)
+    code, printed, err = explore(
+        capsys, model_dir, "--prompt", prompt, "--out", out, "--max-tokens", 24, "--max-new-tokens", 6
+    )
     assert code == 0, err
     n_tokens = len(BPETokenizer.from_pretrained(model_dir).encode(prompt))
     assert n_tokens > 32
@@ -128,7 +139,7 @@ def test_a_large_model_and_a_long_prompt_are_summarised(tmp_path, capsys):
         "the layer has 20 heads: the picture shows the first 16",
         "the model has 13 depths: the picture shows 9 of them",
         "the table reads its last 32 (the context)",
-        "the generations continue the last 2 tokens of the prompt",
+        "the generations continue the last 26 tokens of the prompt",
         "scored with a sliding window of 32 tokens",
     ):
         assert note in printed
@@ -141,7 +152,7 @@ def test_a_large_model_and_a_long_prompt_are_summarised(tmp_path, capsys):
 
 def test_a_one_token_prompt_is_explored_without_pca_or_perplexity(tiny_gpt2_dir, tmp_path, capsys):
     out = tmp_path / "explore"
-    code, printed, err = explore(capsys, tiny_gpt2_dir, "--prompt", "a", "--out", out)
+    code, printed, err = explore(capsys, tiny_gpt2_dir, "--prompt", "a", "--out", out, *QUICK)
     assert code == 0, err
     assert "needs at least two tokens" in printed
     assert "there is nothing to predict, so no perplexity" in printed
@@ -161,7 +172,7 @@ def test_a_one_token_prompt_is_explored_without_pca_or_perplexity(tiny_gpt2_dir,
     ],
 )
 def test_bad_options_are_refused(tiny_gpt2_dir, tmp_path, capsys, argv, message):
-    code, printed, err = explore(capsys, tiny_gpt2_dir, "--out", tmp_path / "explore", *argv)
+    code, _, err = explore(capsys, tiny_gpt2_dir, "--out", tmp_path / "explore", *argv)
     assert code == 2
     assert message in err
     assert not (tmp_path / "explore" / "explore.html").exists()
@@ -290,3 +301,11 @@ def test_plot_attention_in_columns_and_pca_panels(tiny_model, tiny_bpe, tmp_path
         analysis.plot_pca_panels(panels, tmp_path / "x.png", connect=[True, False])
     with pytest.raises(ValueError, match="panels must not be empty"):
         analysis.plot_pca_panels([], tmp_path / "x.png")
+
+
+def test_token_strings_show_a_partial_character_by_its_bytes(tiny_bpe):
+    ids = tiny_bpe.encode("a 🍓 x")
+    strings = analysis.token_strings(tiny_bpe, ids)
+    assert "".join(strings).replace(" ", "") == "a" + "".join(f"<0x{b:02X}>" for b in "🍓".encode()) + "x"
+    assert analysis.token_strings(tiny_bpe, tiny_bpe.encode(" strawberry")) == [" strawberry"]
+    assert analysis.token_strings(tiny_bpe, [tiny_bpe.eos_id]) == ["<|endoftext|>"]
