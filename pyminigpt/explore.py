@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .analysis import _visible
+
 DEFAULT_PROMPT = "The strawberry is a red fruit. How many r's are in strawberry?"
 PAGE_FILE, ATTENTION_FILE, STATES_FILE = "explore.html", "attention.png", "hidden_states.png"
 # Caps that keep each picture readable (and each table short) whatever the model and prompt.
@@ -289,11 +291,6 @@ def _sampling_grid(found: Exploration, model, tokenizer, ids: list[int], max_new
 
 
 # ----------------------------------------------------------------------------- the report
-
-
-def _visible(token: str) -> str:
-    """A token with its spaces and control characters made visible ('\\n', '␣')."""
-    return repr(token)[1:-1].replace(" ", "\u2423")
 
 
 def _split_words(found: Exploration) -> list:

@@ -126,7 +126,7 @@ def test_explore_a_trained_run(tokenizer, tmp_path, capsys):
 def test_a_large_model_and_a_long_prompt_are_summarised(tmp_path, capsys):
     """20 heads, 13 depths and a prompt longer than the context: capped pictures, notes that say so."""
     model_dir = make_tiny_gpt2_dir(tmp_path / "wide", n_head=20, n_embd=40, n_layer=12, n_positions=32)
-    prompt = " ".join(["the strawberry is red and the banana is yellow."] * 8)
+    prompt = "<b>bold</b> & " + " ".join(["the strawberry is red and the banana is yellow."] * 8)
     out = tmp_path / "explore"
     code, printed, err = explore(
         capsys, model_dir, "--prompt", prompt, "--out", out, "--max-tokens", 24, "--max-new-tokens", 6
@@ -148,6 +148,7 @@ def test_a_large_model_and_a_long_prompt_are_summarised(tmp_path, capsys):
         assert width < 4000 and height < 4000, (name, width, height)
     page = check_page(out, n_images=2)
     assert "the layer has 20 heads" in page
+    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt; &amp;" in page  # the prompt is escaped
 
 
 def test_a_one_token_prompt_is_explored_without_pca_or_perplexity(tiny_gpt2_dir, tmp_path, capsys):
