@@ -293,21 +293,41 @@ def _sampling_grid(found: Exploration, model, tokenizer, ids: list[int], max_new
 # ----------------------------------------------------------------------------- the report
 
 
-def _split_words(found: Exploration) -> list:
-    return [w for w in found.words if w.tokens > 1 and w.word.strip()]
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _most_split_word(found: Exploration):
-    """The split word that shows the strawberry effect best: one with letters first, then the most tokens."""
-    return max(_split_words(found), key=lambda w: (any(c.isalpha() for c in w.word), w.tokens, len(w.word)))
+def strawberry_sentence(found: Exploration) -> str | None:
+    """What the split of the prompt's words means for the model (the strawberry effect), or None for no words."""
+    words = [w for w in found.words if w.word.strip()]
+    if not words:
+        return None
+    if all(len(piece) <= 1 for w in words for piece in w.pieces):
+        return "one token per character: the model sees every letter, at the cost of many tokens per word"
+    split = [w for w in words if w.tokens > 1]
+    if not split:
+        return "every word is one token: the model never sees the letters inside a word"
+
+    def merged(w) -> bool:
+        return any(len(piece.strip()) > 1 for piece in w.pieces)
+
+    worst = max(split, key=lambda w: (any(c.isalpha() for c in w.word), merged(w), w.tokens, len(w.word)))
+    head = f"{_plural(len(split), 'word')} of {len(words)} are cut into several tokens; the model sees "
+    pieces = " + ".join(map(repr, worst.pieces))
+    if merged(worst):
+        return (
+            f"{head}{worst.word.strip()!r} as {pieces}: pieces, not letters, which is why counting the letters "
+            f"of a word (the strawberry effect) is hard for it"
+        )
+    return f"{head}{worst.word.strip()!r} letter by letter ({pieces}): a word its tokenizer never merged"
 
 
 def cost_summary(found: Exploration) -> str:
-    """One line: what the prompt costs in tokens."""
-    n_chars, n_tokens = len(found.prompt), len(found.token_ids)
+    """One line: what the prompt costs in tokens (its own tokens; a <SOS> before it is not counted)."""
+    n_chars, n_tokens = len(found.prompt), sum(w.tokens for w in found.words)
     n_words = sum(1 for w in found.words if w.word.strip())
     return (
-        f"{n_chars} characters, {n_words} words -> {n_tokens} tokens "
+        f"{_plural(n_chars, 'character')}, {_plural(n_words, 'word')} -> {_plural(n_tokens, 'token')} "
         f"({n_tokens / max(n_words, 1):.2f} tokens per word, {n_chars / max(n_tokens, 1):.2f} characters per token; "
         f"the context holds {found.context} tokens)"
     )
@@ -328,13 +348,9 @@ def format_report(found: Exploration) -> str:
         lines.append(
             f"{_visible(w.word.strip()) or _visible(w.word):>20}  {w.tokens:>6}  {' | '.join(map(_visible, w.pieces))}"
         )
-    split = _split_words(found)
-    if split:
-        worst = _most_split_word(found)
-        lines.append(
-            f"{len(split)} words are cut into several tokens; the model sees {worst.word.strip()!r} as "
-            f"{' + '.join(map(repr, worst.pieces))}, not as letters (the strawberry effect)"
-        )
+    sentence = strawberry_sentence(found)
+    if sentence:
+        lines.append(sentence)
     lines += _notes(found, "tokens")
 
     lines += ["", f"2. the next token after the prompt (top {len(found.next_tokens)})"]
@@ -417,15 +433,8 @@ def build_page(found: Exploration) -> str:
         f"<td>{_chips(w.pieces)}</td></tr>"
         for w in found.words[:TABLE_ROWS]
     )
-    split = _split_words(found)
-    strawberry = ""
-    if split:
-        worst = _most_split_word(found)
-        strawberry = (
-            f"<p>{len(split)} words are cut into several tokens. The model sees <code>{e(worst.word.strip())}</code> as "
-            f"{' + '.join(f'<code>{e(repr(p))}</code>' for p in worst.pieces)}: pieces, not letters, which is why "
-            f"counting the letters of a word (the strawberry effect) is hard for it.</p>"
-        )
+    sentence = strawberry_sentence(found)
+    strawberry = f"<p>{e(sentence)}.</p>" if sentence else ""
     next_rows = "".join(
         f"<tr><td><code>{e(_visible(token))}</code></td><td>{prob:.3f}</td>"
         f'<td><span class="bar" style="width: {max(prob * 300, 1):.0f}px"></span></td></tr>'

@@ -68,6 +68,7 @@ def test_explore_a_gpt2_directory(tiny_gpt2_dir, tmp_path, capsys):
     ids = tokenizer.encode(PROMPT)
     words = PROMPT.split()
     assert f"{len(PROMPT)} characters, {len(words)} words -> {len(ids)} tokens" in printed
+    assert "the model sees 'yellow.' as ' ' + 'y' + 'e' + 'll' + 'ow' + '.': pieces, not letters" in printed
     for word in words:
         assert re.search(rf"^\s*{re.escape(word)}\s+\d+\s", printed, flags=re.MULTILINE), word
 
@@ -114,12 +115,17 @@ def test_explore_a_trained_run(tokenizer, tmp_path, capsys):
     assert main(list(map(str, train))) == 0
     capsys.readouterr()
     out = tmp_path / "explore"
-    code, printed, err = explore(capsys, run, "--prompt", "a red dog", "--out", out, *QUICK)
+    prompt = "a red dog" if tokenizer == "char" else "a red zebra"  # a word the BPE never saw: cut in pieces
+    code, printed, err = explore(capsys, run, "--prompt", prompt, "--out", out, *QUICK)
     assert code == 0, err
     assert all(section in printed for section in SECTIONS)
     if tokenizer == "char":
         assert "reads the prompt after <SOS>" in printed
         assert re.search(r"^\s+0\s+1\s+<SOS>$", printed, flags=re.MULTILINE)  # the first token row
+        assert "9 characters, 3 words -> 9 tokens" in printed  # the <SOS> is not the prompt's cost
+        assert "one token per character: the model sees every letter" in printed
+    else:
+        assert "the model sees 'zebra' letter by letter (' ' + 'z' + 'e' + 'b' + 'r' + 'a')" in printed
     check_page(out, n_images=2)
 
 
