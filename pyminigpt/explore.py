@@ -91,7 +91,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="run directory, checkpoint directory, or GPT-2 directory")
     p.add_argument("--prompt", default=None, help=f"the text to explore (default {DEFAULT_PROMPT!r})")
-    p.add_argument("--out", default="pyminigpt-explore", help="where the pictures and explore.html go")
+    p.add_argument(
+        "--out",
+        default="pyminigpt-explore",
+        help="where the pictures and explore.html go (default ./pyminigpt-explore)",
+    )
     p.add_argument("--layer", type=int, default=None, help="the layer whose heads are drawn (default: the last)")
     p.add_argument("--top-n", type=int, default=10, help="rows of the next-token table (default 10)")
     p.add_argument("--max-new-tokens", type=int, default=30, help="tokens per generation (default 30)")

@@ -189,7 +189,7 @@ def test_bad_models_and_prompts_are_refused(tiny_gpt2_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = explore(capsys, empty, "--out", tmp_path / "x")
-    assert code == 2 and "is not a model directory" in err
+    assert code == 2 and "(no config.json)" in err
     code, _, err = explore(capsys, tmp_path / "missing", "--out", tmp_path / "x")
     assert code == 2 and "model directory not found" in err
 
