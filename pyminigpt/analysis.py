@@ -5,6 +5,7 @@ Every function takes a `pyminigpt.GPT` and a `pyminigpt.tokenizer` tokenizer.
 
     generate_text(model, tok, prompt, stream=callback, **generate_kwargs)   -> [prompt + continuation]
     perplexity(model, tok, text, stride=None, max_length=None)              -> float
+    token_probabilities(model, tok, text)                                   -> [(position, token, prob)]
     next_token_table(model, tok, prompt, top_n=10)                          -> [(token, prob)]
     word_split(tok, text)                                                   -> [WordSplit]
     attention_maps(model, tok, text)                                        -> (layers, heads, T, T)
@@ -57,6 +58,7 @@ __all__ = [
     "plot_pca",
     "plot_pca_panels",
     "prompt_ids",
+    "token_probabilities",
     "token_strings",
     "word_split",
 ]
@@ -330,6 +332,18 @@ def _generate_streaming(
 # ----------------------------------------------------------------------------- scoring
 
 
+def _window(model, stride: int | None, max_length: int | None) -> tuple[int, int]:
+    """(stride, max_length) of the sliding window, checked, with their defaults."""
+    context = _context_length(model)
+    max_length = context if max_length is None else int(max_length)
+    if not 2 <= max_length <= context:
+        raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {max_length}")
+    stride = max(1, max_length // 2) if stride is None else int(stride)
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    return stride, max_length
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -350,40 +364,56 @@ def perplexity(
     (every scored token weighs the same). `add_special_tokens` scores `<SOS> text <EOS>`
     (for models trained on such sequences).
     """
-    context = _context_length(model)
-    max_length = context if max_length is None else int(max_length)
-    if not 2 <= max_length <= context:
-        raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {max_length}")
-    stride = max(1, max_length // 2) if stride is None else int(stride)
-    if not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    stride, max_length = _window(model, stride, max_length)
     texts = [text] if isinstance(text, str) else list(text)
     nll_sum, n_scored = 0.0, 0
     with evaluating(model):
         for t in texts:
             ids = _encode(tokenizer, t, add_special_tokens=add_special_tokens)
-            nll, n = _strided_nll(model, torch.tensor(ids, dtype=torch.long, device=_device(model)), stride, max_length)
-            nll_sum, n_scored = nll_sum + nll, n_scored + n
+            positions, nlls = _token_nlls(model, ids, stride, max_length)
+            nll_sum, n_scored = nll_sum + float(nlls.sum()), n_scored + len(positions)
     if n_scored == 0:
         raise ValueError("text must have at least 2 tokens to have something to predict")
     return math.exp(nll_sum / n_scored)
 
 
-def _strided_nll(model, ids: torch.Tensor, stride: int, max_length: int) -> tuple[float, int]:
-    """(sum of -log p(token | window context), number of tokens scored) for ids (N,)."""
-    nll_sum, n_scored, scored_until = 0.0, 0, 1  # tokens [0, scored_until) are done
+@torch.no_grad()
+def token_probabilities(
+    model,
+    tokenizer,
+    text: str,
+    stride: int | None = None,
+    max_length: int | None = None,
+    add_special_tokens: bool = False,
+) -> list[tuple[int, str, float]]:
+    """How much the model expected each token of `text`: (position, token text, p(token | what
+    comes before)) for every token that `perplexity` scores, in order; the perplexity is
+    exp(-mean log p) over them. The window arguments are those of `perplexity`."""
+    stride, max_length = _window(model, stride, max_length)
+    ids = _encode(tokenizer, text, add_special_tokens=add_special_tokens)
+    with evaluating(model):
+        positions, nlls = _token_nlls(model, ids, stride, max_length)
+    tokens = token_strings(tokenizer, [ids[i] for i in positions])
+    return list(zip(positions, tokens, torch.exp(-nlls).tolist()))
+
+
+def _token_nlls(model, ids: list[int], stride: int, max_length: int) -> tuple[list[int], torch.Tensor]:
+    """The positions of ids (N,) that the sliding window scores, and -log p(token | window
+    context) of each: (positions, float64 (len(positions),) on CPU)."""
+    ids = torch.tensor(ids, dtype=torch.long, device=_device(model))
+    positions, nlls, scored_until = [], [], 1  # tokens [0, scored_until) are done
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + max_length, len(ids))
         window = ids[begin:end]
         logits = model(window[None]).logits[0].float()  # logits[i] predicts window[i + 1]
         first = max(scored_until - begin, 1)  # window index of the first target to score
         log_probs = F.log_softmax(logits[first - 1 : -1], dim=-1)
-        nll_sum -= log_probs.gather(-1, window[first:, None]).sum().item()
-        n_scored += end - begin - first
+        nlls.append(-log_probs.gather(-1, window[first:, None])[:, 0].double().cpu())
+        positions += range(begin + first, end)
         scored_until = end
         if end == len(ids):
             break
-    return nll_sum, n_scored
+    return positions, torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ For a run, a checkpoint or a GPT-2 directory and one prompt, it prints, in this 
 4. the prompt's hidden states at every depth on two principal components (the
    embeddings first), with the token embeddings of the prompt's words;
 5. continuations under a small grid of sampling settings, all with one seed;
-6. the prompt's perplexity.
+6. the prompt's perplexity, and the tokens the model expected least.
 
 The pictures go to `--out` as PNG, and `explore.html` there shows everything in order
 with the pictures embedded (data: URIs), so the page is one file to open or send.
@@ -39,6 +39,7 @@ DEFAULT_PROMPT = "The strawberry is a red fruit. How many r's are in strawberry?
 PAGE_FILE, ATTENTION_FILE, STATES_FILE = "explore.html", "attention.png", "hidden_states.png"
 # Caps that keep each picture readable (and each table short) whatever the model and prompt.
 MAX_HEADS, MAX_DEPTHS, TABLE_ROWS = 16, 9, 60
+SURPRISES = 5  # rows of the table of the prompt's least expected tokens
 # The sampling grid: one row per setting, each drawn with the same seed.
 SAMPLING_GRID = (
     ("greedy", {"do_sample": False}),
@@ -70,6 +71,7 @@ class Exploration:
     generations: list[tuple[str, str]]  # (setting, continuation)
     seed: int
     perplexity: float | None
+    surprises: list[tuple[int, str, float]]  # (position, token, probability) of the least expected tokens
     notes: dict[str, list[str]] = field(default_factory=dict)  # section -> what was summarised, and why
 
     def note(self, section: str, text: str) -> None:
@@ -158,7 +160,7 @@ def explore(
 ) -> Exploration:
     """Run every part of the exploration on `prompt` with `loaded` (a `Loaded` model);
     the pictures are written to `out`."""
-    from .analysis import next_token_table, perplexity, prompt_ids, token_strings, word_split
+    from .analysis import next_token_table, perplexity, prompt_ids, token_probabilities, token_strings, word_split
 
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.model.config
     ids = prompt_ids(tokenizer, prompt, loaded.sos)
@@ -182,6 +184,7 @@ def explore(
         generations=[],
         seed=seed,
         perplexity=None,
+        surprises=[],
     )
     if loaded.sos:
         found.note("tokens", "this model was trained on <SOS> text <EOS> sequences: it reads the prompt after <SOS>")
@@ -205,6 +208,8 @@ def explore(
 
     try:
         found.perplexity = perplexity(model, tokenizer, prompt, add_special_tokens=loaded.sos)
+        scored = token_probabilities(model, tokenizer, prompt, add_special_tokens=loaded.sos)
+        found.surprises = sorted(scored, key=lambda row: row[2])[:SURPRISES]
     except ValueError:  # a one-token prompt: nothing to predict
         found.note("perplexity", "the prompt has a single token: there is nothing to predict, so no perplexity")
     if len(ids) > context:
@@ -375,6 +380,9 @@ def format_report(found: Exploration) -> str:
     lines += ["", "6. perplexity"]
     if found.perplexity is not None:
         lines.append(f"{_perplexity_sentence(found)}")
+        lines.append(f"the {len(found.surprises)} least expected tokens:")
+        lines.append(f"{'#':>6}  {'token':>12}  probability")
+        lines += [f"{i:>6}  {_visible(token):>12}  {prob:.4f}" for i, token, prob in found.surprises]
     lines += _notes(found, "perplexity")
     return "\n".join(lines)
 
@@ -449,7 +457,16 @@ def build_page(found: Exploration) -> str:
         f"<tr><td>{e(label)}</td><td><code>{e(shown_prompt)}<b>{e(text)}</b></code></td></tr>"
         for label, text in found.generations
     )
-    perplexity = f"<p>{e(_perplexity_sentence(found))}</p>" if found.perplexity is not None else ""
+    perplexity = ""
+    if found.perplexity is not None:
+        surprise_rows = "".join(
+            f"<tr><td>{i}</td><td><code>{e(_visible(token))}</code></td><td>{prob:.4f}</td></tr>"
+            for i, token, prob in found.surprises
+        )
+        perplexity = (
+            f"<p>{e(_perplexity_sentence(found))}.</p><p>The tokens the model expected least:</p>"
+            f"<table><tr><th>position</th><th>token</th><th>probability</th></tr>{surprise_rows}</table>"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>pyminigpt explore: {e(found.model_path)}</title>
 <style>{_STYLE}</style></head><body>

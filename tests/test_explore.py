@@ -4,6 +4,7 @@ model too large for a picture, and the errors. Then the analysis helpers it is b
 (word splits, token-id inputs, per-layer states, the plot layouts)."""
 
 import base64
+import math
 import re
 
 import matplotlib.image
@@ -77,6 +78,9 @@ def test_explore_a_gpt2_directory(tiny_gpt2_dir, tmp_path, capsys):
     assert analysis.format_next_token_table(rows) in printed
     expected_ppl = analysis.perplexity(model, tokenizer, PROMPT)
     assert f"perplexity {expected_ppl:.2f}" in printed
+    scored = analysis.token_probabilities(model, tokenizer, PROMPT)
+    least = min(scored, key=lambda row: row[2])
+    assert re.search(rf"^\s+{least[0]}\s+\S+\s+{least[2]:.4f}$", printed, flags=re.MULTILINE)
     generations = printed[printed.index("5. generations") : printed.index("6. perplexity")]
     for label in ("greedy", "temperature 0.7", "top-k 10", "top-p 0.9"):
         assert f"  {label} " in generations
@@ -316,3 +320,26 @@ def test_token_strings_show_a_partial_character_by_its_bytes(tiny_bpe):
     assert "".join(strings).replace(" ", "") == "a" + "".join(f"<0x{b:02X}>" for b in "🍓".encode()) + "x"
     assert analysis.token_strings(tiny_bpe, tiny_bpe.encode(" strawberry")) == [" strawberry"]
     assert analysis.token_strings(tiny_bpe, [tiny_bpe.eos_id]) == ["<|endoftext|>"]
+
+
+@pytest.mark.parametrize("stride,max_length", [(None, None), (5, 10), (10, 10), (3, 6)])
+def test_token_probabilities_give_the_perplexity(tiny_model, tiny_bpe, stride, max_length):
+    text = " ".join([PROMPT] * 3)  # longer than the context of 32: several windows
+    ids = tiny_bpe.encode(text)
+    rows = analysis.token_probabilities(tiny_model, tiny_bpe, text, stride=stride, max_length=max_length)
+    positions = [position for position, _, _ in rows]
+    assert positions == sorted(set(positions)) and positions[0] == 1 and positions[-1] == len(ids) - 1
+    if stride is not None and stride == max_length:  # each window's first token has no context
+        assert positions == [i for i in range(1, len(ids)) if i % max_length]
+    else:
+        assert positions == list(range(1, len(ids)))
+    assert [token for _, token, _ in rows] == analysis.token_strings(tiny_bpe, [ids[i] for i in positions])
+    assert all(0 < p <= 1 for _, _, p in rows)
+    mean_nll = -sum(math.log(p) for _, _, p in rows) / len(rows)
+    expected = analysis.perplexity(tiny_model, tiny_bpe, text, stride=stride, max_length=max_length)
+    assert math.exp(mean_nll) == pytest.approx(expected, rel=1e-9)
+    # the first window's probabilities are the model's own, token by token
+    logits = tiny_model(torch.tensor([ids[:32]])).logits[0].double().log_softmax(-1)
+    first = [(i, p) for i, _, p in rows if i < (max_length or 32)]
+    for i, p in first:
+        assert p == pytest.approx(math.exp(logits[i - 1, ids[i]].item()), rel=1e-5)
