@@ -5,12 +5,19 @@ Every function takes a `pyminigpt.GPT` and a `pyminigpt.tokenizer` tokenizer.
 
     generate_text(model, tok, prompt, stream=callback, **generate_kwargs)   -> [prompt + continuation]
     perplexity(model, tok, text, stride=None, max_length=None)              -> float
+    token_probabilities(model, tok, text)                                   -> [(position, token, prob)]
     next_token_table(model, tok, prompt, top_n=10)                          -> [(token, prob)]
+    word_split(tok, text)                                                   -> [WordSplit]
     attention_maps(model, tok, text)                                        -> (layers, heads, T, T)
+    layer_states(model, tok, text)                                          -> (layers + 1, T, n_embd)
     hidden_states(model, tok, texts, layer=-1)                              -> (N, n_embd)
     embeddings(model, tok, tokens)                                          -> (N, n_embd)
     pca(vectors, k=2)                                                       -> (N, k), variance ratios
-    plot_attention(maps, tokens, path), plot_pca(vectors, labels, path), plot_curve(values, path)
+    plot_attention(maps, tokens, path), plot_pca(vectors, labels, path), plot_pca_panels(panels, path),
+    plot_curve(values, path)
+
+`next_token_table`, `attention_maps` and `layer_states` take the text or its token ids
+(a list of ints), so that a caller can cut a long text to a window of tokens.
 
 Models trained on `<SOS> text <EOS>` sequences (`data.SequenceDataset`) want their
 prompts after <SOS> (`sos=True`) and their texts scored with `add_special_tokens=True`;
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -33,20 +42,25 @@ from . import ops
 from .generation import apply_repetition_penalty, seen_tokens
 
 __all__ = [
+    "WordSplit",
     "attention_maps",
     "embeddings",
     "evaluating",
     "format_next_token_table",
     "generate_text",
     "hidden_states",
+    "layer_states",
     "next_token_table",
     "pca",
     "perplexity",
     "plot_attention",
     "plot_curve",
     "plot_pca",
+    "plot_pca_panels",
     "prompt_ids",
+    "token_probabilities",
     "token_strings",
+    "word_split",
 ]
 
 
@@ -62,6 +76,19 @@ def _encode(tokenizer, text: str, name: str = "text", add_special_tokens: bool =
     if not isinstance(text, str):
         raise TypeError(f"{name} must be a str, got {type(text).__name__}")
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _text_or_ids(tokenizer, text, name: str, add_special_tokens: bool = False) -> list[int]:
+    """The token ids of `text`: a str is encoded, a sequence of ints (token ids) is taken as is."""
+    if isinstance(text, str):
+        return _encode(tokenizer, text, name, add_special_tokens)
+    if isinstance(text, torch.Tensor) or not isinstance(text, Sequence):
+        raise TypeError(f"{name} must be a str or a list of token ids, got {type(text).__name__}")
+    ids = list(text)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"{name} must be a str or a list of int token ids, got an element {i!r}")
+    return ids
 
 
 def prompt_ids(tokenizer, prompt: str, sos: bool = False) -> list[int]:
@@ -93,15 +120,110 @@ class evaluating:
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Each token id as the text it stands for, special tokens included (for plot axes and tables)."""
-    return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+    """Each token id as the text it stands for, special tokens included (for plot axes and tables).
+
+    A byte-level BPE token that is only part of a character (which decodes alone to
+    U+FFFD) is shown by its bytes instead: '<0xF0><0x9F>'."""
+    strings = []
+    for i in ids:
+        text = tokenizer.decode([int(i)], skip_special_tokens=False)
+        strings.append(_token_bytes_text(tokenizer, int(i)) or text if "\ufffd" in text else text)
+    return strings
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins (GPT-2's): character -> the byte it stands for.
+
+    The printable Latin-1 bytes stand for themselves; the others (controls, space,
+    0x7F-0xA0, 0xAD), in byte order, take the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _token_bytes_text(tokenizer, token_id: int) -> str | None:
+    """The bytes of a byte-level BPE token as text, with what is not valid UTF-8 written as
+    <0xNN>; None when the tokenizer is not a byte-level BPE (no `tokenizers` vocabulary)."""
+    id_to_token = getattr(getattr(tokenizer, "tokenizer", None), "id_to_token", None)
+    piece = id_to_token(token_id) if id_to_token is not None else None
+    if piece is None or any(c not in _BYTE_LEVEL for c in piece):
+        return None
+    raw, out = bytes(_BYTE_LEVEL[c] for c in piece), []
+    while raw:
+        try:
+            out.append(raw.decode("utf-8"))
+            break
+        except UnicodeDecodeError as err:
+            out.append(raw[: err.start].decode("utf-8"))
+            out.append("".join(f"<0x{b:02X}>" for b in raw[err.start : err.end]))
+            raw = raw[err.end :]
+    return "".join(out)
+
+
+@dataclass
+class WordSplit:
+    """One word of a text (with the whitespace before it) and the pieces the tokenizer cuts it into.
+
+    `pieces` are the texts of its tokens; a character spread over several byte-level
+    tokens is one piece, and `tokens` counts the tokens (so tokens >= len(pieces))."""
+
+    word: str
+    pieces: list[str]
+    tokens: int
+
+
+_WORD = re.compile(r"\s*\S+|\s+")
+
+
+def _token_pieces(tokenizer, ids: list[int]) -> list[tuple[str, int]]:
+    """(text, number of tokens) per piece of `ids`: each token's text, with the tokens of a
+    character cut across byte-level tokens (which decode alone to U+FFFD) joined into one piece."""
+    pieces, pending = [], []
+    for position, token in enumerate(ids):
+        pending.append(token)
+        text = tokenizer.decode(pending, skip_special_tokens=False)
+        if text.endswith("\ufffd") and position + 1 < len(ids) and len(pending) < 4:  # UTF-8: at most 4 bytes
+            continue
+        pieces.append((text, len(pending)))
+        pending = []
+    return pieces
+
+
+def word_split(tokenizer, text: str, add_special_tokens: bool = False) -> list[WordSplit]:
+    """How the tokenizer splits each word of `text`: one `WordSplit` per word, in order.
+
+    A word is a run of non-space characters with the whitespace before it (GPT-2's BPE
+    puts the space inside the next token: ' strawberry' -> ' str', 'aw', 'berry'). A token
+    belongs to the word in which its text starts. The pieces, joined, give back the text.
+    """
+    ids = _encode(tokenizer, text, add_special_tokens=add_special_tokens)
+    pieces = _token_pieces(tokenizer, ids)
+    decoded = "".join(piece for piece, _ in pieces)
+    starts = [m.start() for m in _WORD.finditer(decoded)] or [0]
+    splits = [WordSplit(decoded[a:b], [], 0) for a, b in zip(starts, [*starts[1:], len(decoded)])]
+    index, start = 0, 0
+    for piece, n in pieces:
+        while index + 1 < len(starts) and starts[index + 1] <= start:
+            index += 1
+        splits[index].pieces.append(piece)
+        splits[index].tokens += n
+        start += len(piece)
+    return splits if ids else []
 
 
 # ----------------------------------------------------------------------------- generation
 
 
 def generate_text(
-    model, tokenizer, prompt: str, stream: Callable[[str], None] | None = None, sos: bool = False, **generate_kwargs
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    stream: Callable[[str], None] | None = None,
+    sos: bool = False,
+    **generate_kwargs,
 ) -> list[str]:
     """Continue `prompt`; returns one string (prompt + continuation) per returned sequence.
 
@@ -113,8 +235,18 @@ def generate_text(
     With `stream`, `stream(piece)` receives each new piece of text as soon as its token is
     drawn: the sequence is decoded one token at a time with the KV cache, with the draws
     of `GPT.generate` (same seed, same text). Streaming returns one sequence.
+
+    `prompt` may also be token ids, taken as they are (`sos` is then ignored); the
+    strings returned start with their decoded text.
     """
-    input_ids = _as_input(model, prompt_ids(tokenizer, prompt, sos), "prompt")
+    if isinstance(prompt, str):
+        ids = prompt_ids(tokenizer, prompt, sos)
+    else:
+        ids = _text_or_ids(tokenizer, prompt, "prompt")
+        if not ids:
+            raise ValueError("prompt has no token ids: there is nothing to continue")
+        prompt = tokenizer.decode(ids)
+    input_ids = _as_input(model, ids, "prompt")
     generate_kwargs.setdefault("eos_token_id", tokenizer.eos_id)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_id)
     with evaluating(model):
@@ -200,6 +332,18 @@ def _generate_streaming(
 # ----------------------------------------------------------------------------- scoring
 
 
+def _window(model, stride: int | None, max_length: int | None) -> tuple[int, int]:
+    """(stride, max_length) of the sliding window, checked, with their defaults."""
+    context = _context_length(model)
+    max_length = context if max_length is None else int(max_length)
+    if not 2 <= max_length <= context:
+        raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {max_length}")
+    stride = max(1, max_length // 2) if stride is None else int(stride)
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    return stride, max_length
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -220,52 +364,73 @@ def perplexity(
     (every scored token weighs the same). `add_special_tokens` scores `<SOS> text <EOS>`
     (for models trained on such sequences).
     """
-    context = _context_length(model)
-    max_length = context if max_length is None else int(max_length)
-    if not 2 <= max_length <= context:
-        raise ValueError(f"max_length must be in [2, {context}] (the model's context), got {max_length}")
-    stride = max(1, max_length // 2) if stride is None else int(stride)
-    if not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    stride, max_length = _window(model, stride, max_length)
     texts = [text] if isinstance(text, str) else list(text)
     nll_sum, n_scored = 0.0, 0
     with evaluating(model):
         for t in texts:
             ids = _encode(tokenizer, t, add_special_tokens=add_special_tokens)
-            nll, n = _strided_nll(model, torch.tensor(ids, dtype=torch.long, device=_device(model)), stride, max_length)
-            nll_sum, n_scored = nll_sum + nll, n_scored + n
+            positions, nlls = _token_nlls(model, ids, stride, max_length)
+            nll_sum, n_scored = nll_sum + float(nlls.sum()), n_scored + len(positions)
     if n_scored == 0:
         raise ValueError("text must have at least 2 tokens to have something to predict")
     return math.exp(nll_sum / n_scored)
 
 
-def _strided_nll(model, ids: torch.Tensor, stride: int, max_length: int) -> tuple[float, int]:
-    """(sum of -log p(token | window context), number of tokens scored) for ids (N,)."""
-    nll_sum, n_scored, scored_until = 0.0, 0, 1  # tokens [0, scored_until) are done
+@torch.no_grad()
+def token_probabilities(
+    model,
+    tokenizer,
+    text: str,
+    stride: int | None = None,
+    max_length: int | None = None,
+    add_special_tokens: bool = False,
+) -> list[tuple[int, str, float]]:
+    """How much the model expected each token of `text`: (position, token text, p(token | what
+    comes before)) for every token that `perplexity` scores, in order; the perplexity is
+    exp(-mean log p) over them. The window arguments are those of `perplexity`."""
+    stride, max_length = _window(model, stride, max_length)
+    ids = _encode(tokenizer, text, add_special_tokens=add_special_tokens)
+    with evaluating(model):
+        positions, nlls = _token_nlls(model, ids, stride, max_length)
+    tokens = token_strings(tokenizer, [ids[i] for i in positions])
+    return list(zip(positions, tokens, torch.exp(-nlls).tolist()))
+
+
+def _token_nlls(model, ids: list[int], stride: int, max_length: int) -> tuple[list[int], torch.Tensor]:
+    """The positions of ids (N,) that the sliding window scores, and -log p(token | window
+    context) of each: (positions, float64 (len(positions),) on CPU)."""
+    ids = torch.tensor(ids, dtype=torch.long, device=_device(model))
+    positions, nlls, scored_until = [], [], 1  # tokens [0, scored_until) are done
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + max_length, len(ids))
         window = ids[begin:end]
         logits = model(window[None]).logits[0].float()  # logits[i] predicts window[i + 1]
         first = max(scored_until - begin, 1)  # window index of the first target to score
         log_probs = F.log_softmax(logits[first - 1 : -1], dim=-1)
-        nll_sum -= log_probs.gather(-1, window[first:, None]).sum().item()
-        n_scored += end - begin - first
+        nlls.append(-log_probs.gather(-1, window[first:, None])[:, 0].double().cpu())
+        positions += range(begin + first, end)
         scored_until = end
         if end == len(ids):
             break
-    return nll_sum, n_scored
+    return positions, torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)
 
 
 @torch.no_grad()
 def next_token_table(
-    model, tokenizer, prompt: str, top_n: int = 10, temperature: float = 1.0, sos: bool = False
+    model, tokenizer, prompt: str | Sequence[int], top_n: int = 10, temperature: float = 1.0, sos: bool = False
 ) -> list[tuple[str, float]]:
-    """The `top_n` most likely next tokens after `prompt` as (token text, probability), best first."""
+    """The `top_n` most likely next tokens after `prompt` as (token text, probability), best first.
+
+    `prompt` is a text (after <SOS> with `sos`, see `prompt_ids`) or its token ids, taken as they are."""
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
         raise ValueError(f"top_n must be a positive int, got {top_n!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    input_ids = _as_input(model, prompt_ids(tokenizer, prompt, sos), "prompt")
+    ids = prompt_ids(tokenizer, prompt, sos) if isinstance(prompt, str) else _text_or_ids(tokenizer, prompt, "prompt")
+    if not ids:
+        raise ValueError("prompt has no token ids: there is nothing to continue")
+    input_ids = _as_input(model, ids, "prompt")
     with evaluating(model):
         logits = model(input_ids).logits[0, -1].float()
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -289,22 +454,41 @@ def _visible(token: str) -> str:
 # ----------------------------------------------------------------------------- internals
 
 
+def _window_input(model, tokenizer, text, add_special_tokens: bool) -> torch.Tensor:
+    """(1, T) input ids of a text or token ids, checked to be non-empty and within the context."""
+    ids = _text_or_ids(tokenizer, text, "text", add_special_tokens)
+    if not ids:
+        raise ValueError("text is empty: there is nothing to look at")
+    return _as_input(model, ids, "text")
+
+
 @torch.no_grad()
-def attention_maps(model, tokenizer, text: str, add_special_tokens: bool = False) -> torch.Tensor:
+def attention_maps(model, tokenizer, text: str | Sequence[int], add_special_tokens: bool = False) -> torch.Tensor:
     """Attention probabilities of every layer and head on `text`: (layers, heads, T, T), float32 on CPU.
 
     Row i of a map is how much query token i attends to each key token (zero above the
-    diagonal). The tokens are `token_strings(tokenizer, tokenizer.encode(text, add_special_tokens))`.
+    diagonal). The tokens are `token_strings(tokenizer, tokenizer.encode(text, add_special_tokens))`,
+    or `text` itself when it is a list of token ids.
     """
-    input_ids = _as_input(model, _encode(tokenizer, text, add_special_tokens=add_special_tokens), "text")
-    if input_ids.shape[1] == 0:
-        raise ValueError("text is empty: there is nothing to attend to")
+    input_ids = _window_input(model, tokenizer, text, add_special_tokens)
     with evaluating(model):
         attentions = model(input_ids, output_attentions=True).attentions
     return torch.stack([a[0] for a in attentions]).float().cpu()
 
 
 @torch.no_grad()
+def layer_states(model, tokenizer, text: str | Sequence[int], add_special_tokens: bool = False) -> torch.Tensor:
+    """Every token's residual stream at every depth: (n_layer + 1, T, n_embd), float32 on CPU.
+
+    Index 0 is the embeddings (token + position), index l the output of block l, and the
+    last one the final layer-normed output. `text` is a str or a list of token ids.
+    """
+    input_ids = _window_input(model, tokenizer, text, add_special_tokens)
+    with evaluating(model):
+        states = model(input_ids, output_hidden_states=True).hidden_states
+    return torch.stack([h[0] for h in states]).float().cpu()
+
+
 def hidden_states(
     model, tokenizer, texts: Sequence[str], layer: int = -1, pool: str = "mean", add_special_tokens: bool = False
 ) -> torch.Tensor:
@@ -321,14 +505,14 @@ def hidden_states(
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n_states <= layer < n_states:
         raise ValueError(f"layer must be an int in [{-n_states}, {n_states - 1}], got {layer!r}")
     vectors = []
-    with evaluating(model):
-        for text in texts:
-            ids = _encode(tokenizer, text, add_special_tokens=add_special_tokens)
-            if not ids:
-                raise ValueError(f"text {text!r} encodes to no tokens")
-            h = model(_as_input(model, ids, "text"), output_hidden_states=True).hidden_states[layer][0]
-            vectors.append(h.mean(0) if pool == "mean" else h[-1])
-    return torch.stack(vectors).float().cpu()
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must hold strings, got {type(text).__name__}")
+        if not _encode(tokenizer, text, add_special_tokens=add_special_tokens):
+            raise ValueError(f"text {text!r} encodes to no tokens")
+        h = layer_states(model, tokenizer, text, add_special_tokens)[layer]
+        vectors.append(h.mean(0) if pool == "mean" else h[-1])
+    return torch.stack(vectors)
 
 
 @torch.no_grad()
@@ -383,50 +567,116 @@ def _save(fig, path) -> str:
     return path
 
 
-def plot_attention(maps: torch.Tensor, tokens: Sequence[str], path, title: str | None = None) -> str:
-    """Write a PNG grid of attention heatmaps (rows: layers, columns: heads) with the
-    tokens on both axes (keys across, queries down). `maps` is (layers, heads, T, T)."""
+def _grid(plt, panels: int, columns: int, panel_inches: float, extra_width: float = 1.0):
+    """A figure with `panels` axes laid out `columns` wide (the unused ones hidden), as a flat list."""
+    rows = math.ceil(panels / columns)
+    size = (panel_inches * columns + extra_width, panel_inches * rows + 0.8)
+    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[panels:]:
+        ax.set_visible(False)
+    return fig, flat[:panels]
+
+
+def plot_attention(
+    maps: torch.Tensor,
+    tokens: Sequence[str],
+    path,
+    title: str | None = None,
+    columns: int | None = None,
+    panel_titles: Sequence[str] | None = None,
+) -> str:
+    """Write a PNG grid of attention heatmaps with the tokens on both axes (keys across,
+    queries down). `maps` is (layers, heads, T, T); the panels go in order (layer 0's
+    heads first), `columns` to a row (default: one row per layer). `panel_titles`
+    replaces the default 'layer l head h' titles (one per panel)."""
     if maps.ndim != 4 or maps.shape[-1] != maps.shape[-2]:
         raise ValueError(f"maps must be (layers, heads, T, T), got shape {tuple(maps.shape)}")
     if len(tokens) != maps.shape[-1]:
         raise ValueError(f"tokens has {len(tokens)} entries but the maps are over T={maps.shape[-1]} tokens")
-    plt = _pyplot()
     layers, heads, T = maps.shape[0], maps.shape[1], maps.shape[-1]
-    panel = max(1.6, 0.22 * T)
-    fig, axes = plt.subplots(layers, heads, figsize=(panel * heads + 1.0, panel * layers + 0.6), squeeze=False)
+    columns = heads if columns is None else int(columns)
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    if panel_titles is None:
+        panel_titles = [f"layer {layer} head {head}" for layer in range(layers) for head in range(heads)]
+    if len(panel_titles) != layers * heads:
+        raise ValueError(f"panel_titles has {len(panel_titles)} entries for {layers * heads} panels")
+    columns = min(columns, layers * heads)
+    panel = min(max(1.6, 0.22 * T), 6.0, 13.0 / columns)  # at most ~13 inches across, as a page shows it
+    plt = _pyplot()
+    fig, axes = _grid(plt, layers * heads, columns, panel)
     labels = [_visible(t) for t in tokens]
     show_labels = T <= 48
-    for layer in range(layers):
-        for head in range(heads):
-            ax = axes[layer][head]
-            image = ax.imshow(maps[layer, head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if show_labels and layer == layers - 1:  # key tokens under the bottom row
-                ax.set_xticks(range(T), labels, fontsize=6, rotation=90)
-            if show_labels and head == 0:  # query tokens left of the first column
-                ax.set_yticks(range(T), labels, fontsize=6)
-            ax.set_title(f"layer {layer} head {head}", fontsize=8)
+    fontsize = min(6.0, 0.85 * 72 * panel / T)  # one row of a panel in points
+    flat_maps = maps.reshape(layers * heads, T, T).float().cpu()
+    for i, ax in enumerate(axes):
+        image = ax.imshow(flat_maps[i].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if show_labels and i + columns >= len(axes):  # key tokens under the bottom panel of each column
+            ax.set_xticks(range(T), labels, fontsize=fontsize, rotation=90)
+        if show_labels and i % columns == 0:  # query tokens left of the first column
+            ax.set_yticks(range(T), labels, fontsize=fontsize)
+        ax.set_title(panel_titles[i], fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention")
     fig.suptitle(title or "attention (query rows, key columns)", fontsize=10)
     return _save(fig, path)
 
 
-def plot_pca(vectors: torch.Tensor, labels: Sequence[str], path, title: str | None = None) -> str:
-    """Write a PNG scatter of `vectors` (N, C) on their first two principal components,
-    each point annotated with its label."""
+def _pca_scatter(ax, vectors: torch.Tensor, labels: Sequence[str], title: str, connect: bool = False) -> None:
+    """Draw `vectors` (N, C) on their first two principal components into `ax`, each point
+    annotated with its label (at most 64 labels, so that a large set stays readable) and
+    coloured by its index; `connect` joins the points in order (a sentence's tokens)."""
     if len(labels) != vectors.shape[0]:
         raise ValueError(f"labels has {len(labels)} entries for {vectors.shape[0]} vectors")
     coords, ratio = pca(vectors, k=2)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    ax.scatter(coords[:, 0].numpy(), coords[:, 1].numpy(), s=18, alpha=0.7)
-    for (x, y), label in zip(coords.tolist(), labels):
-        ax.annotate(_visible(str(label)), (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(f"PC 1 ({ratio[0]:.0%} of variance)")
-    ax.set_ylabel(f"PC 2 ({ratio[1]:.0%} of variance)")
-    ax.set_title(title or "PCA")
+    x, y = coords[:, 0].numpy(), coords[:, 1].numpy()
+    if connect:
+        ax.plot(x, y, color="0.75", linewidth=0.8, zorder=1)
+    ax.scatter(x, y, s=18, alpha=0.8, c=range(len(x)), cmap="viridis", zorder=2)
+    if len(labels) <= 64:
+        for (px, py), label in zip(coords.tolist(), labels):
+            ax.annotate(_visible(str(label)), (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    else:
+        title += f" ({len(labels)} points, unlabelled)"
+    ax.set_xlabel(f"PC 1 ({ratio[0]:.0%} of variance)", fontsize=8)
+    ax.set_ylabel(f"PC 2 ({ratio[1]:.0%} of variance)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+
+
+def plot_pca(vectors: torch.Tensor, labels: Sequence[str], path, title: str | None = None) -> str:
+    """Write a PNG scatter of `vectors` (N, C) on their first two principal components,
+    each point annotated with its label."""
+    return plot_pca_panels([(vectors, labels, title or "PCA")], path, columns=1, panel_inches=6.0)
+
+
+def plot_pca_panels(
+    panels: Sequence[tuple[torch.Tensor, Sequence[str], str]],
+    path,
+    title: str | None = None,
+    columns: int = 3,
+    panel_inches: float = 4.2,
+    connect: bool | Sequence[bool] = False,
+) -> str:
+    """Write a PNG grid of PCA scatters, one per (vectors (N, C), labels, panel title) in
+    `panels`, each on its own two principal components; `connect` (one for all panels, or
+    one per panel) joins a panel's points in order."""
+    if len(panels) == 0:
+        raise ValueError("panels must not be empty")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    connect = [connect] * len(panels) if isinstance(connect, bool) else list(connect)
+    if len(connect) != len(panels):
+        raise ValueError(f"connect has {len(connect)} entries for {len(panels)} panels")
+    plt = _pyplot()
+    fig, axes = _grid(plt, len(panels), min(columns, len(panels)), panel_inches, extra_width=0.0)
+    for ax, (vectors, labels, panel_title), join in zip(axes, panels, connect):
+        _pca_scatter(ax, vectors, labels, panel_title, join)
+    if title:
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path)
 
 

@@ -407,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat.add_parser(sub)
 
+    from . import explore
+
+    explore.add_parser(sub)
+
     p = sub.add_parser(
         "info",
         help="version, kernel backends, CPU and GPU",
