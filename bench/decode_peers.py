@@ -162,6 +162,15 @@ class Ctranslate2Worker:
             self.process.wait(timeout=60)
 
 
+def compiled_generate_options() -> dict:
+    """generate() options of transformers' own torch.compile path: a static KV cache, whose decode
+    step generate compiles (inductor, fixed shapes). Off CUDA it needs `_compile_all_devices`.
+    A new batch size or cache length compiles again, so warm up at the timed shapes."""
+    config = transformers.CompileConfig(fullgraph=False, dynamic=False, mode="default")
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 # ---- every member as one generate(input_ids, max_new_tokens, do_sample, top_k, top_p) -------
 
 
@@ -186,12 +195,11 @@ def build_member(member: str, model_kwargs: dict | None = None, device: str = "c
             import pyminigpt
 
             hf = pyminigpt.patch_hf_gpt2(hf)
-        if member == "transformers+compile":
-            hf.forward = torch.compile(hf.forward, dynamic=True)
+        extra = compiled_generate_options() if member == "transformers+compile" else {}
 
         def generate(input_ids, **settings):
             with torch.no_grad():
-                return hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), **settings)
+                return hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), **settings, **extra)
 
         return generate, weight_bytes(hf), lambda: None
     from pyminigpt import GPT

@@ -38,14 +38,13 @@ def setting_name(mode: str, batch: int) -> str:
 
 
 def run_member(member: str, new_tokens: int, batches: list[int]) -> dict:
-    """In the member's own process: build, warm up (compiles, if any), time each setting once."""
+    """In the member's own process: build, warm up (compiling, for the compiled member), time each setting once."""
     start = time.perf_counter()
     generate, nbytes, close = build_member(member)
     built = time.perf_counter()
     prompts = {b: torch.randint(0, 50257, (b, PROMPT), generator=torch.Generator().manual_seed(b)) for b in batches}
-    for batch in batches:  # warm-up: every batch size and mode once, a few tokens
-        for settings in MODES.values():
-            generate(prompts[batch], max_new_tokens=4, **settings)
+    for batch in batches:  # warm-up at the timed shapes: a compiled member compiles per shape
+        generate(prompts[batch], max_new_tokens=new_tokens, **MODES["greedy"])
     warmed = time.perf_counter()
     seconds = {}
     for batch in batches:
@@ -68,39 +67,48 @@ def _spawn(member: str, new_tokens: int, batches: list[int]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def interleaved(members: list[str], rounds: int, new_tokens: int, batches: list[int]) -> dict:
-    """Per member: median seconds per setting, weight bytes, warm-up seconds; the median read bandwidth."""
+def summarize(runs: dict[str, list[dict]], members: list[str], bandwidths: list[float], loads: list[float], **setup):
+    """Per member: median seconds per setting over its runs so far, weight bytes, warm-up seconds;
+    the median read bandwidth and the load average (min, median, max) over the measurements."""
+    results = {}
+    for m in members:
+        if not runs.get(m):
+            results[m] = {"status": member_status(m) if member_status(m) != "ok" else "not measured"}
+            continue
+        settings = runs[m][0]["seconds"]
+        results[m] = {
+            "seconds": {s: statistics.median(run["seconds"][s] for run in runs[m]) for s in settings},
+            "runs": len(runs[m]),
+            "weight_bytes": runs[m][0]["weight_bytes"],
+            "warmup_s": statistics.median(run["warmup_s"] for run in runs[m]),
+        }
+    return {
+        "read_bandwidth": statistics.median(bandwidths),
+        "load_average": [min(loads), statistics.median(loads), max(loads)],
+        "prompt": PROMPT,
+        **setup,
+        "members": results,
+    }
+
+
+def interleaved(members: list[str], rounds: int, new_tokens: int, batches: list[int], json_path=None) -> dict:
+    """Runs the rounds; after every member run, writes the summary so far to json_path (if given)."""
     runnable = [m for m in members if member_status(m) == "ok"]
     runs: dict[str, list[dict]] = {m: [] for m in runnable}
-    bandwidths = [measure_read_bandwidth()]
-    loads = [os.getloadavg()[0]]
+    bandwidths, loads = [measure_read_bandwidth()], [os.getloadavg()[0]]
+    setup = {"new_tokens": new_tokens, "batches": batches}
+    summary = summarize(runs, members, bandwidths, loads, rounds=0, **setup)
     for r in range(rounds):
         order = runnable[r % len(runnable) :] + runnable[: r % len(runnable)]
         for member in order:
             runs[member].append(_spawn(member, new_tokens, batches))
             bandwidths.append(measure_read_bandwidth())
             loads.append(os.getloadavg()[0])
-            print(f"round {r + 1}/{rounds} {member}: {runs[member][-1]['seconds']}", file=sys.stderr, flush=True)
-    results = {
-        m: {
-            "seconds": {s: statistics.median(run["seconds"][s] for run in runs[m]) for s in runs[m][0]["seconds"]},
-            "weight_bytes": runs[m][0]["weight_bytes"],
-            "warmup_s": statistics.median(run["warmup_s"] for run in runs[m]),
-        }
-        for m in runnable
-    }
-    for m in members:
-        if m not in runs:
-            results[m] = {"status": member_status(m)}
-    return {
-        "read_bandwidth": statistics.median(bandwidths),
-        "load_average": [min(loads), statistics.median(loads), max(loads)],
-        "rounds": rounds,
-        "new_tokens": new_tokens,
-        "prompt": PROMPT,
-        "batches": batches,
-        "members": results,
-    }
+            print(f"round {r + 1}/{rounds} {member}: {runs[member][-1]}", file=sys.stderr, flush=True)
+            summary = summarize(runs, members, bandwidths, loads, rounds=r + 1, **setup)
+            if json_path is not None:
+                json_path.write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def tokens_per_second(summary: dict, member: str, setting: str) -> float:
@@ -123,7 +131,7 @@ def markdown(summary: dict) -> str:
         "|---|---:|" + "---:|" * len(settings) + "---:|",
     ]
     for member, result in summary["members"].items():
-        if "status" in result:
+        if "seconds" not in result:
             lines.append(f"| {member} | | " + " | ".join([result["status"]] * len(settings)) + " | |")
             continue
         cells = [
@@ -142,17 +150,15 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--members", nargs="+", default=MEMBERS, choices=MEMBERS)
-    parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary here, after every member run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one member, in this process
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_member(args.worker, args.new_tokens, args.batches)))
         return
-    summary = interleaved(args.members, args.rounds, args.new_tokens, args.batches)
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1))
+    summary = interleaved(args.members, args.rounds, args.new_tokens, args.batches, args.json)
     print(
-        f"prompt {PROMPT}, {args.new_tokens} new tokens, {args.rounds} rounds, read bandwidth "
+        f"prompt {PROMPT}, {args.new_tokens} new tokens, {summary['rounds']} rounds, read bandwidth "
         f"{summary['read_bandwidth'] / 1e9:.1f} GB/s, load average min/median/max {summary['load_average']}"
     )
     print(markdown(summary))

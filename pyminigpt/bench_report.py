@@ -232,6 +232,26 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}" if seconds < 1 else f"{seconds * 1e3:.0f}"
 
 
+def render_group_rows(groups: dict[str, list[Result]]) -> str:
+    """One row per group: the baseline's, the strongest peer's and pyminigpt's medians, pyminigpt's
+    speedup over the peer, and its GB/s with where the working set lives (cache or DRAM)."""
+    lines = [
+        "| group | eager ms | strongest peer ms | pyminigpt ms | vs peer | pyminigpt GB/s (from) |",
+        "|---|---:|---|---|---:|---:|",
+    ]
+    for group, results in groups.items():
+        own, peer, eager = best_own(results), strongest_peer(results), _baseline(results, "eager")
+        if own is None:
+            continue
+        rate = f"{own.extra['GB/s']} ({own.extra.get('from', '?')})" if "GB/s" in own.extra else ""
+        peer_cell = f"`{peer.member}` {_format_seconds(peer.median)}" if peer is not None else "-"
+        lines.append(
+            f"| {group} | {_format_seconds(eager.median) if eager else '-'} | {peer_cell} | "
+            f"`{own.member}` {_format_seconds(own.median)} | {_ratio(peer, own) if peer is not own else '-'} | {rate} |"
+        )
+    return "\n".join(lines + [""])
+
+
 def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
     """The headline, then one table per group: member, median (ms), speedup over eager and over the
     strongest peer, extra_info columns."""

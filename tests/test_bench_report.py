@@ -149,3 +149,17 @@ def test_pyminigpt_bench_command_delegates_to_the_report(tmp_path, capsys):
 
     assert cli.main(["bench", "--e2e", "--bench-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "no benchmark folder" in capsys.readouterr().err
+
+
+def test_group_rows_name_the_strongest_peer_and_where_the_bytes_come_from():
+    groups = bench_report.load_results(
+        {
+            "benchmarks": [
+                _bench("layer_norm forward 8192x768 float32", "eager", 4.0),
+                _bench("layer_norm forward 8192x768 float32", "torch", 2.0),
+                _bench("layer_norm forward 8192x768 float32", "cpu", 1.0, **{"GB/s": 50.1, "from": "cache"}),
+            ]
+        }
+    )
+    row = "| layer_norm forward 8192x768 float32 | 4000 | `torch` 2000 | `cpu` 1000 | 2.00x | 50.1 (cache) |"
+    assert row in bench_report.render_group_rows(groups)
