@@ -12,6 +12,9 @@ tokens/s <= batch * read bandwidth / weight bytes, with the read bandwidth that 
 over a tensor far larger than the last-level cache (bench_utils.measure_read_bandwidth).
 
     python bench/interleaved_decode.py [--rounds 3] [--new-tokens 64] [--batches 1 8] [--json FILE]
+
+On a machine whose cores are oversubscribed, run it with OMP_NUM_THREADS=1: with two threads
+each member waits at OpenMP barriers for a descheduled partner thread.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ top-p 0.9), one group per setting:
                           through the model for every new token, logits of every position,
                           softmax + torch.multinomial (pyminigpt's model on the reference ops)
     transformers          GPT2LMHeadModel.generate, KV cache on (a peer)
-    transformers+compile  the same, its forward under torch.compile(dynamic=True) (a peer;
-                          compiling happens in the warm-up round)
+    transformers+compile  the same through generate's torch.compile path: a static KV cache and
+                          a compiled decode step (a peer; compiling happens in the warm-up round)
     transformers+patch    the same model after pyminigpt.patch_hf_gpt2
     ctranslate2-float32, ctranslate2-int8    CTranslate2's Generator on the converted weights, in
                           a worker process of its own (a peer; needs `pip install ctranslate2`,
