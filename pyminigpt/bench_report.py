@@ -316,8 +316,13 @@ def plot_overview(groups: dict[str, list[Result]], path: Path) -> Path:
     ax.set_yticks(list(positions), [r[0] for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speedup of pyminigpt's fastest member (log scale; right of 1.0 = faster, left = slower)")
-    ax.set_title("pyminigpt: speedup per benchmark group", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("pyminigpt: speedup per benchmark group", fontsize=10, loc="right")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=8, frameon=False)
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
