@@ -82,6 +82,7 @@ def summarize(runs: dict[str, list[dict]], members: list[str], bandwidths: list[
         results[m] = {
             "seconds": {s: statistics.median(run["seconds"][s] for run in runs[m]) for s in settings},
             "runs": len(runs[m]),
+            "seconds_per_round": [run["seconds"] for run in runs[m]],
             "weight_bytes": runs[m][0]["weight_bytes"],
             "warmup_s": statistics.median(run["warmup_s"] for run in runs[m]),
         }
