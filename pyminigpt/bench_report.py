@@ -370,7 +370,7 @@ def _versions() -> str:
     from importlib import metadata
 
     found = []
-    for package in ("torch", "transformers", "triton"):
+    for package in ("torch", "transformers", "triton", "ctranslate2"):
         try:
             found.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
