@@ -1,11 +1,14 @@
 """Shared pieces of the op benchmarks: the device, the kernel backends measured on it,
-the measured copy bandwidth (the roof of a memory-bound kernel), the inputs and peers
+the measured copy and read bandwidths (the roofs of memory-bound kernels and of decoding),
+the last-level cache size (below it a GB/s figure is "from cache"), the inputs and peers
 several files measure, the extra_info each member reports, and the do_bench table of
 the GPU benchmarks (test_bench_gpu.py)."""
 
 from __future__ import annotations
 
+import glob
 import os
+import statistics
 import time
 
 import torch
@@ -34,17 +37,55 @@ def synced(fn, *args):
     return run
 
 
-def measure_copy_bandwidth(numel: int = 32 * 2**20, repeats: int = 10) -> float:
-    """Bytes per second of a large device-to-device tensor copy (read + write)."""
-    src = torch.randn(numel, device=DEVICE)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (sysfs; 32 MiB when it cannot be read)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=32 * 2**20)
+
+
+# Working sets at or below this many bytes are served (at least partly) from the cache.
+CACHE_BYTES = last_level_cache_bytes() if DEVICE == "cpu" else 0
+# A tensor this large streams from DRAM on every pass: four times the last-level cache, at least 1 GiB.
+DRAM_BYTES = max(4 * CACHE_BYTES, 2**30)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
     sync()
-    start = time.perf_counter()
+    times = []
     for _ in range(repeats):
-        dst.copy_(src)
-    sync()
-    return repeats * 2 * src.numel() * src.element_size() / (time.perf_counter() - start)
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(nbytes: int = DRAM_BYTES // 2, repeats: int = 5) -> float:
+    """Bytes per second (read + write) of a device-to-device copy, source and destination nbytes each."""
+    src = torch.ones(nbytes // 4, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), repeats)
+
+
+def measure_read_bandwidth(nbytes: int = DRAM_BYTES, repeats: int = 5) -> float:
+    """Bytes per second of torch.sum over an nbytes tensor (far larger than the cache: read from DRAM).
+
+    A decode step only reads its weights, so this read rate, not the copy rate, bounds it."""
+    x = torch.ones(nbytes // 4, device=DEVICE)
+    return nbytes / _median_seconds(x.sum, repeats)
+
+
+def memory_resident_rows(columns: int, dtype: torch.dtype) -> int:
+    """Rows (a multiple of 1024) of a (rows, columns) dtype tensor 1.25x the last-level cache, so
+    that a pass over it streams from DRAM."""
+    row_bytes = columns * torch.empty((), dtype=dtype).element_size()
+    return -(-max(CACHE_BYTES, 2**20) * 5 // 4 // row_bytes // 1024) * 1024
 
 
 def on_backend(name: str, fn):
@@ -58,13 +99,16 @@ def on_backend(name: str, fn):
 
 
 def report_bandwidth(benchmark, moved_bytes: int, copy_bandwidth: float) -> None:
-    """Adds GB/s and the fraction of the copy bandwidth to the benchmark's extra_info."""
+    """Adds GB/s, the fraction of the (DRAM) copy bandwidth and where the working set lives to the
+    benchmark's extra_info. A working set that fits in the last-level cache is labelled
+    "from cache": its GB/s, and a fraction above 1, are not DRAM rates."""
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable
         return
     bytes_per_second = moved_bytes / stats.stats.median
     benchmark.extra_info["GB/s"] = round(bytes_per_second / 1e9, 2)
     benchmark.extra_info["fraction_of_copy"] = round(bytes_per_second / copy_bandwidth, 3)
+    benchmark.extra_info["from"] = "cache" if moved_bytes <= CACHE_BYTES else "DRAM"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -6,14 +6,21 @@ top-p 0.9), one group per setting:
     eager                 the no-cache loop of the classic mini-GPT notebooks: the whole sequence
                           through the model for every new token, logits of every position,
                           softmax + torch.multinomial (pyminigpt's model on the reference ops)
-    transformers          GPT2LMHeadModel.generate, KV cache on (the peer)
+    transformers          GPT2LMHeadModel.generate, KV cache on (a peer)
+    transformers+compile  the same through generate's torch.compile path: a static KV cache and
+                          a compiled decode step (a peer; compiling happens in the warm-up round)
     transformers+patch    the same model after pyminigpt.patch_hf_gpt2
+    ctranslate2-float32, ctranslate2-int8    CTranslate2's Generator on the converted weights, in
+                          a worker process of its own (a peer; needs `pip install ctranslate2`,
+                          else the test is skipped as "not installed" and the report says so)
     pyminigpt             GPT.generate, fp32 weights
     pyminigpt-bf16        GPT.generate, bf16 weights
     transformers-bf16, transformers+patch-bf16    on CUDA only: the peer in bf16, unpatched and patched
 Every member reports tokens/s and the memory-bandwidth bound of decoding: each step reads
-every weight once (the KV cache is small next to them), so tokens/s <= batch * copy
-bandwidth / weight bytes. All members stop at exactly max_new_tokens (no eos token).
+every weight once (the KV cache is small next to them), so tokens/s <= batch * read
+bandwidth / weight bytes, the read bandwidth measured by torch.sum over a tensor far larger
+than the last-level cache. All members stop at exactly max_new_tokens (no eos token).
+bench/interleaved_decode.py measures the same members interleaved across processes.
 
 Training step (fwd + bwd + AdamW, batch 4 x T=256, dropout 0): eager (pyminigpt's model on
 the reference ops), transformers (the peer), transformers+patch, pyminigpt. Every member steps
@@ -29,8 +36,8 @@ import os
 
 import pytest
 import torch
-import transformers
-from bench_utils import DEVICE, sync
+from bench_utils import DEVICE, measure_read_bandwidth, sync
+from decode_peers import PEERS, build_member, member_status, random_gpt2, weight_bytes
 
 import pyminigpt
 from pyminigpt import GPT, ops
@@ -43,18 +50,24 @@ if QUICK:
 else:
     MODEL = {}  # GPT2Config's defaults: GPT-2 small, 124M parameters
     PROMPT, NEW_TOKENS, TRAIN_BATCH, TRAIN_T, ROUNDS = 32, 128, 4, 256, 2
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 SAMPLING = {"greedy": {"do_sample": False}, "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9}}
-GENERATE_MEMBERS = ["eager", "transformers", "transformers+patch", "pyminigpt", "pyminigpt-bf16"]
+GENERATE_MEMBERS = [
+    "eager",
+    "transformers",
+    "transformers+compile",
+    "transformers+patch",
+    "ctranslate2-float32",
+    "ctranslate2-int8",
+    "pyminigpt",
+    "pyminigpt-bf16",
+]
 if DEVICE == "cuda":  # on a GPU both libraries are usually run in bf16: compare them there too
     GENERATE_MEMBERS += ["transformers-bf16", "transformers+patch-bf16"]
 TRAIN_MEMBERS = ["eager", "transformers", "transformers+patch", "pyminigpt"]
 
 
 def _hf_model(patched: bool = False):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(**MODEL, **NO_DROPOUT, bos_token_id=None, eos_token_id=None)
-    model = transformers.GPT2LMHeadModel(config).to(DEVICE)
+    model = random_gpt2(MODEL, DEVICE)
     return pyminigpt.patch_hf_gpt2(model) if patched else model
 
 
@@ -64,12 +77,6 @@ def _model(member: str):
     if member.startswith("transformers"):
         return _hf_model(patched="+patch" in member).to(dtype), dtype
     return GPT.from_hf(_hf_model()).to(dtype), dtype
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes (pyminigpt's GPT or transformers' GPT2LMHeadModel) of weights one decode step reads: every parameter once, but a single row of the position table."""
-    positions = model.transformer.wpe.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters()) - positions.numel() * positions.element_size()
 
 
 def naive_generate(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, do_sample=False, top_k=0, top_p=1.0):
@@ -86,14 +93,33 @@ def naive_generate(model: GPT, input_ids: torch.Tensor, max_new_tokens: int, do_
     return input_ids
 
 
-def _generator(member: str, model, settings: dict):
+@pytest.fixture(scope="module")
+def read_bandwidth() -> float:
+    """Bytes per second torch.sum reads from DRAM: the roof of a decode step."""
+    return measure_read_bandwidth()
+
+
+def _decode_member(request, member: str, settings: dict):
+    """(generate(ids), weight bytes, dtype name) of a generate member; closed when the test ends."""
     if member == "eager":
-        return lambda ids: naive_generate(model, ids, NEW_TOKENS, **settings)
-    if member.startswith("transformers"):
-        return lambda ids: model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, **settings
-        )
-    return lambda ids: model.generate(ids, max_new_tokens=NEW_TOKENS, **settings)
+        model = GPT.from_hf(_hf_model()).eval()
+        return lambda ids: naive_generate(model, ids, NEW_TOKENS, **settings), weight_bytes(model), "float32"
+    if member.endswith("-bf16") and member.startswith("transformers"):  # CUDA only
+        model = _hf_model(patched="+patch" in member).to(torch.bfloat16).eval()
+
+        def generate(ids):
+            with torch.no_grad():
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, **settings)
+
+        return generate, weight_bytes(model), "bfloat16"
+    if member_status(member) != "ok":
+        pytest.skip(f"{member}: {member_status(member)}")
+    if DEVICE != "cpu" and member.startswith("ctranslate2"):
+        pytest.skip(f"{member}: its worker runs on the CPU only")
+    generate, nbytes, close = build_member(member, MODEL, DEVICE)
+    request.addfinalizer(close)
+    dtype = {"ctranslate2-int8": "int8", "pyminigpt-bf16": "bfloat16"}.get(member, "float32")
+    return lambda ids: generate(ids, max_new_tokens=NEW_TOKENS, **settings), nbytes, dtype
 
 
 def _report_tokens_per_second(benchmark, tokens: int) -> float | None:
@@ -108,13 +134,12 @@ def _report_tokens_per_second(benchmark, tokens: int) -> float | None:
 @pytest.mark.parametrize("member", GENERATE_MEMBERS)
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("mode", list(SAMPLING))
-def test_generate(benchmark, copy_bandwidth, member, batch, mode):
+def test_generate(benchmark, request, read_bandwidth, member, batch, mode):
     benchmark.group = f"generate {mode} B{batch} prompt{PROMPT} new{NEW_TOKENS}"
-    benchmark.extra_info["role"] = {"eager": "eager", "transformers": "peer"}.get(member, "member")
-    model, dtype = _model(member)
-    model.eval()
-    input_ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=DEVICE)
-    generate = _generator(member, model, SAMPLING[mode])
+    benchmark.extra_info["role"] = "eager" if member == "eager" else "peer" if member in PEERS else "member"
+    generate, nbytes, dtype = _decode_member(request, member, SAMPLING[mode])
+    vocab_size = MODEL.get("vocab_size", 50257)
+    input_ids = torch.randint(0, vocab_size, (batch, PROMPT), device=DEVICE)
 
     def run():
         out = generate(input_ids)
@@ -125,8 +150,8 @@ def test_generate(benchmark, copy_bandwidth, member, batch, mode):
     assert out.shape == (batch, PROMPT + NEW_TOKENS)
     tokens_per_second = _report_tokens_per_second(benchmark, batch * NEW_TOKENS)
     if tokens_per_second is not None:
-        bound = batch * copy_bandwidth / weight_bytes(model)
-        benchmark.extra_info["weights"] = str(dtype).removeprefix("torch.")
+        bound = batch * read_bandwidth / nbytes
+        benchmark.extra_info["weights"] = dtype
         benchmark.extra_info["bound tokens/s"] = round(bound, 2)
         benchmark.extra_info["fraction_of_bound"] = round(tokens_per_second / bound, 3)
 

@@ -1,9 +1,11 @@
 """Linear benchmarks for decoding's few-row matmuls: eager F.linear (torch's MKL / oneDNN
 matmul, also the reference) and the `cpu` kernel (csrc/cpu/linear.cpp), one group per rows,
-shape and dtype: GPT-2's LM head (768 -> 50257) and MLP (768 -> 3072).
+shape and dtype: GPT-2's LM head (768 -> 50257) and MLP (768 -> 3072), and a memory-resident
+shape whose fp32 weight is larger than the last-level cache.
 
-Bound by reading the weights: each member reports GB/s of weight bytes and that as a
-fraction of the measured copy bandwidth.
+Bound by reading the weights: each member reports GB/s of weight bytes, that as a fraction
+of the measured DRAM copy bandwidth, and "from": cache when the weight fits in the
+last-level cache (GPT-2's weights, read once per decode step, mostly do not).
 
     pytest bench/test_bench_linear.py --benchmark-group-by=group
 """
@@ -13,14 +15,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_utils import DEVICE, KERNELS, dtype_name, on_backend, report_bandwidth, synced
+from bench_utils import DEVICE, KERNELS, dtype_name, memory_resident_rows, on_backend, report_bandwidth, synced
 
 from pyminigpt import ops
 
 pytestmark = [
     pytest.mark.skipif(DEVICE != "cpu", reason="linear has only a CPU kernel"),
     pytest.mark.parametrize("rows", [1, 8]),  # both within native.LINEAR_MAX_ROWS: they run on the kernel
-    pytest.mark.parametrize("k, n", [(768, 50257), (768, 3072)], ids=["lm_head", "mlp"]),
+    pytest.mark.parametrize(
+        "k, n",
+        [(768, 50257), (768, 3072), (768, memory_resident_rows(768, torch.float32))],
+        ids=["lm_head", "mlp", "dram"],
+    ),
     pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name),
     pytest.mark.parametrize("member", ["eager", *KERNELS]),
 ]

@@ -1,6 +1,8 @@
 """Top-k / top-p filter and sampling benchmarks at GPT-2's vocabulary, one group per op
-and setting: the eager reference, transformers' chain (TopKLogitsWarper, TopPLogitsWarper,
-softmax, torch.multinomial: a full sort, cumsum and scatter) and every kernel backend.
+and setting: eager (plain fp32 PyTorch: the reference filter; for `sample` then softmax and
+torch.multinomial over the filtered logits), transformers' chain (TopKLogitsWarper,
+TopPLogitsWarper, softmax, torch.multinomial: a full sort, cumsum and scatter) and every
+kernel backend. The float64 oracle `reference.sample` is for the tests, not a baseline.
 
     pytest bench/test_bench_sampling.py --benchmark-group-by=group
 """
@@ -38,10 +40,14 @@ def _sample_member(name: str, generator: torch.Generator):
     if name == "transformers":  # what GenerationMixin does per step
         return lambda logits, k, p: transformers_sample(logits, TEMPERATURE, k, p, generator)
     if name == "eager":
-        return lambda logits, k, p: reference.sample(
-            logits, TEMPERATURE, k, p, torch.rand(logits.shape[0], generator=generator, device=DEVICE)
-        )
+        return lambda logits, k, p: eager_sample(logits, TEMPERATURE, k, p, generator)
     return on_backend(name, lambda logits, k, p: ops.sample_unchecked(logits, TEMPERATURE, k, p, generator))
+
+
+def eager_sample(logits, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """Plain fp32 PyTorch: temperature, the reference filter, softmax, torch.multinomial. (B,) int64."""
+    probs = torch.softmax(reference.top_k_top_p_filter(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _logits() -> torch.Tensor:

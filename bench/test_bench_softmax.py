@@ -2,8 +2,9 @@
 the usual peer) and every kernel backend, one group per direction, size and dtype.
 
 Memory-bound: forward moves x in and y out (2 tensors), forward + backward also moves y
-and dy in and dx out (5 tensors); each member reports GB/s and the fraction of the
-measured copy bandwidth.
+and dy in and dx out (5 tensors); each member reports GB/s, the fraction of the measured
+DRAM copy bandwidth and "from": cache when the working set fits in the last-level cache.
+The last size is memory-resident (more rows than the cache holds).
 
     pytest bench/test_bench_softmax.py --benchmark-group-by=group
 """
@@ -12,12 +13,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_utils import DEVICE, KERNELS, dtype_name, on_backend, report_bandwidth, size_name, synced
+from bench_utils import (
+    DEVICE,
+    KERNELS,
+    dtype_name,
+    memory_resident_rows,
+    on_backend,
+    report_bandwidth,
+    size_name,
+    synced,
+)
 
 from pyminigpt import ops
 
 TEMPERATURE = 0.7
-SIZES = [(64, 50257), (8192, 768)] + ([(4096, 50257)] if DEVICE == "cuda" else [])
+SIZES = [(64, 50257), (8192, 768), (4096 if DEVICE == "cuda" else memory_resident_rows(50257, torch.float32), 50257)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 # every test: one group per size and dtype, one member per implementation

@@ -1,21 +1,29 @@
 """`pyminigpt bench`: run the benchmark suites and turn them into a report of ratios.
 
     pyminigpt bench [--ops] [--e2e] [--quick] [--out DIR] [--bench-dir DIR] [-k EXPR]
+                    [--from-json BENCH_JSON ...] [--decode-json SUMMARY] [--group-charts]
 
 Runs the pytest-benchmark files of the repository's `bench/` folder in a pytest subprocess
 (`--ops`: every `test_bench_*.py` but the end-to-end one; `--e2e`: `test_bench_e2e.py`;
 neither: both) and writes into DIR (default `bench-report/`):
 
-    bench.json   pytest-benchmark's own JSON
-    report.md    per group (one op or one end-to-end task at one size), each member's median,
-                 its speedup over the group's eager member and over its peer, and the
-                 group's extra_info (GB/s, tokens/s, fraction of the hardware bound, ...)
-    *.png        one bar chart per group: each member's speedup over eager
+    bench.json    pytest-benchmark's own JSON
+    report.md     the headline table (decode tokens/s of every member with its fraction of the
+                  bandwidth bound; the training step and each op against its strongest peer),
+                  then per group (one op or one end-to-end task at one size) each member's
+                  median, its speedup over the group's eager member and over its strongest
+                  peer, and the group's extra_info (GB/s, tokens/s, fraction of the bound, ...)
+    overview.png  every group's speedup over its baseline and over its strongest peer
+    *.png         with --group-charts, also one bar chart per group
 
-A group's eager member is the one named `eager` (or with extra_info role "eager"); its peer
-is the strongest outside implementation (extra_info role "peer", else a member named one of
-`PEERS`). `--quick` sets PYMINIGPT_BENCH_QUICK=1, which shrinks the end-to-end suite to a
-tiny model and a few tokens (the op suites run as they are).
+A group's baseline is its eager member (named `eager`, or extra_info role "eager"); its peers
+are the outside implementations (extra_info role "peer", else a member named one of `PEERS`),
+and the strongest peer is the fastest of them (the baseline when a group has no peer: eager
+PyTorch is then the torch peer). "pyminigpt" in a group is its fastest own member.
+`--from-json` renders earlier pytest-benchmark JSON files instead of running the suites;
+`--decode-json` replaces the decode groups with a summary of bench/interleaved_decode.py
+(members interleaved across processes). `--quick` sets PYMINIGPT_BENCH_QUICK=1, which
+shrinks the end-to-end suite to a tiny model and a few tokens (the op suites run as they are).
 
 The benchmarks are not installed with the package: `--bench-dir` defaults to ./bench.
 """
@@ -23,7 +31,9 @@ The benchmarks are not installed with the package: `--bench-dir` defaults to ./b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -33,9 +43,14 @@ from pathlib import Path
 
 E2E_FILE = "test_bench_e2e.py"
 # Member names that are the outside implementation a kernel is measured against.
-PEERS = ("transformers", "sdpa", "torch", "compile")
+PEERS = ("transformers", "transformers+compile", "ctranslate2-float32", "ctranslate2-int8", "sdpa", "torch", "compile")
+# Members that need an optional package; missing from a decode group without it, they are
+# reported as "not installed" rather than left out.
+OPTIONAL_MEMBERS = {"ctranslate2-float32": "ctranslate2", "ctranslate2-int8": "ctranslate2"}
+NOT_INSTALLED = "not installed"
 # extra_info entries worth a column in the Markdown table.
-EXTRA_COLUMNS = ("tokens/s", "bound tokens/s", "fraction_of_bound", "GB/s", "fraction_of_copy", "TFLOP/s")
+EXTRA_COLUMNS = ("tokens/s", "bound tokens/s", "fraction_of_bound", "GB/s", "fraction_of_copy", "from", "TFLOP/s")
+DECODE_GROUP = re.compile(r"^generate (?P<mode>\w+) B(?P<batch>\d+)\b")
 
 
 @dataclass
@@ -75,8 +90,138 @@ def load_results(benchmark_json: dict) -> dict[str, list[Result]]:
     return groups
 
 
+def load_decode_summary(summary: dict) -> dict[str, list[Result]]:
+    """bench/interleaved_decode.py's JSON summary -> decode groups like the e2e suite's.
+
+    A member the summary marks as not runnable (not installed) is left out here and reported
+    by the headline as not installed."""
+    groups: dict[str, list[Result]] = {}
+    for member, result in summary["members"].items():
+        if "seconds" not in result:
+            continue
+        for setting, seconds in result["seconds"].items():
+            mode, batch = setting.split(" B")
+            group = f"generate {mode} B{batch} prompt{summary['prompt']} new{summary['new_tokens']}"
+            tokens_per_second = int(batch) * summary["new_tokens"] / seconds
+            bound = int(batch) * summary["read_bandwidth"] / result["weight_bytes"]
+            extra = {
+                "tokens/s": round(tokens_per_second, 2),
+                "bound tokens/s": round(bound, 2),
+                "fraction_of_bound": round(tokens_per_second / bound, 3),
+            }
+            groups.setdefault(group, []).append(Result(group, member, seconds, _role(member, extra), extra))
+    return groups
+
+
+def merge_decode_groups(groups: dict[str, list[Result]], decode: dict[str, list[Result]]) -> dict[str, list[Result]]:
+    """groups with its decode groups replaced by `decode`'s (which come first)."""
+    rest = {g: r for g, r in groups.items() if not DECODE_GROUP.match(g)}
+    return {**decode, **rest}
+
+
 def _baseline(results: list[Result], role: str) -> Result | None:
     return next((r for r in results if r.role == role), None)
+
+
+def strongest_peer(results: list[Result]) -> Result | None:
+    """The fastest peer of a group; its baseline when it has no peer."""
+    peers = [r for r in results if r.role == "peer"]
+    return min(peers, key=lambda r: r.median) if peers else _baseline(results, "eager")
+
+
+def best_own(results: list[Result]) -> Result | None:
+    """The fastest of a group's own members (pyminigpt's kernels, models and patch)."""
+    own = [r for r in results if r.role == "member"]
+    return min(own, key=lambda r: r.median) if own else None
+
+
+def family(group: str) -> str:
+    """A group's op or task without its sizes: its leading words up to the first one holding a digit."""
+    words = []
+    for word in group.split():
+        if any(c.isdigit() for c in word):
+            break
+        words.append(word)
+    return " ".join(words) or group
+
+
+def _missing_optional(results: list[Result]) -> list[str]:
+    present = {r.member for r in results}
+    return [
+        m for m, package in OPTIONAL_MEMBERS.items() if m not in present and importlib.util.find_spec(package) is None
+    ]
+
+
+def _decode_table(groups: dict[str, list[Result]]) -> list[str]:
+    decode = {g: r for g, r in groups.items() if DECODE_GROUP.match(g)}
+    if not decode:
+        return []
+    members: list[str] = []
+    for results in decode.values():
+        members += [r.member for r in results if r.member not in members]
+        members += [m for m in _missing_optional(results) if m not in members]
+    titles = [f"{DECODE_GROUP.match(g)['mode']} B{DECODE_GROUP.match(g)['batch']}" for g in decode]
+    lines = [
+        "Decode tokens/s (fraction of the member's bandwidth bound); " + next(iter(decode)).split(" ", 3)[-1] + ":",
+        "",
+        "| member | " + " | ".join(titles) + " |",
+        "|---|" + "---:|" * len(titles),
+    ]
+    for member in members:
+        cells = []
+        for results in decode.values():
+            r = next((r for r in results if r.member == member), None)
+            if r is None:
+                cells.append(NOT_INSTALLED if member in _missing_optional(results) else "-")
+            elif "tokens/s" in r.extra and "fraction_of_bound" in r.extra:
+                cells.append(f"{r.extra['tokens/s']:.1f} ({r.extra['fraction_of_bound']:.2f})")
+            else:
+                cells.append(f"{r.extra.get('tokens/s', '-')}")
+        lines.append(f"| `{member}` | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _speedup_summary(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}x"
+    return f"{_geometric_mean(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def render_headline(groups: dict[str, list[Result]]) -> str:
+    """The headline: decode tokens/s of every member with its fraction of the bound, then per
+    task or op (sizes and dtypes pooled) pyminigpt's speedup over the baseline and over the
+    strongest peer: geometric mean (min-max) over the groups."""
+    lines = ["## Headline", "", *_decode_table(groups)]
+    families: dict[str, list[list[Result]]] = {}
+    for group, results in groups.items():
+        families.setdefault(family(group), []).append(results)
+    lines += [
+        "| task / op | groups | strongest peer | pyminigpt vs strongest peer | vs baseline |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for name, members in families.items():
+        over_peer, over_baseline, peer_names = [], [], []
+        for results in members:
+            own, peer, eager = best_own(results), strongest_peer(results), _baseline(results, "eager")
+            if own is None:
+                continue
+            if peer is not None and peer is not own:
+                over_peer.append(peer.median / own.median)
+                peer_names += [peer.member] if peer.member not in peer_names else []
+            if eager is not None:
+                over_baseline.append(eager.median / own.median)
+        if over_peer or over_baseline:
+            lines.append(
+                f"| {name} | {len(members)} | {', '.join(f'`{p}`' for p in peer_names) or '-'} | "
+                f"{_speedup_summary(over_peer)} | {_speedup_summary(over_baseline)} |"
+            )
+    return "\n".join(lines + [""])
 
 
 def _ratio(baseline: Result | None, result: Result) -> str:
@@ -87,11 +232,34 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}" if seconds < 1 else f"{seconds * 1e3:.0f}"
 
 
-def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
-    """One table per group: member, median (ms), speedup over eager and over the peer, extra_info columns."""
-    lines = [header] if header else []
+def render_group_rows(groups: dict[str, list[Result]]) -> str:
+    """One row per group: the baseline's, the strongest peer's and pyminigpt's medians, pyminigpt's
+    speedup over the peer, and its GB/s with where the working set lives (cache or DRAM)."""
+    lines = [
+        "| group | eager ms | strongest peer ms | pyminigpt ms | vs peer | pyminigpt GB/s (from) |",
+        "|---|---:|---|---|---:|---:|",
+    ]
     for group, results in groups.items():
-        eager, peer = _baseline(results, "eager"), _baseline(results, "peer")
+        own, peer, eager = best_own(results), strongest_peer(results), _baseline(results, "eager")
+        if own is None:
+            continue
+        rate = f"{own.extra['GB/s']} ({own.extra.get('from', '?')})" if "GB/s" in own.extra else ""
+        peer_cell = f"`{peer.member}` {_format_seconds(peer.median)}" if peer is not None else "-"
+        lines.append(
+            f"| {group} | {_format_seconds(eager.median) if eager else '-'} | {peer_cell} | "
+            f"`{own.member}` {_format_seconds(own.median)} | {_ratio(peer, own) if peer is not own else '-'} | {rate} |"
+        )
+    return "\n".join(lines + [""])
+
+
+def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
+    """The headline, then one table per group: member, median (ms), speedup over eager and over the
+    strongest peer, extra_info columns."""
+    lines = [header] if header else []
+    lines += [render_headline(groups), "## Groups", ""]
+    for group, results in groups.items():
+        eager, peer = _baseline(results, "eager"), strongest_peer(results)
+        peer = peer if peer is not None and peer.role == "peer" else None
         extras = [c for c in EXTRA_COLUMNS if any(c in r.extra for r in results)]
         peer_title = f"vs {peer.member}" if peer else "vs peer"
         lines += [
@@ -104,12 +272,62 @@ def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
             cells = [f"`{r.member}`", _format_seconds(r.median), _ratio(eager, r), _ratio(peer, r)]
             cells += [str(r.extra.get(c, "")) for c in extras]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += [f"| `{m}` | {NOT_INSTALLED} |" + " |" * (2 + len(extras)) for m in _missing_optional(results)]
         lines.append("")
     return "\n".join(lines)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def plot_overview(groups: dict[str, list[Result]], path: Path) -> Path:
+    """One PNG: per group, pyminigpt's speedup over the baseline and over the strongest peer, as
+    horizontal bars from the 1.0 line (as fast) on a log axis: right of it faster, left slower."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []  # (label, speedup over baseline or None, speedup over strongest peer or None)
+    for group, results in groups.items():
+        own, peer, eager = best_own(results), strongest_peer(results), _baseline(results, "eager")
+        if own is None:
+            continue
+        over_peer = peer.median / own.median if peer is not None and peer is not own else None
+        over_eager = eager.median / own.median if eager is not None else None
+        label = f"{group}  [{own.member} vs {peer.member}]" if peer is not None else f"{group}  [{own.member}]"
+        rows.append((label, over_eager, over_peer))
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.3 * max(len(rows), 1)))
+    positions = range(len(rows))
+    height = 0.38
+    for offset, index, color, name in ((-height / 2, 1, "tab:gray", "over baseline (eager)"),
+                                       (height / 2, 2, "tab:blue", "over strongest peer")):  # fmt: skip
+        drawn = [(p + offset, r[index]) for p, r in zip(positions, rows) if r[index] is not None]
+        ys, values = [y for y, _ in drawn], [v for _, v in drawn]
+        ax.barh(ys, [v - 1.0 for v in values], left=1.0, height=height, color=color, label=name)
+        for y, value in drawn:
+            align = "left" if value >= 1 else "right"
+            ax.text(value, y, f" {value:.2f}x ", va="center", ha=align, fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=1.2)
+    ax.set_xscale("log")
+    every = [v for r in rows for v in r[1:] if v is not None] or [1.0]
+    ax.set_xlim(min(0.5, min(every) / 1.6), max(2.0, max(every) * 1.8))
+    ax.set_yticks(list(positions), [r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of pyminigpt's fastest member (log scale; right of 1.0 = faster, left = slower)")
+    ax.set_title("pyminigpt: speedup per benchmark group", fontsize=10, loc="right")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=8, frameon=False)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_groups(groups: dict[str, list[Result]], out_dir: Path) -> list[Path]:
@@ -152,7 +370,7 @@ def _versions() -> str:
     from importlib import metadata
 
     found = []
-    for package in ("torch", "transformers", "triton"):
+    for package in ("torch", "transformers", "triton", "ctranslate2"):
         try:
             found.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
@@ -173,6 +391,8 @@ def _backends() -> str:
 def _command_line(args: argparse.Namespace) -> str:
     flags = [f"--{name}" for name in ("ops", "e2e", "quick") if getattr(args, name)]
     flags += [f"--out {args.out}"] + ([f"--bench-dir {args.bench_dir}"] if args.bench_dir else [])
+    flags += [f"--from-json {' '.join(map(str, args.from_json))}"] if args.from_json else []
+    flags += [f"--decode-json {args.decode_json}"] if args.decode_json else []
     return " ".join(["pyminigpt bench", *flags, *([f"-k '{args.keyword}'"] if args.keyword else [])])
 
 
@@ -190,11 +410,13 @@ def _machine_header(benchmark_json: dict, args: argparse.Namespace) -> str:
         f"- kernel backends: {_backends()}\n"
         f"- command: `{_command_line(args)}`\n"
         f"- date: {benchmark_json.get('datetime', '?')}\n"
-        "- `vs eager` / `vs <peer>`: the eager member's (the peer's) median over this member's; >1 is faster\n"
+        "- `vs eager` / `vs <peer>`: the eager member's (the strongest peer's) median over this member's; >1 is faster\n"
+        "- GB/s `from` cache: the working set fits in the last-level cache, so the rate (and a fraction of the DRAM copy "
+        "bandwidth above 1) is a cache rate\n"
     )
 
 
-DESCRIPTION = "Run the benchmarks; write the pytest-benchmark JSON, a Markdown report of ratios and PNG charts."
+DESCRIPTION = "Run the benchmarks; write the pytest-benchmark JSON, a Markdown report of ratios and an overview PNG."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,6 +431,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bench-dir", type=Path, default=None, help="the repository's bench/ folder (default: ./bench)"
     )
     parser.add_argument("-k", dest="keyword", default=None, help="only benchmarks matching this pytest -k expression")
+    parser.add_argument(
+        "--from-json", type=Path, nargs="+", default=None, help="render these pytest-benchmark JSON files; run nothing"
+    )
+    parser.add_argument(
+        "--decode-json", type=Path, default=None, help="decode groups from a bench/interleaved_decode.py --json summary"
+    )
+    parser.add_argument("--group-charts", action="store_true", help="also one PNG per group")
 
 
 def main(argv=None) -> int:
@@ -219,7 +448,42 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the suites, write bench.json, report.md and the PNGs; returns pytest's exit status (2 for bad usage)."""
+    """Run the suites (or read --from-json), write bench.json, report.md, overview.png (and the
+    per-group PNGs); returns pytest's exit status (2 for bad usage)."""
+    if args.from_json:
+        missing = [str(p) for p in args.from_json if not p.is_file()]
+        if missing:
+            print(f"pyminigpt bench: --from-json: no such file {', '.join(missing)}", file=sys.stderr)
+            return 2
+        benchmark_json = {"benchmarks": []}
+        for path in args.from_json:
+            data = json.loads(path.read_text())
+            benchmark_json["benchmarks"] += data.get("benchmarks", [])
+            benchmark_json.setdefault("machine_info", data.get("machine_info", {}))
+            benchmark_json.setdefault("datetime", data.get("datetime", "?"))
+        status = 0
+    else:
+        benchmark_json, status = _run_suites(args)
+        if benchmark_json is None:
+            return status
+    groups = load_results(benchmark_json)
+    if args.decode_json is not None:
+        if not args.decode_json.is_file():
+            print(f"pyminigpt bench: --decode-json: no such file {str(args.decode_json)!r}", file=sys.stderr)
+            return 2
+        groups = merge_decode_groups(groups, load_decode_summary(json.loads(args.decode_json.read_text())))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(render_markdown(groups, _machine_header(benchmark_json, args)))
+    charts = [plot_overview(groups, args.out / "overview.png")]
+    if args.group_charts:
+        charts += plot_groups(groups, args.out)
+    print(f"pyminigpt bench: {len(groups)} groups -> {args.out / 'report.md'}, {len(charts)} PNG charts")
+    return status
+
+
+def _run_suites(args: argparse.Namespace) -> tuple[dict | None, int]:
+    """Runs the selected bench files under pytest: (their pytest-benchmark JSON, pytest's exit
+    status), or (None, status) when there is nothing to report."""
     bench_dir = args.bench_dir if args.bench_dir is not None else Path("bench")
     if not (bench_dir / "conftest.py").is_file():
         print(
@@ -227,16 +491,16 @@ def run(args: argparse.Namespace) -> int:
             "folder (not in the installed package); run from a checkout or pass --bench-dir",
             file=sys.stderr,
         )
-        return 2
+        return None, 2
     want_ops, want_e2e = (args.ops, args.e2e) if (args.ops or args.e2e) else (True, True)
     files = _bench_files(bench_dir, want_ops, want_e2e)
     if not files:
         print(f"pyminigpt bench: no test_bench_*.py files selected in {str(bench_dir)!r}", file=sys.stderr)
-        return 2
+        return None, 2
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = (args.out / "bench.json").resolve()
     command = [sys.executable, "-m", "pytest", *(str(f.resolve()) for f in files), "-q", "-p", "no:cacheprovider"]
-    command += [f"--benchmark-json={json_path}", "--benchmark-group-by=group"]
+    command += [f"--benchmark-json={json_path}", "--benchmark-group-by=group", "-rs"]
     if args.keyword:
         command.append(f"-k{args.keyword}")  # one token, so an expression starting with '-' is not an option
     # not an xdist worker's variables: pytest-benchmark turns itself off under xdist
@@ -250,13 +514,8 @@ def run(args: argparse.Namespace) -> int:
     status = subprocess.call(command, env=env, cwd=bench_dir)
     if not json_path.is_file():
         print(f"pyminigpt bench: pytest (exit {status}) wrote no {json_path}", file=sys.stderr)
-        return status or 1
-    benchmark_json = json.loads(json_path.read_text())
-    groups = load_results(benchmark_json)
-    (args.out / "report.md").write_text(render_markdown(groups, _machine_header(benchmark_json, args)))
-    charts = plot_groups(groups, args.out)
-    print(f"pyminigpt bench: {len(groups)} groups -> {json_path}, {args.out / 'report.md'}, {len(charts)} PNG charts")
-    return status
+        return None, status or 1
+    return json.loads(json_path.read_text()), status
 
 
 if __name__ == "__main__":
