@@ -6,12 +6,13 @@
     pyminigpt generate MODEL            sample text from a trained run, checkpoint or HF GPT-2 directory
     pyminigpt perplexity MODEL [FILE]   score a text
     pyminigpt chat MODEL [--feedback]   talk to a model; with --feedback, rate its replies and tune it
+    pyminigpt explore MODEL             tokens, next token, attention, hidden states, sampling, perplexity: one page
     pyminigpt info                      version, kernel backends (and why others are missing), CPU, GPU
     pyminigpt bench [--ops] [--e2e]     run the benchmarks (from a checkout); JSON, Markdown ratios, PNG charts
 
 This module is the argparse layer, and the short commands (train, generate, perplexity,
 info). The run-directory format and model loading are in `runs.py`; the demo in
-`demo.py`; chat with feedback in `chat.py`. Each of those adds its own sub-command with
+`demo.py`; chat with feedback in `chat.py`; the exploration page in `explore.py`. Each of those adds its own sub-command with
 `add_parser(subparsers)`, which sets `run(args)` as the command's function.
 
 Bad input (a missing, empty or non-UTF-8 file, a corpus shorter than one window, a
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import chat, demo
+from . import chat, demo, explore
 from .runs import (
     RUN_FILE,
     SIZES,
@@ -406,9 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_perplexity)
 
     chat.add_parser(sub)
-
-    from . import explore
-
     explore.add_parser(sub)
 
     p = sub.add_parser(

@@ -111,10 +111,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """`pyminigpt explore`: check the options, explore, print the report, write the page."""
-    # pyminigpt.runs once cli.py is split: from .runs import UsageError, encode_check, load_model, pick_device
-    from .cli import UsageError, load_model
-    from .cli import _device as pick_device
-    from .cli import _encode_check as encode_check
+    from .io import atomic_write
+    from .runs import UsageError, encode_check, load_model, pick_device
 
     given = args.prompt is not None
     prompt = args.prompt if given else DEFAULT_PROMPT
@@ -146,7 +144,7 @@ def run(args) -> int:
     )
     print(format_report(found))
     page = out / PAGE_FILE
-    page.write_text(build_page(found), encoding="utf-8")
+    atomic_write(page, build_page(found))
     pictures = ", ".join(str(out / name) for name in (found.attention_png, found.states_png) if name)
     print(f"\nwrote {pictures} and the page {page} (open it in a browser)")
     return 0
