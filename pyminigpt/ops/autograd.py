@@ -25,11 +25,11 @@ def below_autograd(op, *args):
     that Python step costs more than a small kernel. Doing the same step here skips it; with
     a gradient to record, or while torch.compile traces, the op goes through autograd as usual.
     """
-    # inference mode leaves out the Autograd key already; torch.compile reads is_compiling() as
-    # True and traces nothing after it
+    # torch.compile reads is_compiling() as True and traces nothing after it (it cannot trace
+    # is_inference_mode_enabled); inference mode leaves out the Autograd key already
     if (
-        torch.is_inference_mode_enabled()
-        or torch.compiler.is_compiling()
+        torch.compiler.is_compiling()
+        or torch.is_inference_mode_enabled()
         or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
     ):
         return op(*args)

@@ -126,8 +126,14 @@ _active: contextvars.ContextVar[tuple[str, bool]] = contextvars.ContextVar(
 )
 
 
+# torch.compile cannot trace ContextVar.get: a compiled graph reads the backend once, when it is traced
+@torch.compiler.assume_constant_result
+def _active_backend() -> tuple[str, bool]:
+    return _active.get()
+
+
 def current_backend() -> str:
-    return _check_backend_name(_active.get()[0])
+    return _check_backend_name(_active_backend()[0])
 
 
 @contextlib.contextmanager
@@ -158,7 +164,7 @@ def _candidates(op: str, name: str, device_type: str, dtype: torch.dtype) -> tup
 
 def choose(op: str, *args) -> tuple[str, Callable]:
     """The backend that `call(op, *args)` would run, and its function. Every op's first argument is its tensor."""
-    name, strict = _active.get()
+    name, strict = _active_backend()
     first = args[0]
     key = (op, name, first.device, first.dtype)  # the device itself: hashing it is cheaper than its .type
     candidates = _choices.get(key)
