@@ -50,8 +50,8 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& like, c
 // An fp32 tensor of shape `sizes` on `like`'s device (lse, the uniforms of a draw).
 void check_float32(const at::Tensor& t, const char* name, const at::Tensor& like, at::IntArrayRef sizes) {
   check_cuda(t, name, like);
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.sizes() == sizes, name, " must be float32 of shape ", sizes,
-              ", got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.sizes() == sizes, name, " must be float32 of shape ", sizes, ", got ",
+              t.scalar_type(), " ", t.sizes());
 }
 
 // Per-row fp32 statistics saved by the layer norm forward (mean, rstd): `rows` elements.
@@ -216,8 +216,7 @@ at::Tensor sample(const at::Tensor& logits_in, double temperature, int64_t top_k
   check_cuda(logits_in, "logits", logits_in);
   TORCH_CHECK(logits_in.dim() == 2, "logits must have shape (batch, vocab), got ", logits_in.sizes());
   check_float32(uniform_in, "uniform", logits_in, {logits_in.size(0)});
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ",
-              temperature);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ", temperature);
   const DType dtype = dtype_of(logits_in, "logits");
   const int64_t rows = logits_in.size(0), vocab = logits_in.size(1);
   at::Tensor tokens = at::empty({rows}, logits_in.options().dtype(at::kLong));
@@ -250,8 +249,8 @@ AttentionShape check_attention(const at::Tensor& q, const at::Tensor& k, const a
               "k must have shape (", q.size(0), ", ", q.size(1), ", kv_len, ", q.size(3), "), got ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
   const AttentionShape s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
-  check_supported(kernels::causal_attention_unsupported(s.batch, s.heads, s.q_len, s.kv_len, s.head_dim,
-                                                        dtype_of(q, "q")));
+  check_supported(
+      kernels::causal_attention_unsupported(s.batch, s.heads, s.q_len, s.kv_len, s.head_dim, dtype_of(q, "q")));
   return s;
 }
 
@@ -283,9 +282,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q_in, 
     // Sized under the device guard: the decode split follows the device's SM count.
     const at::Tensor scratch =
         workspace(kernels::causal_attention_fwd_workspace_bytes(s.batch, s.heads, s.q_len, s.kv_len, s.head_dim), q);
-    return kernels::causal_attention_fwd(heads_of(q), heads_of(k), heads_of(v), out.data_ptr(),
-                                         lse.data_ptr<float>(), scratch.data_ptr(), s.batch, s.heads, s.q_len,
-                                         s.kv_len, s.head_dim, static_cast<float>(scale), dtype_of(q, "q"), stream);
+    return kernels::causal_attention_fwd(heads_of(q), heads_of(k), heads_of(v), out.data_ptr(), lse.data_ptr<float>(),
+                                         scratch.data_ptr(), s.batch, s.heads, s.q_len, s.kv_len, s.head_dim,
+                                         static_cast<float>(scale), dtype_of(q, "q"), stream);
   });
   return {out, lse};
 }
@@ -310,10 +309,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   const at::Tensor scratch =
       workspace(kernels::causal_attention_bwd_workspace_bytes(s.batch, s.heads, s.q_len, s.head_dim), q);
   launch("causal_attention_bwd", q.device(), [&](cudaStream_t stream) {
-    return kernels::causal_attention_bwd(heads_of(grad_out), heads_of(q), heads_of(k), heads_of(v),
-                                         out.data_ptr(), lse.data_ptr<float>(), grad_q.data_ptr(), grad_k.data_ptr(),
-                                         grad_v.data_ptr(), scratch.data_ptr(), s.batch, s.heads, s.q_len, s.kv_len,
-                                         s.head_dim, static_cast<float>(scale), dtype_of(q, "q"), stream);
+    return kernels::causal_attention_bwd(heads_of(grad_out), heads_of(q), heads_of(k), heads_of(v), out.data_ptr(),
+                                         lse.data_ptr<float>(), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
+                                         scratch.data_ptr(), s.batch, s.heads, s.q_len, s.kv_len, s.head_dim,
+                                         static_cast<float>(scale), dtype_of(q, "q"), stream);
   });
   return {grad_q, grad_k, grad_v};
 }

@@ -238,8 +238,6 @@ def sample_kernel(
     tl.store(token_ptr + row, tl.where(token < n_cols, token, last_kept).to(tl.int64))
 
 
-
-
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float, min_tokens_to_keep: int, wrap=_no_wrap):
     """logits (B, V) with the entries top-k then top-p remove set to -inf (NaN -> -inf). Returns (B, V)."""
     n_rows, n_cols = logits.shape

@@ -25,6 +25,7 @@ from .generation import generate
 
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
+
 @dataclass
 class GPTOutput:
     """What `GPT.forward` returns. Optional fields are None unless asked for."""

@@ -346,5 +346,3 @@ def unpatch_hf_gpt2(model):
             model.generate = record["own_generate"]
     delattr(model, PATCH_ATTRIBUTE)
     return model
-
-

@@ -14,7 +14,8 @@ from pyminigpt.ops.rules import RULES
 # inputs outside them to another backend, so a strict test of such an input is skipped there.
 # The words are the rules' own (pyminigpt/ops/rules.py).
 DOCUMENTED_LIMITS = {
-    (backend, op): RULES[(op, backend)].limit for backend, op in (("cuda", "causal_attention"), ("triton", "layer_norm"))
+    (backend, op): RULES[(op, backend)].limit
+    for backend, op in (("cuda", "causal_attention"), ("triton", "layer_norm"))
 }
 
 

@@ -261,7 +261,6 @@ def test_patch_rejects_other_models():
         pyminigpt.unpatch_hf_gpt2(torch.nn.Linear(2, 2))
 
 
-
 # ---- per model, every class, what transformers' users rely on ------------------------------
 
 KERNELS = ("pyminigpt::layer_norm_fwd", "pyminigpt::causal_attention_fwd", "pyminigpt::linear")

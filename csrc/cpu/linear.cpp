@@ -163,8 +163,8 @@ bool use_dot_bf16() {
 // when the CPU has it.
 template <int M>
 __attribute__((target("avx512bf16"))) void linear_columns_dot_bf16(const at::BFloat16* x, const at::BFloat16* w,
-                                                                  const at::BFloat16* bias, at::BFloat16* y,
-                                                                  int64_t K, int64_t N, int64_t n0, int64_t n1) {
+                                                                   const at::BFloat16* bias, at::BFloat16* y, int64_t K,
+                                                                   int64_t N, int64_t n0, int64_t n1) {
   constexpr int64_t kChunk = 32;  // bf16 per 512-bit register
   const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K % kChunk)) - 1);  // the last, partial chunk
   for (int64_t n = n0; n < n1; ++n) {
@@ -204,9 +204,8 @@ void linear_rows(const scalar_t* x, const float* xf, const scalar_t* w, const sc
 #ifdef PYMINIGPT_LINEAR_DOT_BF16
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (use_dot_bf16()) {
-      at::parallel_for(0, N, columns_per_task<scalar_t>(K, 1), [&](int64_t n0, int64_t n1) {
-        linear_columns_dot_bf16<M>(x, w, bias, y, K, N, n0, n1);
-      });
+      at::parallel_for(0, N, columns_per_task<scalar_t>(K, 1),
+                       [&](int64_t n0, int64_t n1) { linear_columns_dot_bf16<M>(x, w, bias, y, K, N, n0, n1); });
       return;
     }
   }
@@ -301,8 +300,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
               x.device(), " and ", weight.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "linear: x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "linear: weight must have x's dtype ", x.scalar_type(),
-              ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "linear: weight must have x's dtype ", x.scalar_type(), ", got ",
+              weight.scalar_type());
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1),
               "linear: x must be (M, K) and weight (N, K), got ", x.sizes(), " and ", weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
