@@ -1,7 +1,7 @@
 # pyminigpt: every set-up step in one place. On a fresh machine:
 #   make demo        # creates .venv, installs pyminigpt (builds the C++ kernels), runs `pyminigpt demo`
 #   make install     # the tools and pyminigpt itself, as a user gets it (a regular install)
-#   make test        # what CI runs (.ci/run: make install, then this): check + every test below
+#   make test        # what CI runs (.ci/run): check + every test below (installs first on a fresh machine)
 # While changing code:
 #   make dev         # an editable install: Python edits are live; rerun it after C++ edits
 #   make check       # lint: ruff check, ruff format --check, clang-format over csrc/ and the emulator
@@ -51,11 +51,10 @@ dev: $(TOOLS)
 demo: install
 	$(BIN)/pyminigpt demo
 
-# The test targets run against whatever `make install` or `make dev` installed; none of them
-# installs or rebuilds pyminigpt itself.
+# The test targets run against whatever `make install` or `make dev` installed, and rebuild
+# nothing; on a fresh machine (nothing installed in $(VENV)) they run `make install` first.
 installed:
-	@$(BIN)/python -c "import pyminigpt._C" 2>/dev/null || \
-		{ echo "pyminigpt is not installed in $(VENV): run 'make dev' (or 'make install') first"; exit 1; }
+	@$(BIN)/python -c "import pyminigpt._C" 2>/dev/null || $(MAKE) --no-print-directory install
 
 # Lint. ruff reads pyproject.toml, clang-format .clang-format. All three run even when one fails.
 check: $(TOOLS)
