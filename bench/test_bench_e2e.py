@@ -37,7 +37,7 @@ import os
 import pytest
 import torch
 from bench_utils import DEVICE, measure_read_bandwidth, sync
-from decode_peers import PEERS, build_member, member_status, random_gpt2, weight_bytes
+from decode_peers import MEMBERS, PEERS, build_member, member_status, random_gpt2, weight_bytes
 
 import pyminigpt
 from pyminigpt import GPT, ops
@@ -51,16 +51,7 @@ else:
     MODEL = {}  # GPT2Config's defaults: GPT-2 small, 124M parameters
     PROMPT, NEW_TOKENS, TRAIN_BATCH, TRAIN_T, ROUNDS = 32, 128, 4, 256, 2
 SAMPLING = {"greedy": {"do_sample": False}, "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9}}
-GENERATE_MEMBERS = [
-    "eager",
-    "transformers",
-    "transformers+compile",
-    "transformers+patch",
-    "ctranslate2-float32",
-    "ctranslate2-int8",
-    "pyminigpt",
-    "pyminigpt-bf16",
-]
+GENERATE_MEMBERS = ["eager", *MEMBERS]
 if DEVICE == "cuda":  # on a GPU both libraries are usually run in bf16: compare them there too
     GENERATE_MEMBERS += ["transformers-bf16", "transformers+patch-bf16"]
 TRAIN_MEMBERS = ["eager", "transformers", "transformers+patch", "pyminigpt"]

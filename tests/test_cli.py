@@ -10,28 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_testing import assert_usage_error, run
 
 from pyminigpt.cli import main
 from pyminigpt.data import names_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ["--size", "tiny", "--batch-size", "4", "--warmup", "2", "--eval-interval", "3", "--no-progress"]
-
-
-def run(capsys, *argv):
-    """main(argv) -> (exit code, stdout, stderr)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_usage_error(capsys, argv, *needles):
-    code, out, err = run(capsys, *argv)
-    assert code == 2, (out, err)
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for needle in needles:
-        assert str(needle) in err, err
-    return err
 
 
 def digests(directory: Path) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from cli_testing import assert_usage_error, run
 from tiny_gpt2 import CORPUS, make_tiny_gpt2_dir
 
 from pyminigpt.cli import main
@@ -23,21 +24,6 @@ from pyminigpt.tokenizer import BPETokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["--batch-size", "4", "--warmup", "1", "--eval-interval", "2", "--no-progress"]
-
-
-def run(capsys, *argv):
-    """main(argv) -> (exit code, stdout, stderr)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_usage_error(capsys, argv, *needles):
-    code, out, err = run(capsys, *argv)
-    assert code == 2, (out, err)
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for needle in needles:
-        assert str(needle) in err, err
 
 
 def load_in_transformers(model_dir):
