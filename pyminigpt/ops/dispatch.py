@@ -141,7 +141,8 @@ def use_backend(name: str, strict: bool = False):
     """Run the ops in this block on backend `name` ('auto', 'reference', 'cpu', 'triton', 'cuda').
 
     With strict=True an input the backend cannot run raises instead of falling back to
-    the reference. The choice holds for this thread (this context) only.
+    the reference. The choice holds for this thread (this context) only. A graph that
+    torch.compile traced keeps the backend it was traced with.
     """
     _check_backend_name(name)
     token = _active.set((name, bool(strict)))
