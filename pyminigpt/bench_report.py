@@ -119,14 +119,14 @@ def merge_decode_groups(groups: dict[str, list[Result]], decode: dict[str, list[
     return {**decode, **rest}
 
 
-def _baseline(results: list[Result], role: str) -> Result | None:
+def baseline(results: list[Result], role: str) -> Result | None:
     return next((r for r in results if r.role == role), None)
 
 
 def strongest_peer(results: list[Result]) -> Result | None:
     """The fastest peer of a group; its baseline when it has no peer."""
     peers = [r for r in results if r.role == "peer"]
-    return min(peers, key=lambda r: r.median) if peers else _baseline(results, "eager")
+    return min(peers, key=lambda r: r.median) if peers else baseline(results, "eager")
 
 
 def best_own(results: list[Result]) -> Result | None:
@@ -208,7 +208,7 @@ def render_headline(groups: dict[str, list[Result]]) -> str:
     for name, members in families.items():
         over_peer, over_baseline, peer_names = [], [], []
         for results in members:
-            own, peer, eager = best_own(results), strongest_peer(results), _baseline(results, "eager")
+            own, peer, eager = best_own(results), strongest_peer(results), baseline(results, "eager")
             if own is None:
                 continue
             if peer is not None and peer is not own:
@@ -240,7 +240,7 @@ def render_group_rows(groups: dict[str, list[Result]]) -> str:
         "|---|---:|---|---|---:|---:|",
     ]
     for group, results in groups.items():
-        own, peer, eager = best_own(results), strongest_peer(results), _baseline(results, "eager")
+        own, peer, eager = best_own(results), strongest_peer(results), baseline(results, "eager")
         if own is None:
             continue
         rate = f"{own.extra['GB/s']} ({own.extra.get('from', '?')})" if "GB/s" in own.extra else ""
@@ -258,7 +258,7 @@ def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
     lines = [header] if header else []
     lines += [render_headline(groups), "## Groups", ""]
     for group, results in groups.items():
-        eager, peer = _baseline(results, "eager"), strongest_peer(results)
+        eager, peer = baseline(results, "eager"), strongest_peer(results)
         peer = peer if peer is not None and peer.role == "peer" else None
         extras = [c for c in EXTRA_COLUMNS if any(c in r.extra for r in results)]
         peer_title = f"vs {peer.member}" if peer else "vs peer"
@@ -275,90 +275,6 @@ def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
         lines += [f"| `{m}` | {NOT_INSTALLED} |" + " |" * (2 + len(extras)) for m in _missing_optional(results)]
         lines.append("")
     return "\n".join(lines)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
-
-
-def plot_overview(groups: dict[str, list[Result]], path: Path) -> Path:
-    """One PNG: per group, pyminigpt's speedup over the baseline and over the strongest peer, as
-    horizontal bars from the 1.0 line (as fast) on a log axis: right of it faster, left slower."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = []  # (label, speedup over baseline or None, speedup over strongest peer or None)
-    for group, results in groups.items():
-        own, peer, eager = best_own(results), strongest_peer(results), _baseline(results, "eager")
-        if own is None:
-            continue
-        over_peer = peer.median / own.median if peer is not None and peer is not own else None
-        over_eager = eager.median / own.median if eager is not None else None
-        label = f"{group}  [{own.member} vs {peer.member}]" if peer is not None else f"{group}  [{own.member}]"
-        rows.append((label, over_eager, over_peer))
-    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.3 * max(len(rows), 1)))
-    positions = range(len(rows))
-    height = 0.38
-    for offset, index, color, name in ((-height / 2, 1, "tab:gray", "over baseline (eager)"),
-                                       (height / 2, 2, "tab:blue", "over strongest peer")):  # fmt: skip
-        drawn = [(p + offset, r[index]) for p, r in zip(positions, rows) if r[index] is not None]
-        ys, values = [y for y, _ in drawn], [v for _, v in drawn]
-        ax.barh(ys, [v - 1.0 for v in values], left=1.0, height=height, color=color, label=name)
-        for y, value in drawn:
-            align = "left" if value >= 1 else "right"
-            ax.text(value, y, f" {value:.2f}x ", va="center", ha=align, fontsize=7)
-    ax.axvline(1.0, color="black", linewidth=1.2)
-    ax.set_xscale("log")
-    every = [v for r in rows for v in r[1:] if v is not None] or [1.0]
-    ax.set_xlim(min(0.5, min(every) / 1.6), max(2.0, max(every) * 1.8))
-    ax.set_yticks(list(positions), [r[0] for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("speedup of pyminigpt's fastest member (log scale; right of 1.0 = faster, left = slower)")
-    ax.set_title("pyminigpt: speedup per benchmark group", fontsize=10, loc="right")
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=8, frameon=False)
-    ax.grid(axis="x", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_groups(groups: dict[str, list[Result]], out_dir: Path) -> list[Path]:
-    """One PNG per group: each member's speedup over eager (over the slowest member if there is no eager)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for group, results in groups.items():
-        baseline = _baseline(results, "eager") or max(results, key=lambda r: r.median)
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(results), 3.2))
-        names = [r.member for r in results]
-        speedups = [baseline.median / r.median for r in results]
-        colors = [
-            "tab:gray" if r.role == "eager" else "tab:orange" if r.role == "peer" else "tab:blue" for r in results
-        ]
-        ax.bar(names, speedups, color=colors)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel(f"speedup over {baseline.member}")
-        ax.set_title(group, fontsize=9)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-        for i, s in enumerate(speedups):
-            ax.text(i, s, f"{s:.2f}x", ha="center", va="bottom", fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{_slug(group)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
 
 
 def _bench_files(bench_dir: Path, ops: bool, e2e: bool) -> list[Path]:
@@ -474,6 +390,8 @@ def run(args: argparse.Namespace) -> int:
         groups = merge_decode_groups(groups, load_decode_summary(json.loads(args.decode_json.read_text())))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(render_markdown(groups, _machine_header(benchmark_json, args)))
+    from .bench_charts import plot_groups, plot_overview  # matplotlib only when charts are drawn
+
     charts = [plot_overview(groups, args.out / "overview.png")]
     if args.group_charts:
         charts += plot_groups(groups, args.out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pyminigpt import bench_report
+from pyminigpt import bench_charts, bench_report
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
@@ -37,9 +37,9 @@ def test_report_gives_ratios_over_eager_and_the_peer(tmp_path):
     assert "| `cpu` | 1000 | 4.00x | 2.00x | 6.0 |" in markdown
     assert "| `pyminigpt` | 2000 | 4.50x | 1.50x | 64.0 |" in markdown
     assert "vs transformers" in markdown and "vs torch" in markdown
-    charts = bench_report.plot_groups(groups, tmp_path)
+    charts = bench_charts.plot_groups(groups, tmp_path)
     assert len(charts) == 2 and all(p.stat().st_size > 0 for p in charts)
-    assert bench_report.plot_overview(groups, tmp_path / "overview.png").stat().st_size > 0
+    assert bench_charts.plot_overview(groups, tmp_path / "overview.png").stat().st_size > 0
 
 
 def test_strongest_peer_is_the_fastest_peer_and_the_headline_pools_sizes():
