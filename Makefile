@@ -22,6 +22,8 @@ BIN := $(VENV)/bin
 TOOLS := $(VENV)/.pyminigpt-tools
 CXX_SOURCES = $(sort $(shell find csrc tests/cuda_emulator -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh'))
 PYTEST := $(abspath $(BIN)/python) -m pytest -q -p no:cacheprovider
+# The tests the Triton interpreter runs (from tests/): every op's tests, picked by name, and the kernels' own.
+TRITON_TESTS = ops/test_op_*.py ops/test_triton_kernels.py
 
 .PHONY: install dev demo check format test test-fast test-python test-triton compile-triton compile-cuda \
 	test-cuda-emulated test-native test-sanitized bench gpu-check installed clean
@@ -83,8 +85,7 @@ test-sanitized: installed
 
 # The Triton kernels on CPU tensors through the interpreter, at small sizes.
 test-triton: installed
-	cd tests && TRITON_INTERPRET=1 PYMINIGPT_REQUIRE_BACKENDS=triton $(PYTEST) \
-		test_op_softmax.py test_op_layer_norm.py test_op_sampling.py test_op_causal_attention.py test_triton_kernels.py
+	cd tests && TRITON_INTERPRET=1 PYMINIGPT_REQUIRE_BACKENDS=triton $(PYTEST) $(TRITON_TESTS)
 
 # Every Triton kernel of the installed package compiled for sm_80 and sm_90 through its
 # launcher, down to ptxas (no GPU needed): the interpreter above checks what the kernels

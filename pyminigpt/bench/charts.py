@@ -1,6 +1,6 @@
 """The charts of `pyminigpt bench`: one overview PNG of every group's speedups, and optionally one PNG per group.
 
-The numbers come from `bench_report` (its `Result` groups); this module only draws them.
+The numbers come from `results.py` (its `Result` groups); this module only draws them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from .bench_report import Result, baseline, best_own, strongest_peer
+from .results import Result, baseline, best_own, strongest_peer
 
 
 def _slug(text: str) -> str:

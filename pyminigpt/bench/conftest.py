@@ -2,9 +2,10 @@ import ctypes
 import ctypes.util
 import sys
 
-import gpu_roofline
 import pytest
-from bench_utils import measure_copy_bandwidth
+
+from pyminigpt.bench import gpu_roofline
+from pyminigpt.bench.utils import measure_copy_bandwidth
 
 
 def pytest_configure(config):

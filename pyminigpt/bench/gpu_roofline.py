@@ -4,7 +4,7 @@ Memory-bound kernels are reported as a fraction of the copy bandwidth (bytes rea
 bytes written by a large `copy_`), compute-bound ones against the bf16 matmul rate
 (cuBLAS through torch.matmul). Random data, never zeros; medians of triton's do_bench.
 
-    python bench/gpu_roofline.py [--out roofline.json]
+    python -m pyminigpt.bench.gpu_roofline [--out roofline.json]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     pyminigpt bench [--ops] [--e2e] [--quick] [--out DIR] [--bench-dir DIR] [-k EXPR]
                     [--from-json BENCH_JSON ...] [--decode-json SUMMARY] [--group-charts]
 
-Runs the pytest-benchmark files of the repository's `bench/` folder in a pytest subprocess
+Runs the pytest-benchmark suites that ship in this package (pyminigpt/bench/) in a pytest subprocess
 (`--ops`: every `test_bench_*.py` but the end-to-end one; `--e2e`: `test_bench_e2e.py`;
 neither: both) and writes into DIR (default `bench-report/`):
 
@@ -25,7 +25,8 @@ PyTorch is then the torch peer). "pyminigpt" in a group is its fastest own membe
 (members interleaved across processes). `--quick` sets PYMINIGPT_BENCH_QUICK=1, which
 shrinks the end-to-end suite to a tiny model and a few tokens (the op suites run as they are).
 
-The benchmarks are not installed with the package: `--bench-dir` defaults to ./bench.
+The suites are installed with the package, so an install runs them from any folder; `--bench-dir`
+points at another copy of them (a checkout's pyminigpt/bench, say).
 """
 
 from __future__ import annotations
@@ -35,114 +36,28 @@ import importlib.util
 import json
 import math
 import os
-import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from .results import (
+    DECODE_GROUP,
+    NOT_INSTALLED,
+    OPTIONAL_MEMBERS,
+    Result,
+    baseline,
+    best_own,
+    family,
+    load_decode_summary,
+    load_results,
+    merge_decode_groups,
+    strongest_peer,
+)
+
 E2E_FILE = "test_bench_e2e.py"
-# Member names that are the outside implementation a kernel is measured against.
-PEERS = ("transformers", "transformers+compile", "ctranslate2-float32", "ctranslate2-int8", "sdpa", "torch", "compile")
-# Members that need an optional package; missing from a decode group without it, they are
-# reported as "not installed" rather than left out.
-OPTIONAL_MEMBERS = {"ctranslate2-float32": "ctranslate2", "ctranslate2-int8": "ctranslate2"}
-NOT_INSTALLED = "not installed"
+SUITES_DIR = Path(__file__).resolve().parent  # the suites ship next to this file
 # extra_info entries worth a column in the Markdown table.
 EXTRA_COLUMNS = ("tokens/s", "bound tokens/s", "fraction_of_bound", "GB/s", "fraction_of_copy", "from", "TFLOP/s")
-DECODE_GROUP = re.compile(r"^generate (?P<mode>\w+) B(?P<batch>\d+)\b")
-
-
-@dataclass
-class Result:
-    group: str
-    member: str
-    median: float  # seconds
-    role: str  # "eager", "peer" or "member"
-    extra: dict
-
-
-def _member_name(bench: dict) -> str:
-    params = bench.get("params") or {}
-    if "member" in params:
-        return str(params["member"])
-    return bench["name"]
-
-
-def _role(member: str, extra: dict) -> str:
-    if extra.get("role") in ("eager", "peer", "member"):
-        return extra["role"]
-    if member == "eager":
-        return "eager"
-    return "peer" if member in PEERS else "member"
-
-
-def load_results(benchmark_json: dict) -> dict[str, list[Result]]:
-    """pytest-benchmark JSON -> {group: [Result, ...]} in the order the benchmarks ran."""
-    groups: dict[str, list[Result]] = {}
-    for bench in benchmark_json.get("benchmarks", []):
-        member = _member_name(bench)
-        extra = dict(bench.get("extra_info") or {})
-        result = Result(
-            bench.get("group") or bench["name"], member, bench["stats"]["median"], _role(member, extra), extra
-        )
-        groups.setdefault(result.group, []).append(result)
-    return groups
-
-
-def load_decode_summary(summary: dict) -> dict[str, list[Result]]:
-    """bench/interleaved_decode.py's JSON summary -> decode groups like the e2e suite's.
-
-    A member the summary marks as not runnable (not installed) is left out here and reported
-    by the headline as not installed."""
-    groups: dict[str, list[Result]] = {}
-    for member, result in summary["members"].items():
-        if "seconds" not in result:
-            continue
-        for setting, seconds in result["seconds"].items():
-            mode, batch = setting.split(" B")
-            group = f"generate {mode} B{batch} prompt{summary['prompt']} new{summary['new_tokens']}"
-            tokens_per_second = int(batch) * summary["new_tokens"] / seconds
-            bound = int(batch) * summary["read_bandwidth"] / result["weight_bytes"]
-            extra = {
-                "tokens/s": round(tokens_per_second, 2),
-                "bound tokens/s": round(bound, 2),
-                "fraction_of_bound": round(tokens_per_second / bound, 3),
-            }
-            groups.setdefault(group, []).append(Result(group, member, seconds, _role(member, extra), extra))
-    return groups
-
-
-def merge_decode_groups(groups: dict[str, list[Result]], decode: dict[str, list[Result]]) -> dict[str, list[Result]]:
-    """groups with its decode groups replaced by `decode`'s (which come first)."""
-    rest = {g: r for g, r in groups.items() if not DECODE_GROUP.match(g)}
-    return {**decode, **rest}
-
-
-def baseline(results: list[Result], role: str) -> Result | None:
-    return next((r for r in results if r.role == role), None)
-
-
-def strongest_peer(results: list[Result]) -> Result | None:
-    """The fastest peer of a group; its baseline when it has no peer."""
-    peers = [r for r in results if r.role == "peer"]
-    return min(peers, key=lambda r: r.median) if peers else baseline(results, "eager")
-
-
-def best_own(results: list[Result]) -> Result | None:
-    """The fastest of a group's own members (pyminigpt's kernels, models and patch)."""
-    own = [r for r in results if r.role == "member"]
-    return min(own, key=lambda r: r.median) if own else None
-
-
-def family(group: str) -> str:
-    """A group's op or task without its sizes: its leading words up to the first one holding a digit."""
-    words = []
-    for word in group.split():
-        if any(c.isdigit() for c in word):
-            break
-        words.append(word)
-    return " ".join(words) or group
 
 
 def _missing_optional(results: list[Result]) -> list[str]:
@@ -232,26 +147,6 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}" if seconds < 1 else f"{seconds * 1e3:.0f}"
 
 
-def render_group_rows(groups: dict[str, list[Result]]) -> str:
-    """One row per group: the baseline's, the strongest peer's and pyminigpt's medians, pyminigpt's
-    speedup over the peer, and its GB/s with where the working set lives (cache or DRAM)."""
-    lines = [
-        "| group | eager ms | strongest peer ms | pyminigpt ms | vs peer | pyminigpt GB/s (from) |",
-        "|---|---:|---|---|---:|---:|",
-    ]
-    for group, results in groups.items():
-        own, peer, eager = best_own(results), strongest_peer(results), baseline(results, "eager")
-        if own is None:
-            continue
-        rate = f"{own.extra['GB/s']} ({own.extra.get('from', '?')})" if "GB/s" in own.extra else ""
-        peer_cell = f"`{peer.member}` {_format_seconds(peer.median)}" if peer is not None else "-"
-        lines.append(
-            f"| {group} | {_format_seconds(eager.median) if eager else '-'} | {peer_cell} | "
-            f"`{own.member}` {_format_seconds(own.median)} | {_ratio(peer, own) if peer is not own else '-'} | {rate} |"
-        )
-    return "\n".join(lines + [""])
-
-
 def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
     """The headline, then one table per group: member, median (ms), speedup over eager and over the
     strongest peer, extra_info columns."""
@@ -337,14 +232,14 @@ DESCRIPTION = "Run the benchmarks; write the pytest-benchmark JSON, a Markdown r
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `pyminigpt bench` (this module's `main` and the `pyminigpt` command share them)."""
-    parser.add_argument("--ops", action="store_true", help="the op benchmarks (every bench/test_bench_*.py but e2e)")
+    parser.add_argument("--ops", action="store_true", help="the op benchmarks (every test_bench_*.py but e2e)")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end generate / train-step benchmarks")
     parser.add_argument("--quick", action="store_true", help="a tiny end-to-end model and few tokens (CI)")
     parser.add_argument(
         "--out", type=Path, default=Path("bench-report"), help="output directory (default: bench-report)"
     )
     parser.add_argument(
-        "--bench-dir", type=Path, default=None, help="the repository's bench/ folder (default: ./bench)"
+        "--bench-dir", type=Path, default=None, help="the folder of the suites (default: the installed pyminigpt/bench)"
     )
     parser.add_argument("-k", dest="keyword", default=None, help="only benchmarks matching this pytest -k expression")
     parser.add_argument(
@@ -390,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         groups = merge_decode_groups(groups, load_decode_summary(json.loads(args.decode_json.read_text())))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(render_markdown(groups, _machine_header(benchmark_json, args)))
-    from .bench_charts import plot_groups, plot_overview  # matplotlib only when charts are drawn
+    from .charts import plot_groups, plot_overview  # matplotlib only when charts are drawn
 
     charts = [plot_overview(groups, args.out / "overview.png")]
     if args.group_charts:
@@ -402,11 +297,11 @@ def run(args: argparse.Namespace) -> int:
 def _run_suites(args: argparse.Namespace) -> tuple[dict | None, int]:
     """Runs the selected bench files under pytest: (their pytest-benchmark JSON, pytest's exit
     status), or (None, status) when there is nothing to report."""
-    bench_dir = args.bench_dir if args.bench_dir is not None else Path("bench")
+    bench_dir = args.bench_dir if args.bench_dir is not None else SUITES_DIR
     if not (bench_dir / "conftest.py").is_file():
         print(
-            f"pyminigpt bench: no benchmark folder at {str(bench_dir)!r}: the benchmarks live in the repository's bench/ "
-            "folder (not in the installed package); run from a checkout or pass --bench-dir",
+            f"pyminigpt bench: no benchmark suites at {str(bench_dir)!r} (a folder with conftest.py and "
+            "test_bench_*.py, like pyminigpt/bench/)",
             file=sys.stderr,
         )
         return None, 2
@@ -417,19 +312,22 @@ def _run_suites(args: argparse.Namespace) -> tuple[dict | None, int]:
         return None, 2
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = (args.out / "bench.json").resolve()
+    # importlib mode: pytest's default would put the folder above the suites' package on sys.path, a
+    # checkout's root, whose kernels/ folder shadows the `kernels` package that transformers looks for
     command = [sys.executable, "-m", "pytest", *(str(f.resolve()) for f in files), "-q", "-p", "no:cacheprovider"]
+    command += ["--import-mode=importlib"]
     command += [f"--benchmark-json={json_path}", "--benchmark-group-by=group", "-rs"]
     if args.keyword:
         command.append(f"-k{args.keyword}")  # one token, so an expression starting with '-' is not an option
     # not an xdist worker's variables: pytest-benchmark turns itself off under xdist
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    package_root = str(Path(__file__).resolve().parent.parent)  # the subprocess imports this very pyminigpt
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    # the same interpreter imports this very pyminigpt (installed, or editable); no PYTHONPATH is
+    # added: a checkout's root there would shadow the `kernels` package with the Triton kernels' folder
     if args.quick:
         env["PYMINIGPT_BENCH_QUICK"] = "1"
-    # `python -m` puts its working directory first on sys.path: run in bench/, not in the checkout's
-    # root, whose pyminigpt/ source folder (without the built extension) would shadow this one.
-    status = subprocess.call(command, env=env, cwd=bench_dir)
+    # `python -m` puts its working directory first on sys.path: run in the output folder, not in a
+    # checkout's root, whose pyminigpt/ source folder (without the built extension) would shadow this one.
+    status = subprocess.call(command, env=env, cwd=args.out)
     if not json_path.is_file():
         print(f"pyminigpt bench: pytest (exit {status}) wrote no {json_path}", file=sys.stderr)
         return None, status or 1

@@ -9,7 +9,7 @@ the GB/s of reading k and v.
 SDPA's `is_causal=True` aligns the mask top-left, so for decoding (Tq = 1, where our
 bottom-right mask hides nothing) the peer runs with no mask.
 
-    pytest bench/test_bench_causal_attention.py --benchmark-group-by=group
+    pytest pyminigpt/bench/test_bench_causal_attention.py --benchmark-group-by=group
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_utils import DEVICE, KERNELS, on_backend, synced
 
 from pyminigpt import ops
+from pyminigpt.bench.utils import DEVICE, KERNELS, on_backend, synced
 from pyminigpt.ops import reference
 
 MEMBERS = ["eager", "sdpa", *KERNELS]

@@ -26,8 +26,8 @@ Training step (fwd + bwd + AdamW, batch 4 x T=256, dropout 0): eager (pyminigpt'
 the reference ops), transformers (the peer), transformers+patch, pyminigpt. Every member steps
 the fused AdamW, which transformers' Trainer (torch >= 2.8) and pyminigpt's Trainer use by default.
 
-    pytest bench/test_bench_e2e.py --benchmark-group-by=group
-    PYMINIGPT_BENCH_QUICK=1 pytest bench/test_bench_e2e.py    # a tiny model and few tokens, for CI
+    pytest pyminigpt/bench/test_bench_e2e.py --benchmark-group-by=group
+    PYMINIGPT_BENCH_QUICK=1 pytest pyminigpt/bench/test_bench_e2e.py    # a tiny model and few tokens, for CI
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import os
 
 import pytest
 import torch
-from bench_utils import DEVICE, measure_read_bandwidth, sync
-from decode_peers import MEMBERS, PEERS, build_member, member_status, random_gpt2, weight_bytes
 
 import pyminigpt
 from pyminigpt import GPT, ops
+from pyminigpt.bench.decode_peers import MEMBERS, PEERS, build_member, member_status, random_gpt2, weight_bytes
+from pyminigpt.bench.utils import DEVICE, measure_read_bandwidth, sync
 from pyminigpt.ops import reference
 
 QUICK = os.environ.get("PYMINIGPT_BENCH_QUICK", "") not in ("", "0")

@@ -17,7 +17,7 @@ with a host clock and a synchronize per call.
 Skipped without a CUDA device (these numbers only mean something on a GPU); a backend that
 is not available (the extension built without CUDA, Triton missing) is not parametrized.
 
-    pytest bench/test_bench_gpu.py --benchmark-group-by=group
+    pytest pyminigpt/bench/test_bench_gpu.py --benchmark-group-by=group
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     pytest.skip("GPU benchmarks: no CUDA device", allow_module_level=True)
 
-from bench_utils import (
+from pyminigpt.bench.utils import (
     DEVICE,
     KERNELS,
     KernelTable,
@@ -43,7 +43,6 @@ from bench_utils import (
     transformers_filter,
     transformers_sample,
 )
-
 from pyminigpt.ops import reference
 
 if not KERNELS:

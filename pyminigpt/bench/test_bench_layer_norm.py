@@ -7,7 +7,7 @@ DRAM copy bandwidth, and "from": cache when the working set fits in the last-lev
 (those GB/s are cache rates). The last size is memory-resident: more rows than the cache
 holds, so its GB/s is a DRAM rate.
 
-    pytest bench/test_bench_layer_norm.py --benchmark-group-by=group
+    pytest pyminigpt/bench/test_bench_layer_norm.py --benchmark-group-by=group
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_utils import (
+
+from pyminigpt import ops
+from pyminigpt.bench.utils import (
     KERNELS,
     dtype_name,
     layer_norm_inputs,
@@ -25,8 +27,6 @@ from bench_utils import (
     size_name,
     synced,
 )
-
-from pyminigpt import ops
 from pyminigpt.ops import reference
 
 SIZES = [(8192, 768), (512, 768), (64, 50257), (memory_resident_rows(768, torch.float32), 768)]

@@ -7,7 +7,7 @@ Bound by reading the weights: each member reports GB/s of weight bytes, that as 
 of the measured DRAM copy bandwidth, and "from": cache when the weight fits in the
 last-level cache (GPT-2's weights, read once per decode step, mostly do not).
 
-    pytest bench/test_bench_linear.py --benchmark-group-by=group
+    pytest pyminigpt/bench/test_bench_linear.py --benchmark-group-by=group
 """
 
 from __future__ import annotations
@@ -15,9 +15,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_utils import DEVICE, KERNELS, dtype_name, memory_resident_rows, on_backend, report_bandwidth, synced
 
 from pyminigpt import ops
+from pyminigpt.bench.utils import (
+    DEVICE,
+    KERNELS,
+    dtype_name,
+    memory_resident_rows,
+    on_backend,
+    report_bandwidth,
+    synced,
+)
 
 pytestmark = [
     pytest.mark.skipif(DEVICE != "cpu", reason="linear has only a CPU kernel"),

@@ -4,16 +4,16 @@ torch.multinomial over the filtered logits), transformers' chain (TopKLogitsWarp
 TopPLogitsWarper, softmax, torch.multinomial: a full sort, cumsum and scatter) and every
 kernel backend. The float64 oracle `reference.sample` is for the tests, not a baseline.
 
-    pytest bench/test_bench_sampling.py --benchmark-group-by=group
+    pytest pyminigpt/bench/test_bench_sampling.py --benchmark-group-by=group
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from bench_utils import DEVICE, KERNELS, on_backend, synced, transformers_filter, transformers_sample
 
 from pyminigpt import ops
+from pyminigpt.bench.utils import DEVICE, KERNELS, on_backend, synced, transformers_filter, transformers_sample
 from pyminigpt.ops import reference
 
 BATCH, VOCAB = 64, 50257

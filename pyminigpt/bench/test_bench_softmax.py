@@ -6,14 +6,16 @@ and dy in and dx out (5 tensors); each member reports GB/s, the fraction of the 
 DRAM copy bandwidth and "from": cache when the working set fits in the last-level cache.
 The last size is memory-resident (more rows than the cache holds).
 
-    pytest bench/test_bench_softmax.py --benchmark-group-by=group
+    pytest pyminigpt/bench/test_bench_softmax.py --benchmark-group-by=group
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from bench_utils import (
+
+from pyminigpt import ops
+from pyminigpt.bench.utils import (
     DEVICE,
     KERNELS,
     dtype_name,
@@ -23,8 +25,6 @@ from bench_utils import (
     size_name,
     synced,
 )
-
-from pyminigpt import ops
 
 TEMPERATURE = 0.7
 SIZES = [(64, 50257), (8192, 768), (4096 if DEVICE == "cuda" else memory_resident_rows(50257, torch.float32), 50257)]

@@ -25,7 +25,7 @@ from .runs import (
 
 def _ask_rating(read) -> float | None | str:
     """A rating in [-1, 1], '' to skip, or None to quit (q or end of input)."""
-    from .feedback import check_reward
+    from ..train.feedback import check_reward
 
     while True:
         answer = read("rate it from -1 (bad) to 1 (good), Enter to skip, q to quit: ")
@@ -65,8 +65,9 @@ def _check_out(out: Path) -> None:
 
 def run(args) -> int:
     """Run `pyminigpt chat`."""
-    from .analysis import generate_text, plot_curve
-    from .feedback import FeedbackTrainer
+    from ..analysis import generate_text
+    from ..plots import plot_curve
+    from ..train.feedback import FeedbackTrainer
 
     out = Path(args.out)
     check_sampling(args)

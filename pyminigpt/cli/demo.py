@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .runs import RUN_FILE, TOKENIZER_FILE, UsageError, seed_all, write_json
+from ..train.rng import seed_all
+from .runs import RUN_FILE, TOKENIZER_FILE, UsageError, write_json
 
 # The demo trains for about this many seconds (within [DEMO_MIN_STEPS, DEMO_MAX_STEPS] steps) unless --steps says otherwise.
 DEMO_TRAIN_SECONDS, DEMO_MIN_STEPS, DEMO_MAX_STEPS = 60.0, 50, 4000
@@ -36,21 +37,20 @@ def _seconds_per_step(model, dataset, batch_size: int, repeats: int = 4) -> floa
 
 def run(args) -> int:
     """Run `pyminigpt demo`."""
-    from .analysis import (
+    from ..analysis import (
         attention_maps,
         embeddings,
         format_next_token_table,
         generate_text,
         next_token_table,
         perplexity,
-        plot_attention,
-        plot_pca,
         token_strings,
     )
-    from .data import SequenceDataset, names_corpus
-    from .model import GPT, GPTConfig
-    from .tokenizer import CharTokenizer
-    from .trainer import Trainer, TrainerConfig
+    from ..model import GPT, GPTConfig
+    from ..plots import plot_attention, plot_pca
+    from ..tokenizer import CharTokenizer
+    from ..train.data import SequenceDataset, names_corpus
+    from ..train.trainer import Trainer, TrainerConfig
 
     started = time.perf_counter()
     out = Path(args.out)

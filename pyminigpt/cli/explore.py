@@ -25,12 +25,11 @@ sliding window.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .explore_report import TABLE_ROWS, build_page, format_report
+from .explore_report import TABLE_ROWS, Exploration, build_page, format_report
 
 DEFAULT_PROMPT = "The strawberry is a red fruit. How many r's are in strawberry?"
 PAGE_FILE, ATTENTION_FILE, STATES_FILE = "explore.html", "attention.png", "hidden_states.png"
@@ -47,32 +46,6 @@ SAMPLING_GRID = (
     ("top-p 0.9", {"do_sample": True, "top_k": 0, "top_p": 0.9}),
     ("T 0.8, top-k 40, top-p 0.95", {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.95}),
 )
-
-
-@dataclass
-class Exploration:
-    """Everything `explore` found out, for the printed report and the HTML page."""
-
-    model_path: str
-    out_dir: str  # where the pictures are
-    model_summary: str
-    prompt: str
-    token_ids: list[int]  # the prompt as the model reads it (after <SOS> for a lines run)
-    tokens: list[str]  # the text of each token id
-    words: list  # analysis.WordSplit per word of the prompt
-    context: int
-    next_tokens: list[tuple[str, float]]
-    layer: int
-    attention_png: str
-    states_png: str | None
-    generations: list[tuple[str, str]]  # (setting, continuation)
-    seed: int
-    perplexity: float | None
-    surprises: list[tuple[int, str, float]]  # (position, token, probability) of the least expected tokens
-    notes: dict[str, list[str]] = field(default_factory=dict)  # section -> what was summarised, and why
-
-    def note(self, section: str, text: str) -> None:
-        self.notes.setdefault(section, []).append(text)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -108,7 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """`pyminigpt explore`: check the options, explore, print the report, write the page."""
-    from .io import atomic_write
+    from ..files import atomic_write
     from .runs import UsageError, encode_check, load_model, pick_device
 
     given = args.prompt is not None
@@ -155,7 +128,7 @@ def explore(
 ) -> Exploration:
     """Run every part of the exploration on `prompt` with `loaded` (a `Loaded` model);
     the pictures are written to `out`."""
-    from .analysis import next_token_table, perplexity, prompt_ids, token_probabilities, token_strings, word_split
+    from ..analysis import next_token_table, perplexity, prompt_ids, token_probabilities, token_strings, word_split
 
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.model.config
     ids = prompt_ids(tokenizer, prompt, loaded.sos)
@@ -216,7 +189,8 @@ def explore(
 
 def _attention_picture(found: Exploration, model, tokenizer, window: list[int], out: Path) -> str:
     """Draw every head (at most MAX_HEADS) of `found.layer` on the `window` of tokens; returns the file name."""
-    from .analysis import attention_maps, plot_attention, token_strings
+    from ..analysis import attention_maps, token_strings
+    from ..plots import plot_attention
 
     maps = attention_maps(model, tokenizer, window)[found.layer]  # (heads, T, T)
     heads = maps.shape[0]
@@ -242,7 +216,8 @@ WTE_TITLE = "token embeddings (wte rows of the prompt's tokens)"
 def _states_picture(found: Exploration, model, tokenizer, window: list[int], out: Path) -> str | None:
     """PCA panels of the token embeddings and of the hidden states at (at most MAX_DEPTHS)
     depths, over the `window` of tokens; returns the file name, or None for a one-token window."""
-    from .analysis import layer_states, plot_pca_panels, token_strings
+    from ..analysis import layer_states, token_strings
+    from ..plots import plot_pca_panels
 
     if len(window) < 2:
         found.note("pca", "a principal-component picture needs at least two tokens: the prompt has one")
@@ -273,7 +248,7 @@ def _states_picture(found: Exploration, model, tokenizer, window: list[int], out
 
 def _sampling_grid(found: Exploration, model, tokenizer, ids: list[int], max_new_tokens: int, seed: int):
     """(setting, continuation) for each setting of SAMPLING_GRID, each drawn with a generator seeded `seed`."""
-    from .analysis import generate_text
+    from ..analysis import generate_text
 
     context = found.context
     new = min(max_new_tokens, max(context - len(ids), context // 2), context - 1)  # the prompt keeps half, at least

@@ -1,6 +1,6 @@
 """How `pyminigpt explore` shows what it found: the printed report and the self-contained HTML page.
 
-`explore.py` computes an `Exploration`; this module only renders it (text tables, then one page
+`explore.py` computes an `Exploration` (defined here); this module only renders it (text tables, then one page
 with the pictures embedded as data: URIs, in the same order).
 """
 
@@ -9,15 +9,39 @@ from __future__ import annotations
 import base64
 import html
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .analysis import _visible
-
-if TYPE_CHECKING:
-    from .explore import Exploration
+from ..analysis import _visible
 
 TABLE_ROWS = 60  # the rows a table shows (explore.py notes what it leaves out)
+
+
+@dataclass
+class Exploration:
+    """Everything `explore` found out, for the printed report and the HTML page."""
+
+    model_path: str
+    out_dir: str  # where the pictures are
+    model_summary: str
+    prompt: str
+    token_ids: list[int]  # the prompt as the model reads it (after <SOS> for a lines run)
+    tokens: list[str]  # the text of each token id
+    words: list  # analysis.WordSplit per word of the prompt
+    context: int
+    next_tokens: list[tuple[str, float]]
+    layer: int
+    attention_png: str
+    states_png: str | None
+    generations: list[tuple[str, str]]  # (setting, continuation)
+    seed: int
+    perplexity: float | None
+    surprises: list[tuple[int, str, float]]  # (position, token, probability) of the least expected tokens
+    notes: dict[str, list[str]] = field(default_factory=dict)  # section -> what was summarised, and why
+
+    def note(self, section: str, text: str) -> None:
+        self.notes.setdefault(section, []).append(text)
+
 
 # ----------------------------------------------------------------------------- the report
 
@@ -64,7 +88,7 @@ def cost_summary(found: Exploration) -> str:
 
 def format_report(found: Exploration) -> str:
     """The printed report: every table in the page's order."""
-    from .analysis import format_next_token_table
+    from ..analysis import format_next_token_table
 
     lines = [f"model: {found.model_path}", found.model_summary, f"prompt: {found.prompt!r}", ""]
 

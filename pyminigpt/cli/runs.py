@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .io import atomic_write
+from ..files import atomic_write
 
 RUN_FILE, TOKENIZER_FILE = "run.json", "tokenizer.json"
 # Model presets: GPT-2 shapes from a toy to GPT-2 small, each with its default context.
@@ -76,15 +75,9 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def seed_all(seed: int) -> None:
-    """Seed Python's and torch's random generators."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def make_model(tokenizer, size: str, context: int, dropout: float):
     """A fresh GPT of preset `size` for `tokenizer`'s vocabulary with `context` positions."""
-    from .model import GPT, GPTConfig
+    from ..model import GPT, GPTConfig
 
     shape = {k: v for k, v in SIZES[size].items() if k != "context"}
     config = GPTConfig(
@@ -109,7 +102,7 @@ def make_datasets(source: str, corpus, tokenizer, lines: bool, context: int, eva
     into windows of `context` tokens (`SlidingWindowDataset`), its last `eval_fraction` held
     out. Errors name `source`.
     """
-    from .data import SequenceDataset, SlidingWindowDataset
+    from ..train.data import SequenceDataset, SlidingWindowDataset
 
     try:
         if lines:
@@ -161,10 +154,10 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
     """
     from safetensors import SafetensorError
 
-    from .checkpoint import load_checkpoint
-    from .hf import config_from_hf
-    from .model import GPT
-    from .tokenizer import BPETokenizer, load_tokenizer
+    from ..hf.convert import config_from_hf
+    from ..model import GPT
+    from ..tokenizer import BPETokenizer, load_tokenizer
+    from ..train.checkpoint import load_checkpoint
 
     weights = Path(path)
     if not weights.is_dir():
@@ -266,7 +259,7 @@ def check_sampling(args) -> None:
 
 def sampling_kwargs(args, loaded: Loaded, prompt: str) -> dict:
     """`generate_text` keyword arguments from the sampling options; --max-new-tokens fits the context."""
-    from .analysis import prompt_ids
+    from ..analysis import prompt_ids
 
     context = loaded.model.config.n_positions
     room = context - len(prompt_ids(loaded.tokenizer, prompt, loaded.sos))
@@ -290,7 +283,7 @@ def sampling_kwargs(args, loaded: Loaded, prompt: str) -> dict:
 
 def load_corpus(data: str | None) -> tuple[str, object]:
     """(source name, text) of a data file, or the built-in names (as a list)."""
-    from .data import load_text, names_corpus
+    from ..train.data import load_text, names_corpus
 
     if data is None:
         return "built-in names corpus", names_corpus()
@@ -307,7 +300,7 @@ def save_model_dir(loaded: Loaded, out: Path, name: str = "last") -> Path:
     out/name/: a complete transformers model directory (config, weights, generation
     config, tokenizer files), written atomically.
     """
-    from .io import atomic_directory
+    from ..files import atomic_directory
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out / name) as tmp:
@@ -326,7 +319,7 @@ def save_model_dir(loaded: Loaded, out: Path, name: str = "last") -> Path:
 
 def tokenizer_kind(tokenizer) -> str:
     """'char' or 'bpe', as `train --tokenizer` names them."""
-    from .tokenizer import CharTokenizer
+    from ..tokenizer import CharTokenizer
 
     return "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
 
@@ -373,7 +366,7 @@ def with_dropout(model, dropout: float):
     """A copy of GPT `model` with its three dropout rates set to `dropout` (same weights)."""
     from dataclasses import replace
 
-    from .model import GPT
+    from ..model import GPT
 
     config = replace(model.config, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     copy = GPT(config)

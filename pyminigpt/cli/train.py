@@ -1,68 +1,41 @@
-"""The `pyminigpt` command.
+"""`pyminigpt train [DATA]`: train a model on a text file (or the built-in names), or fine-tune one.
 
-    pyminigpt demo                      train a character model on fantasy names and explore it (~90 s on 2 cores)
-    pyminigpt train [DATA]              train a model on a text file (or the built-in names)
-    pyminigpt train DATA --init-from DIR  fine-tune a GPT-2 directory (or a run) on a text file
-    pyminigpt generate MODEL            sample text from a trained run, checkpoint or HF GPT-2 directory
-    pyminigpt perplexity MODEL [FILE]   score a text
-    pyminigpt chat MODEL [--feedback]   talk to a model; with --feedback, rate its replies and tune it
-    pyminigpt explore MODEL             tokens, next token, attention, hidden states, sampling, perplexity: one page
-    pyminigpt info                      version, kernel backends (and why others are missing), CPU, GPU
-    pyminigpt bench [--ops] [--e2e]     run the benchmarks (from a checkout); JSON, Markdown ratios, PNG charts
+    pyminigpt train [DATA]                 a run from scratch, into --out
+    pyminigpt train DATA --init-from DIR   fine-tune a GPT-2 directory (or a run) on a text file
+    pyminigpt train --resume --out RUN     continue a run from its newest checkpoint
 
-This module is the argparse layer, and the short commands (train, generate, perplexity,
-info). The run-directory format and model loading are in `runs.py`; the demo in
-`demo.py`; chat with feedback in `chat.py`; the exploration page in `explore.py`. Each of those adds its own sub-command with
-`add_parser(subparsers)`, which sets `run(args)` as the command's function.
-
-Bad input (a missing, empty or non-UTF-8 file, a corpus shorter than one window, a
-damaged checkpoint, a checkpoint of another config, a prompt the tokenizer cannot
-encode) ends with a one-line message naming the problem and the file, exit code 2.
+The run directory's format (run.json, the tokenizer, checkpoints) is in `runs.py`.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import sys
 from pathlib import Path
 
-import torch
-
-from . import chat, demo, explore
+from ..train.rng import seed_all
 from .runs import (
     RUN_FILE,
     SIZES,
     TOKENIZER_FILE,
     UsageError,
-    add_sampling_args,
-    check_sampling,
-    encode_check,
     load_corpus,
     load_init_model,
-    load_model,
     make_datasets,
     make_model,
     pick_device,
     read_json,
-    sampling_kwargs,
-    seed_all,
     size_name,
     tokenizer_kind,
     with_dropout,
     write_json,
 )
 
-__all__ = ["UsageError", "build_parser", "main"]
-
 DEFAULT_VOCAB_SIZE, DEFAULT_DROPOUT = 1024, 0.1  # train's defaults for a run from scratch
 
 
-def cmd_train(args) -> int:
-    from .model import GPT, GPTConfig
-    from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
-    from .trainer import Trainer, TrainerConfig
+def run(args) -> int:
+    from ..model import GPT, GPTConfig
+    from ..tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+    from ..train.trainer import Trainer, TrainerConfig
 
     out = Path(args.out)
     init = None  # the Loaded model that --init-from starts from
@@ -195,133 +168,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- generate, perplexity
-
-
-def cmd_generate(args) -> int:
-    from .analysis import generate_text
-
-    check_sampling(args)
-    if args.num_samples < 1:
-        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
-    encode_check(loaded, args.prompt, "prompt")
-    kwargs = sampling_kwargs(args, loaded, args.prompt)
-    if args.stream:
-        for _ in range(args.num_samples):
-            print(args.prompt, end="", flush=True)
-            generate_text(
-                loaded.model,
-                loaded.tokenizer,
-                args.prompt,
-                sos=loaded.sos,
-                stream=lambda piece: print(piece, end="", flush=True),
-                **kwargs,
-            )
-            print()
-    else:
-        texts = generate_text(
-            loaded.model, loaded.tokenizer, args.prompt, sos=loaded.sos, num_return_sequences=args.num_samples, **kwargs
-        )
-        for text in texts:
-            print(text)
-    return 0
-
-
-def cmd_perplexity(args) -> int:
-    from .analysis import perplexity
-
-    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
-    if (args.file is None) == (args.text is None):
-        raise UsageError("give a FILE or --text (one of them)")
-    if args.file is not None:
-        from .data import load_text
-
-        try:
-            text, source = load_text(args.file), repr(args.file)
-        except (OSError, ValueError) as err:
-            raise UsageError(str(err)) from None
-    else:
-        if not args.text.strip():
-            raise UsageError("--text is empty: give some text to score")
-        text, source = args.text, "the text"
-    texts = [line.strip() for line in text.splitlines() if line.strip()] if loaded.sos else text
-    for piece in [texts] if isinstance(texts, str) else texts:
-        encode_check(loaded, piece, source)
-    try:
-        ppl = perplexity(
-            loaded.model,
-            loaded.tokenizer,
-            texts,
-            stride=args.stride,
-            max_length=args.max_length,
-            add_special_tokens=loaded.sos,
-        )
-    except ValueError as err:
-        raise UsageError(f"{source}: {err}") from None
-    print(
-        f"perplexity {ppl:.3f} of {source} under {str(loaded.path)!r}"
-        f" (a uniform guess over the vocabulary scores {loaded.tokenizer.vocab_size})"
-    )
-    return 0
-
-
-# ----------------------------------------------------------------------------- chat# ----------------------------------------------------------------------------- info
-
-
-def cmd_info(args) -> int:
-    from . import __version__, ops
-    from .ops import dispatch
-
-    print(f"pyminigpt {__version__}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}")
-    for name in ("transformers", "triton"):
-        try:
-            module = __import__(name)
-            print(f"{name} {module.__version__}")
-        except ImportError as err:
-            print(f"{name}: not installed ({err})")
-    print(
-        f"CPU: {platform.machine()}, capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} logical cores"
-    )
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            print(f"GPU {i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB")
-    elif torch.version.cuda is None:
-        print("GPU: none (this torch is a CPU-only build)")
-    else:
-        print(f"GPU: none found (torch built with CUDA {torch.version.cuda})")
-    print("kernel backends:")
-    for name, status in ops.backend_status().items():
-        state = "available" if status["available"] else "unavailable"
-        detail = f"ops: {', '.join(status['ops'])}" if status["available"] else status["reason"]
-        print(f"  {name:<10} {state:<12} {detail}")
-    env = os.environ.get("PYMINIGPT_BACKEND")
-    try:
-        active = dispatch.current_backend()
-    except ValueError as err:
-        active = f"invalid: {err}"
-    print(f"active backend: {active}" + (f" (from PYMINIGPT_BACKEND={env})" if env else ""))
-    return 0
-
-
-# ----------------------------------------------------------------------------- parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="pyminigpt", description="A small GPT-2 on fused kernels: train, sample, explore."
-    )
-    parser.add_argument("--version", action="version", version=f"pyminigpt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    demo.add_parser(sub)
-
-    p = sub.add_parser(
+def add_parser(subparsers) -> None:
+    """Add the `train` sub-command to an argparse sub-parser set."""
+    p = subparsers.add_parser(
         "train",
         help="train a model on a text file or the built-in names",
         description="Train a GPT on DATA (a UTF-8 text file; default: the built-in names corpus). "
@@ -377,67 +226,4 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/pyminigpt", help="run directory (default runs/pyminigpt)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=cmd_train)
-
-    p = sub.add_parser(
-        "generate",
-        help="sample text from a model",
-        description="Continue a prompt with a trained run, checkpoint or GPT-2 directory.",
-    )
-    p.add_argument("model", help="run directory, checkpoint directory, or GPT-2 directory")
-    p.add_argument("--prompt", default="", help="text to continue (default: start from scratch)")
-    p.add_argument("--num-samples", type=int, default=5, help="how many continuations (default 5)")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    add_sampling_args(p)
-    p.set_defaults(run=cmd_generate)
-
-    p = sub.add_parser(
-        "perplexity",
-        help="perplexity of a text under a model",
-        description="exp(mean negative log-likelihood per token), with a strided sliding window for "
-        "texts longer than the context. A run trained on lines scores each line as one sequence.",
-    )
-    p.add_argument("model", help="run directory, checkpoint directory, or GPT-2 directory")
-    p.add_argument("file", nargs="?", default=None, help="UTF-8 text file to score")
-    p.add_argument("--text", default=None, help="score this text instead of a file")
-    p.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: half the window)")
-    p.add_argument("--max-length", type=int, default=None, help="window length in tokens (default: the context)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the run's tokenizer.json)")
-    p.set_defaults(run=cmd_perplexity)
-
-    chat.add_parser(sub)
-    explore.add_parser(sub)
-
-    p = sub.add_parser(
-        "info",
-        help="version, kernel backends, CPU and GPU",
-        description="Show the version, which kernel backends this install has (and why the others are "
-        "missing), the CPU capability and the GPUs.",
-    )
-    p.set_defaults(run=cmd_info)
-
-    from . import bench_report
-
-    p = sub.add_parser(
-        "bench", help="run the benchmarks; report ratios (JSON, Markdown, PNG)", description=bench_report.DESCRIPTION
-    )
-    bench_report.add_arguments(p)
-    p.set_defaults(run=bench_report.run)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the `pyminigpt` command; returns the exit code (2 for bad input, with a one-line message)."""
-    from .checkpoint import CheckpointError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (UsageError, CheckpointError, OSError) as err:
-        print(f"pyminigpt {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"pyminigpt {args.command}: interrupted", file=sys.stderr)
-        return 130
+    p.set_defaults(run=run)

@@ -5,6 +5,9 @@ is that the four projections of a block are `nn.Linear` (weight (out, in)) where
 `Conv1D` (weight (in, out)), so converting is a transpose of those four weights. A checkpoint
 saved by `save_pretrained` (config.json + model.safetensors) loads in transformers and back
 without transformers being imported; hub names go through `transformers.GPT2LMHeadModel`.
+
+The model's `from_pretrained` / `from_hf` / `save_pretrained` call the functions here with the
+model class or model (`cls`, `model`); this module never imports the model, so the two are no knot.
 """
 
 from __future__ import annotations
@@ -13,14 +16,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from .config import GPTConfig
-
-if TYPE_CHECKING:  # the model imports this module: a type name only, no import at run time
-    from .model import GPT
+from ..config import GPTConfig
 
 # The block weights HF stores as Conv1D, i.e. transposed relative to nn.Linear.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -52,13 +52,6 @@ def generation_config_dict(config: GPTConfig) -> dict:
     return {"_from_model_config": True, **{name: value for name, value in ids.items() if value is not None}}
 
 
-def config_to_hf(config: GPTConfig):
-    """A transformers GPT2Config equal to config."""
-    import transformers
-
-    return transformers.GPT2Config(**config.to_dict())
-
-
 def state_dict_from_hf(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """pyminigpt names and layouts for a GPT2LMHeadModel (or GPT2Model) state dict.
 
@@ -81,7 +74,7 @@ def state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     }
 
 
-def load_hf_state_dict(model: GPT, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
+def load_hf_state_dict(model: nn.Module, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
     """Copy HF-layout weights into model; every weight must be there (lm_head may be left out when tied)."""
     missing, unexpected = model.load_state_dict(state_dict_from_hf(hf_state_dict), strict=False)
     if model.config.tie_word_embeddings:
@@ -90,14 +83,16 @@ def load_hf_state_dict(model: GPT, hf_state_dict: Mapping[str, torch.Tensor]) ->
         raise ValueError(f"checkpoint does not match the config: missing {missing}, unexpected {unexpected}")
 
 
-def from_hf(cls, hf_model) -> GPT:
+def from_hf(cls: type[nn.Module], hf_model) -> nn.Module:
     """A `cls` (GPT) with the config, weights, device, dtype and train/eval mode of a GPT2LMHeadModel."""
     model = cls(config_from_hf(hf_model.config))
     load_hf_state_dict(model, hf_model.state_dict())
     return model.to(device=hf_model.device, dtype=hf_model.dtype).train(hf_model.training)
 
 
-def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=None, **hf_kwargs) -> GPT:
+def from_pretrained(
+    cls: type[nn.Module], name_or_path, dtype: torch.dtype | None = None, device=None, **hf_kwargs
+) -> nn.Module:
     """Load a checkpoint in eval mode, like `GPT2LMHeadModel.from_pretrained`.
 
     A local directory with config.json + model.safetensors is read directly. Anything else
@@ -117,11 +112,11 @@ def from_pretrained(cls, name_or_path, dtype: torch.dtype | None = None, device=
     return model.to(device=device, dtype=dtype).eval()
 
 
-def save_pretrained(model: GPT, directory) -> None:
+def save_pretrained(model: nn.Module, directory) -> None:
     """Write config.json, model.safetensors (HF layout) and generation_config.json into directory, each atomically."""
     from safetensors.torch import save_file
 
-    from .io import atomic_write
+    from ..files import atomic_write
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

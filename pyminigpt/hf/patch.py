@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from .. import ops
 
 PATCH_ATTRIBUTE = "_pyminigpt_patch"
 IMPLEMENTATION_PREFIX = "pyminigpt+"

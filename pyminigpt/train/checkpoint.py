@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_directory
+from ..files import atomic_directory
 
 __all__ = ["ARCH_FIELDS", "CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
 
@@ -144,7 +144,7 @@ def load_checkpoint(path: str | os.PathLike, model, check=None) -> tuple[dict, d
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .hf import load_hf_state_dict
+    from ..hf.convert import load_hf_state_dict
 
     path = resolve_checkpoint(path)
     state = _read_state(path)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import atomic_write
-from .tokenizer import Tokenizer
+from ..files import atomic_write
+from ..tokenizer import Tokenizer
 
 __all__ = [
     "NAME_STYLES",

@@ -25,7 +25,7 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
-from .analysis import evaluating, prompt_ids
+from ..analysis import evaluating, prompt_ids
 
 __all__ = ["FeedbackTrainer", "check_reward"]
 

@@ -36,150 +36,33 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..plots import plot_history
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .io import atomic_write
+from .config import TrainerConfig
+from .distributed import join_process_group
+from .rng import rng_state, seed_all, set_rng_state
 
 __all__ = ["Trainer", "TrainerConfig", "plot_history"]
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class TrainerConfig:
-    """Training hyper-parameters. Sizes are per process; see the module docstring."""
-
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch per process
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 3e-4  # peak learning rate, reached after the warm-up
-    min_lr_ratio: float = 0.1  # the cosine decays to learning_rate * min_lr_ratio at max_steps
-    warmup_steps: int = 100  # linear warm-up from learning_rate / warmup_steps
-    weight_decay: float = 0.1  # on 2-D weights only (not biases, layer norms)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or GPU), "fp16" (autocast + GradScaler, GPU)
-    eval_interval: int = 100  # evaluate every this many steps (and at the last step); 0 = never
-    eval_batches: int | None = None  # evaluate on this many batches per process; None = the whole eval set
-    save_interval: int = 0  # write step-NNNNNNN every this many steps; 0 = never
-    keep_checkpoints: int = 2  # how many step-NNNNNNN checkpoints to keep
-    out_dir: str | None = None  # where checkpoints and loss.png go; None = write nothing
-    seed: int = 0  # seeds the data order and (offset by rank) every RNG
-    shuffle: bool = True
-    num_workers: int = 0  # DataLoader workers
-    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    progress: bool = True  # tqdm progress bar on rank 0
-
-    def __post_init__(self):
-        def check(name, ok, what):
-            if not ok:
-                raise ValueError(f"TrainerConfig.{name} must be {what}, got {getattr(self, name)!r}")
-
-        for name in ("max_steps", "batch_size", "grad_accum_steps"):
-            value = getattr(self, name)
-            check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "a positive int")
-        for name in ("warmup_steps", "eval_interval", "save_interval", "keep_checkpoints", "num_workers"):
-            value = getattr(self, name)
-            check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an int >= 0")
-        check("learning_rate", self.learning_rate > 0, "> 0")
-        check("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
-        check("weight_decay", self.weight_decay >= 0, ">= 0")
-        check("grad_clip", self.grad_clip >= 0, ">= 0")
-        check("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two floats in [0, 1)")
-        check("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
-        check("eval_batches", self.eval_batches is None or self.eval_batches >= 1, "None or >= 1")
-        self.betas = tuple(self.betas)
-
-
-def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
-    """Write the training (and eval) loss curve of `history` as a PNG (matplotlib, Agg backend)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1, label="train loss")
-    evals = [r for r in history if "eval_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross entropy (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return atomic_write(path, fig.savefig)
-
-
-def _join_process_group(on_cuda: bool) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank), joining the torchrun process group when WORLD_SIZE > 1:
-    NCCL for a CUDA run, gloo for a CPU run (even on a machine that has a GPU)."""
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        return rank, world, int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if on_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if on_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    """This process's RNG states: JSON-able (Python, NumPy) and tensors (torch CPU, CUDA)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    json_state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = state
-    return json_state, tensors
-
-
-def _set_rng_state(json_state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, internal, gauss = json_state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = json_state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
-    if cuda and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def _ignore_sigint(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C to the main process, which finishes its step and saves."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -204,7 +87,7 @@ class Trainer:
         if len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-        self.rank, self.world_size, local_rank = _join_process_group(on_cuda=device.type == "cuda")
+        self.rank, self.world_size, local_rank = join_process_group(on_cuda=device.type == "cuda")
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
         if cfg.precision == "fp16" and self.device.type != "cuda":
@@ -235,7 +118,7 @@ class Trainer:
         self.history: list[dict] = []
         self.interrupted = False
         self._stop_requested = False
-        _seed_everything(cfg.seed + self.rank)
+        seed_all(cfg.seed + self.rank)
 
     # ------------------------------------------------------------------ setup
 
@@ -507,7 +390,7 @@ class Trainer:
         path = Path(name_or_path)
         if self.out_dir is not None and path.parent == Path("."):
             path = self.out_dir / path
-        rng_json, rng_tensors = _rng_state()
+        rng_json, rng_tensors = rng_state()
         if self.world_size > 1:
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, (rng_json, rng_tensors))
@@ -560,7 +443,7 @@ class Trainer:
         self.best_eval_loss = math.inf if state["best_eval_loss"] is None else state["best_eval_loss"]
         self.history = state["history"]
         prefix = f"rng.rank{self.rank}."
-        _set_rng_state(
+        set_rng_state(
             state["rng"][self.rank], {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         )
         return state

@@ -13,7 +13,7 @@ import pytest
 from cli_testing import assert_usage_error, run
 
 from pyminigpt.cli import main
-from pyminigpt.data import names_corpus
+from pyminigpt.train.data import names_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ["--size", "tiny", "--batch-size", "4", "--warmup", "2", "--eval-interval", "3", "--no-progress"]

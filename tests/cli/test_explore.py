@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_gpt2 import make_tiny_gpt2_dir
 
-from pyminigpt import analysis
+from pyminigpt import analysis, plots
 from pyminigpt.cli import main
 from pyminigpt.model import GPT, GPTConfig
 from pyminigpt.tokenizer import BPETokenizer, CharTokenizer
@@ -295,23 +295,23 @@ def test_plot_attention_in_columns_and_pca_panels(tiny_model, tiny_bpe, tmp_path
     ids = tiny_bpe.encode(PROMPT)
     maps = analysis.attention_maps(tiny_model, tiny_bpe, ids)  # (3, 4, T, T)
     tokens = analysis.token_strings(tiny_bpe, ids)
-    wide = analysis.plot_attention(maps, tokens, tmp_path / "rows.png")
-    wrapped = analysis.plot_attention(maps, tokens, tmp_path / "wrapped.png", columns=2)
+    wide = plots.plot_attention(maps, tokens, tmp_path / "rows.png")
+    wrapped = plots.plot_attention(maps, tokens, tmp_path / "wrapped.png", columns=2)
     (w1, h1), (w2, h2) = image_size(wide), image_size(wrapped)
     assert w2 < w1 and h2 > h1  # 3 x 4 panels against 6 x 2
     with pytest.raises(ValueError, match="panel_titles has 1 entries for 12 panels"):
-        analysis.plot_attention(maps, tokens, tmp_path / "x.png", panel_titles=["one"])
+        plots.plot_attention(maps, tokens, tmp_path / "x.png", panel_titles=["one"])
     with pytest.raises(ValueError, match="columns must be >= 1"):
-        analysis.plot_attention(maps, tokens, tmp_path / "x.png", columns=0)
+        plots.plot_attention(maps, tokens, tmp_path / "x.png", columns=0)
 
     states = analysis.layer_states(tiny_model, tiny_bpe, ids)
     panels = [(states[d], tokens, f"depth {d}") for d in range(4)]
-    path = analysis.plot_pca_panels(panels, tmp_path / "pca.png", title="states", connect=[False, True, True, True])
-    assert image_size(path)[0] > image_size(analysis.plot_pca(states[0], tokens, tmp_path / "one.png"))[0]
+    path = plots.plot_pca_panels(panels, tmp_path / "pca.png", title="states", connect=[False, True, True, True])
+    assert image_size(path)[0] > image_size(plots.plot_pca(states[0], tokens, tmp_path / "one.png"))[0]
     with pytest.raises(ValueError, match="connect has 2 entries for 4 panels"):
-        analysis.plot_pca_panels(panels, tmp_path / "x.png", connect=[True, False])
+        plots.plot_pca_panels(panels, tmp_path / "x.png", connect=[True, False])
     with pytest.raises(ValueError, match="panels must not be empty"):
-        analysis.plot_pca_panels([], tmp_path / "x.png")
+        plots.plot_pca_panels([], tmp_path / "x.png")
 
 
 def test_token_strings_show_a_partial_character_by_its_bytes(tiny_bpe):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyminigpt import analysis
+from pyminigpt import analysis, plots
 from pyminigpt.model import GPT, GPTConfig
 from pyminigpt.tokenizer import CharTokenizer
 
@@ -232,12 +232,12 @@ def test_plots_write_pngs(model, tok, tmp_path):
     tokens = analysis.token_strings(tok, tok.encode("fox"))
     vectors = analysis.embeddings(model, tok, list("thequickbrown"))
     paths = [
-        analysis.plot_attention(maps, tokens, tmp_path / "attention.png"),
-        analysis.plot_pca(vectors, list("thequickbrown"), tmp_path / "pca.png"),
-        analysis.plot_curve([0.5, -1, 1], tmp_path / "sub" / "rewards.png", ylabel="reward"),
+        plots.plot_attention(maps, tokens, tmp_path / "attention.png"),
+        plots.plot_pca(vectors, list("thequickbrown"), tmp_path / "pca.png"),
+        plots.plot_curve([0.5, -1, 1], tmp_path / "sub" / "rewards.png", ylabel="reward"),
     ]
     for path in paths:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="tokens has 2 entries"):
-        analysis.plot_attention(maps, tokens[:2], tmp_path / "bad.png")
+        plots.plot_attention(maps, tokens[:2], tmp_path / "bad.png")

@@ -1,6 +1,6 @@
 """The fast decode loop of `generate`: the static-shape step (the CUDA-graph path, run eagerly on
 the CPU), eos read every few steps, and the kernels reading the KV cache in place. The oracle
-is the plain dynamic-shape loop, which tests/test_generation.py checks against transformers."""
+is the plain dynamic-shape loop, which tests/core/test_generation.py checks against transformers."""
 
 from __future__ import annotations
 

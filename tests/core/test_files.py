@@ -1,4 +1,4 @@
-"""Atomic writes (pyminigpt.io): the old file or directory, or the new one, never half of one."""
+"""Atomic writes (pyminigpt.files): the old file or directory, or the new one, never half of one."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from pyminigpt.io import atomic_directory, atomic_write
+from pyminigpt.files import atomic_directory, atomic_write
 
 
 def leftovers(directory):

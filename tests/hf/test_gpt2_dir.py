@@ -18,8 +18,8 @@ from cli_testing import assert_usage_error, run
 from tiny_gpt2 import CORPUS, make_tiny_gpt2_dir
 
 from pyminigpt.cli import main
+from pyminigpt.cli.runs import load_model
 from pyminigpt.model import GPT
-from pyminigpt.runs import load_model
 from pyminigpt.tokenizer import BPETokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

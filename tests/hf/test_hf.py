@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pyminigpt import hf as hf_convert
+from pyminigpt.hf import convert as hf_convert
 from pyminigpt.model import GPT, GPTConfig
 
 ATOL = 1e-5
@@ -109,7 +109,7 @@ def test_config_round_trip():
     config = GPTConfig(vocab_size=VOCAB, n_positions=40, n_embd=24, n_layer=3, n_head=3, n_inner=50,
                        activation_function="relu", resid_pdrop=0.0, layer_norm_epsilon=1e-4,
                        tie_word_embeddings=False, bos_token_id=5, eos_token_id=6, pad_token_id=7)  # fmt: skip
-    hf_config = hf_convert.config_to_hf(config)
+    hf_config = transformers.GPT2Config(**config.to_dict())
     assert isinstance(hf_config, transformers.GPT2Config)
     assert hf_config.n_inner == 50 and hf_config.pad_token_id == 7 and hf_config.tie_word_embeddings is False
     assert hf_convert.config_from_hf(hf_config) == config

@@ -16,7 +16,7 @@ import transformers
 
 import pyminigpt
 from pyminigpt import ops
-from pyminigpt.patch import FusedSamplingWarper
+from pyminigpt.hf.patch import FusedSamplingWarper
 
 VOCAB = 97
 
@@ -457,8 +457,8 @@ def test_torch_compile_fullgraph_of_a_patched_model_matches_eager():
 def test_a_mask_tensor_is_read_once_per_forward_and_again_when_it_changes(monkeypatch):
     model = pyminigpt.patch_hf_gpt2(transformers.GPT2LMHeadModel(_config("eager", n_layer=3)).eval())
     reads = []
-    check = pyminigpt.patch._blocks_only_the_future
-    monkeypatch.setattr(pyminigpt.patch, "_blocks_only_the_future", lambda *a: reads.append(a[1:]) or check(*a))
+    check = pyminigpt.hf.patch._blocks_only_the_future
+    monkeypatch.setattr(pyminigpt.hf.patch, "_blocks_only_the_future", lambda *a: reads.append(a[1:]) or check(*a))
     input_ids, _ = _inputs(batch=1, length=5)
     with torch.no_grad():
         model(input_ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -95,8 +97,12 @@ def test_strict_mode_names_the_backend_the_op_and_the_inputs():
     with ops.use_backend("cpu", strict=True), pytest.raises(ValueError) as info:
         ops.softmax(x)
     assert str(info.value) == (
-        "backend 'cpu' cannot run softmax on inputs [(2, 8, torch.float16, 'cpu')]: its supports() rejected these inputs"
+        "backend 'cpu' cannot run softmax on inputs [(2, 8, torch.float16, 'cpu')]: "
+        "its kernel takes cpu tensors of float32, bfloat16"
     )
+    weight, bias = torch.randn(8), torch.randn(8, dtype=torch.float64)
+    with ops.use_backend("cpu", strict=True), pytest.raises(ValueError, match="; weight and bias of one dtype"):
+        ops.layer_norm(torch.randn(2, 8), weight, bias)  # the rule's limit, in its words
     with ops.use_backend("cpu"):  # not strict: the reference runs it
         torch.testing.assert_close(ops.softmax(x), reference.softmax(x, 1.0))
 
@@ -142,3 +148,18 @@ def test_the_linear_row_limit_comes_from_the_extension():
     from pyminigpt.ops import native
 
     assert native.LINEAR_MAX_ROWS == pyminigpt._C.LINEAR_MAX_ROWS == rules.LIMITS["linear_max_rows"]
+
+
+def test_constant_result_marks_a_function_as_torch_does():
+    """dispatch marks its constant functions itself, because torch's decorator imports torch._dynamo
+    (and triton) at import time; the mark must be the one torch's decorator sets."""
+    code = (
+        "import sys, torch\n"
+        "from pyminigpt.ops import dispatch\n"
+        "assert 'torch._dynamo' not in sys.modules, 'importing dispatch imported torch._dynamo'\n"
+        "ours = dict(vars(dispatch._active_backend))\n"
+        "def f(): pass\n"
+        "torch.compiler.assume_constant_result(f)\n"
+        "assert vars(f) and vars(f) == ours, (vars(f), ours)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

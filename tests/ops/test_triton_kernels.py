@@ -1,6 +1,6 @@
 """Launcher-level tests of the Triton kernels (kernels/*.py) and their custom operators.
 
-The shared op tests (tests/test_op_*.py) check the public functions on every backend;
+The shared op tests (tests/ops/test_op_*.py) check the public functions on every backend;
 these check what only the Triton launchers have: the one-tile and looped softmax paths,
 the two-stage layer norm reduction, attention's masked/unmasked block split and split-K
 decode, the sampler's tie handling and draw, and the operator registration.

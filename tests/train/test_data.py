@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyminigpt.data import (
+from pyminigpt.tokenizer import CharTokenizer
+from pyminigpt.train.data import (
     NAME_STYLES,
     SequenceDataset,
     SlidingWindowDataset,
@@ -15,7 +16,6 @@ from pyminigpt.data import (
     read_token_file,
     write_token_file,
 )
-from pyminigpt.tokenizer import CharTokenizer
 
 
 def random_ids(n, high, seed=0):

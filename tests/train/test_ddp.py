@@ -11,10 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from pyminigpt.data import SlidingWindowDataset, names_corpus
 from pyminigpt.model import GPT, GPTConfig
 from pyminigpt.tokenizer import CharTokenizer
-from pyminigpt.trainer import Trainer, TrainerConfig
+from pyminigpt.train.data import SlidingWindowDataset, names_corpus
+from pyminigpt.train.trainer import Trainer, TrainerConfig
 
 SEQ_LEN, STEPS, GLOBAL_BATCH = 16, 5, 8
 

@@ -4,9 +4,9 @@ response tokens are trained on, the KL term holds the model near its start."""
 import pytest
 import torch
 
-from pyminigpt.feedback import FeedbackTrainer, check_reward
 from pyminigpt.model import GPT, GPTConfig
 from pyminigpt.tokenizer import CharTokenizer
+from pyminigpt.train.feedback import FeedbackTrainer, check_reward
 
 CHARS = "abcdefghijklmnopqrstuvwxyz "
 

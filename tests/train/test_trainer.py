@@ -10,11 +10,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from pyminigpt.checkpoint import CheckpointError, resolve_checkpoint
-from pyminigpt.data import SequenceDataset, SlidingWindowDataset, names_corpus
 from pyminigpt.model import GPT, GPTConfig
 from pyminigpt.tokenizer import CharTokenizer
-from pyminigpt.trainer import Trainer, TrainerConfig
+from pyminigpt.train.checkpoint import CheckpointError, resolve_checkpoint
+from pyminigpt.train.data import SequenceDataset, SlidingWindowDataset, names_corpus
+from pyminigpt.train.trainer import Trainer, TrainerConfig
 
 SEQ_LEN = 16
 SAVED_MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors"]  # what save_pretrained writes
