@@ -6,6 +6,7 @@
 #   make dev         # an editable install: Python edits are live; rerun it after C++ edits
 #   make check       # lint: ruff check, ruff format --check, clang-format over csrc/ and the emulator
 #   make test-fast   # the Python suite on the cpu + reference backends, no rebuild
+#   make test-unit   # the same without the tests marked slow (end to end, DDP, demo, explore): < 2 min
 #   make format      # apply clang-format to the C++/CUDA sources (ruff format: see README)
 #
 # TORCH_SPEC pins the torch the extension is built against; installs use
@@ -25,7 +26,7 @@ PYTEST := $(abspath $(BIN)/python) -m pytest -q -p no:cacheprovider
 # The tests the Triton interpreter runs (from tests/): every op's tests, picked by name, and the kernels' own.
 TRITON_TESTS = ops/test_op_*.py ops/test_triton_kernels.py
 
-.PHONY: install dev demo check format test test-fast test-python test-triton compile-triton compile-cuda \
+.PHONY: install dev demo check format test test-fast test-unit test-python test-triton compile-triton compile-cuda \
 	test-cuda-emulated test-native test-sanitized bench gpu-check installed clean
 
 $(BIN)/python:
@@ -50,7 +51,9 @@ dev: $(TOOLS)
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	$(BIN)/pyminigpt info
 
-demo: install
+# The regular install with the `demo` extra (matplotlib for the pictures, tqdm for the bar).
+demo: $(TOOLS)
+	$(BIN)/pip install --quiet --no-build-isolation ".[demo]"
 	$(BIN)/pyminigpt demo
 
 # The test targets run against whatever `make install` or `make dev` installed, and rebuild
@@ -73,6 +76,11 @@ format: $(TOOLS)
 test: check test-python test-sanitized test-triton compile-triton test-native compile-cuda test-cuda-emulated
 
 test-fast: test-python
+
+# The suite without the tests marked slow (the command end to end, DDP, the demo, explore): under
+# 2 minutes on 2 cores, for the edit-test loop.
+test-unit: installed
+	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu $(PYTEST) --ignore=cuda_emulator -m "not slow" .
 
 test-python: installed
 	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu $(PYTEST) --ignore=cuda_emulator .

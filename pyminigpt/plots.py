@@ -8,6 +8,7 @@ needed); matplotlib is imported on the first picture (the `demo` extra installs 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -21,7 +22,23 @@ from .files import atomic_write
 __all__ = ["plot_attention", "plot_curve", "plot_history", "plot_pca", "plot_pca_panels"]
 
 
+MATPLOTLIB_MISSING = (
+    "the pictures need matplotlib, which pyminigpt's `demo` extra installs: pip install 'pyminigpt[demo]'"
+)
+
+
+def have_matplotlib() -> bool:
+    """Whether matplotlib can be imported (without importing it)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _require_matplotlib() -> None:
+    if not have_matplotlib():
+        raise ImportError(MATPLOTLIB_MISSING)
+
+
 def _pyplot():
+    _require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,6 +184,7 @@ def plot_curve(values: Sequence[float], path, title: str = "", xlabel: str = "st
 
 def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
     """Write the training (and eval) loss curve of `history` as a PNG (matplotlib, Agg backend)."""
+    _require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

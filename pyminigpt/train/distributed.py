@@ -1,8 +1,9 @@
-"""Joining torchrun's process group (the Trainer's distributed data parallel)."""
+"""The Trainer's other processes: torchrun's process group (distributed data parallel), DataLoader workers."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -22,3 +23,8 @@ def join_process_group(on_cuda: bool) -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if on_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which finishes its step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -51,18 +51,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..plots import plot_history
+from ..plots import MATPLOTLIB_MISSING, have_matplotlib, plot_history
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainerConfig
-from .distributed import join_process_group
+from .distributed import ignore_sigint, join_process_group
+from .progress import progress_bar
 from .rng import rng_state, seed_all, set_rng_state
 
 __all__ = ["Trainer", "TrainerConfig", "plot_history"]
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which finishes its step and saves."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Trainer:
@@ -164,7 +160,7 @@ class Trainer:
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),  # worker seeds; keeps the global RNG untouched
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=ignore_sigint,
         )
 
     def _train_batches(self):
@@ -317,8 +313,6 @@ class Trainer:
         "auto" for the newest one in out_dir (none: start fresh). `callback(trainer, record)`
         runs on every process after each step.
         """
-        from tqdm.auto import tqdm
-
         cfg = self.config
         if resume_from == "auto":
             resume_from = self.latest_checkpoint()
@@ -326,7 +320,7 @@ class Trainer:
             self.load_checkpoint(resume_from)
         self._stop_requested = False
         batches = self._train_batches()
-        bar = tqdm(
+        bar = progress_bar(
             total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main), dynamic_ncols=True
         )
         with self._graceful_sigint(), bar:
@@ -353,7 +347,10 @@ class Trainer:
         self.interrupted = self.step < cfg.max_steps
         path = self._save_if_out_dir("last")
         if self.out_dir is not None and self.is_main and self.history:
-            plot_history(self.history, self.out_dir / "loss.png")
+            if have_matplotlib():
+                plot_history(self.history, self.out_dir / "loss.png")
+            elif cfg.progress:
+                print(f"loss.png not drawn: {MATPLOTLIB_MISSING}", flush=True)
         if self.interrupted and self.is_main and cfg.progress:
             print(f"stopped at step {self.step}" + (f"; saved {path}" if path else ""), flush=True)
         return self.history

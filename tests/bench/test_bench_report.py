@@ -1,8 +1,10 @@
-"""`pyminigpt bench` (pyminigpt.bench_report): ratios from pytest-benchmark JSON, and one real quick run."""
+"""`pyminigpt bench` (pyminigpt.bench.report): ratios from pytest-benchmark JSON, and one real quick run."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from pyminigpt.bench import charts as bench_charts
 from pyminigpt.bench import report as bench_report
@@ -123,6 +125,7 @@ def test_missing_bench_dir_is_a_clear_error(tmp_path, capsys):
     assert "no benchmark suites" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the end-to-end suite in a pytest subprocess
 def test_quick_end_to_end_run_writes_json_markdown_and_png(tmp_path, monkeypatch):
     # (the compiled member is left out: compiling takes minutes on 2 cores)
     # run from a folder holding a pyminigpt/ source tree, like a checkout's root: the benchmarks

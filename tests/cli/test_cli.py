@@ -15,6 +15,8 @@ from cli_testing import assert_usage_error, run
 from pyminigpt.cli import main
 from pyminigpt.train.data import names_corpus
 
+pytestmark = pytest.mark.slow  # the command end to end (a training run per module); `make test-unit` leaves it out
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ["--size", "tiny", "--batch-size", "4", "--warmup", "2", "--eval-interval", "3", "--no-progress"]
 

@@ -17,6 +17,8 @@ from pyminigpt.cli import main
 from pyminigpt.model import GPT, GPTConfig
 from pyminigpt.tokenizer import BPETokenizer, CharTokenizer
 
+pytestmark = pytest.mark.slow  # explore end to end; `make test-unit` leaves it out
+
 PROMPT = "a strawberry is red and a banana is yellow."
 SECTIONS = (
     "1. tokens",

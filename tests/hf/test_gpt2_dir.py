@@ -22,6 +22,8 @@ from pyminigpt.cli.runs import load_model
 from pyminigpt.model import GPT
 from pyminigpt.tokenizer import BPETokenizer, load_tokenizer
 
+pytestmark = pytest.mark.slow  # the command end to end on a GPT-2 directory; `make test-unit` leaves it out
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["--batch-size", "4", "--warmup", "1", "--eval-interval", "2", "--no-progress"]
 

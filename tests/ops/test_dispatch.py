@@ -163,3 +163,18 @@ def test_constant_result_marks_a_function_as_torch_does():
         "assert vars(f) and vars(f) == ours, (vars(f), ours)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_info_reports_the_true_reason_a_backend_is_missing():
+    """triton failing to import shows as that failure in backend_status() and `pyminigpt info`,
+    not as a second failure (an old retry as a top-level `kernels` package hid it)."""
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # triton not importable\n"
+        "from pyminigpt.cli import main\n"
+        "main(['info'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    line = next(line for line in out.splitlines() if line.strip().startswith("triton "))
+    assert "unavailable" in line and "import of triton halted" in line, line
+    assert "kernels" not in line.replace("pyminigpt.kernels", ""), line

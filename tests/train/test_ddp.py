@@ -16,6 +16,8 @@ from pyminigpt.tokenizer import CharTokenizer
 from pyminigpt.train.data import SlidingWindowDataset, names_corpus
 from pyminigpt.train.trainer import Trainer, TrainerConfig
 
+pytestmark = pytest.mark.slow  # processes under torchrun; `make test-unit` leaves it out
+
 SEQ_LEN, STEPS, GLOBAL_BATCH = 16, 5, 8
 
 
