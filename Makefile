@@ -59,7 +59,7 @@ demo: $(TOOLS)
 # The test targets run against whatever `make install` or `make dev` installed, and rebuild
 # nothing; on a fresh machine (nothing installed in $(VENV)) they run `make install` first.
 installed:
-	@$(BIN)/python -c "import pyminigpt._C" 2>/dev/null || $(MAKE) --no-print-directory install
+	@$(BIN)/python -c "import torch, pyminigpt._C" 2>/dev/null || $(MAKE) --no-print-directory install
 
 # Lint. ruff reads pyproject.toml, clang-format .clang-format. All three run even when one fails.
 check: $(TOOLS)

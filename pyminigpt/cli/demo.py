@@ -1,4 +1,4 @@
-"""`pyminigpt demo`: train a character model on fantasy names and explore it (~90 s on 2 cores)."""
+"""`pyminigpt demo`: train a character model on fantasy names for about a minute (DEMO_TRAIN_SECONDS), then explore it."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def add_parser(subparsers) -> None:
     """Add the `demo` sub-command to an argparse sub-parser set."""
     p = subparsers.add_parser(
         "demo",
-        help="train a character model on fantasy names and explore it (~90 s)",
+        help=f"train a character model on fantasy names (~{DEMO_TRAIN_SECONDS:.0f} s) and explore it",
         description="Train a character-level GPT on the built-in names corpus, then generate names at "
         "several temperatures and with top-k / top-p, measure perplexity and novelty, and "
         "plot the loss curve and attention maps.",

@@ -58,3 +58,11 @@ def test_the_readme_lists_every_command():
     assert "pyminigpt --help" in text
     missing = [name for name in COMMANDS if f"\npyminigpt {name}" not in text]
     assert not missing, f"README.md's command list lacks {missing}"
+
+
+@pytest.mark.skipif(not README.is_file(), reason="no README beside an installed package")
+def test_the_readme_states_the_demos_training_time():
+    from pyminigpt.cli.demo import DEMO_TRAIN_SECONDS
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert f"the steps that fit in {DEMO_TRAIN_SECONDS:.0f} s" in text
