@@ -27,13 +27,26 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 CPU_KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/*.cpp"))
 CPU_KERNEL_HEADERS = sorted(glob.glob("csrc/cpu/*.h"))
-CPU_CAPABILITY_FLAGS = {
-    "DEFAULT": [],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-}
-# Silenced warnings come from inside torch's and GCC's own headers (#pragma unroll, AVX-512 intrinsics).
-CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+
+
+def read_compile_flags(path: str = "csrc/compile_flags.txt") -> dict:
+    """NAME -> flags, from the file that CMakeLists.txt reads too."""
+    flags = {}
+    with open(path) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                name, _, value = line.partition(":")
+                flags[name.strip()] = value.split()
+    return flags
+
+
+COMPILE_FLAGS = read_compile_flags()
+CPU_CAPABILITY_FLAGS = {name: COMPILE_FLAGS[name] for name in ("DEFAULT", "AVX2", "AVX512")}
+# -std right after -O3: the kernels' command lines as they were before this file, so that ccache hits
+CXX = [*COMPILE_FLAGS["CXX"][:1], f"-std=c++{COMPILE_FLAGS['CXX_STANDARD'][0]}", *COMPILE_FLAGS["CXX"][1:]]
+NVCC = [f"-std=c++{COMPILE_FLAGS['CUDA_STANDARD'][0]}", *COMPILE_FLAGS["NVCC"]]
+CXX_FLAGS = CXX
 
 
 def want_cuda() -> bool:
@@ -57,10 +70,11 @@ class BuildWithCpuCapabilities(BuildExtension):
         includes = [f"-I{path}" for path in include_paths()]
         compiler = os.environ.get("CXX", "c++")
         extra_flags = shlex.split(os.environ.get("CFLAGS", ""))
-        # One object folder per compiler and $CFLAGS: pip builds in the source tree's build/, and
+        # One object folder per compiler, flags and $CFLAGS: pip builds in the source tree's build/, and
         # the up-to-date check below looks at times only, so a sanitized build must not pick up
         # the objects of a plain one (or the reverse).
-        flags_key = hashlib.sha1(" ".join([compiler, *extra_flags]).encode()).hexdigest()[:12]
+        # (the flags of csrc/compile_flags.txt are part of the key: changing them rebuilds)
+        flags_key = hashlib.sha1(" ".join([compiler, *extra_flags, *CXX_FLAGS]).encode()).hexdigest()[:12]
         out_dir = os.path.join(self.build_temp, f"cpu_kernels-{flags_key}")
         os.makedirs(out_dir, exist_ok=True)
         jobs = []
@@ -93,7 +107,7 @@ def is_up_to_date(target: str, sources: list) -> bool:
 
 def extension():
     sources = ["csrc/ops.cpp", "csrc/cpu_ops.cpp"]
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx = CXX
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += ["csrc/cuda_ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))]
@@ -101,7 +115,7 @@ def extension():
             "pyminigpt._C",
             sources,
             include_dirs=[os.path.abspath("csrc")],
-            extra_compile_args={"cxx": cxx + ["-DPYMINIGPT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx + ["-DPYMINIGPT_WITH_CUDA"], "nvcc": NVCC},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension("pyminigpt._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
