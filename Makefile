@@ -77,7 +77,8 @@ test: check test-python test-sanitized test-triton compile-triton test-native co
 
 test-fast: test-python
 
-# The suite without the tests marked slow (the command end to end, DDP, the demo, explore): under
+# The suite without the tests marked slow (the command end to end, DDP, the demo, explore,
+# torch.compile, checks in a fresh interpreter): meant to take under
 # 2 minutes on 2 cores, for the edit-test loop.
 test-unit: installed
 	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu $(PYTEST) --ignore=cuda_emulator -m "not slow" .

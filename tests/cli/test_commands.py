@@ -33,6 +33,7 @@ def test_each_command_module_brings_its_parser_and_runs(name):
     assert info.value.code == 0
 
 
+@pytest.mark.slow  # a fresh interpreter: seconds of CPU; `make test-unit` leaves it out
 def test_a_command_imports_its_module_alone():
     code = (
         "import sys\n"

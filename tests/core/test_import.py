@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("triton", "tqdm", "matplotlib", "tokenizers", "transformers", "torch.distributed", "torch._dynamo", "numpy")
 
 
@@ -28,6 +30,7 @@ def test_import_pyminigpt_loads_the_package_alone():
     assert loaded == {"pyminigpt": ["pyminigpt"], "heavy": []}
 
 
+@pytest.mark.slow  # a fresh interpreter: seconds of CPU; `make test-unit` leaves it out
 def test_the_model_loads_no_triton_plotting_or_transformers():
     loaded = _loaded(
         "from pyminigpt import GPT, GPTConfig\n"

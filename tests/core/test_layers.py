@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import pyminigpt
 
 PACKAGE = Path(pyminigpt.__file__).parent
@@ -136,6 +138,7 @@ def test_the_model_reexports_the_config():
     assert model.GPTConfig is config.GPTConfig and model.ACTIVATIONS is config.ACTIVATIONS
 
 
+@pytest.mark.slow  # a fresh interpreter: seconds of CPU; `make test-unit` leaves it out
 def test_hf_imports_first_in_a_fresh_interpreter():
     """hf/ imported before anything else of the package: no partly initialised module."""
     code = "import pyminigpt.hf as hf, pyminigpt.model as m; assert hf.config_from_hf({}) == m.GPTConfig()"

@@ -290,6 +290,7 @@ def _no_dropout_model(seed=0):
     return GPT(config)
 
 
+@pytest.mark.slow  # torch.compile: seconds of CPU; `make test-unit` leaves it out
 def test_torch_compile_fullgraph_inference_matches_eager_and_keeps_the_checks():
     torch._dynamo.reset()
     model = _no_dropout_model().eval()
@@ -308,6 +309,7 @@ def test_torch_compile_fullgraph_inference_matches_eager_and_keeps_the_checks():
             model(bad)  # outside compilation, the clear error with the values
 
 
+@pytest.mark.slow  # torch.compile: seconds of CPU; `make test-unit` leaves it out
 def test_torch_compile_fullgraph_training_matches_eager():
     torch._dynamo.reset()
     ids = random_ids(2, 8)
@@ -325,6 +327,7 @@ def test_torch_compile_fullgraph_training_matches_eager():
         torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-4, atol=ATOL, msg=name)
 
 
+@pytest.mark.slow  # torch.compile: seconds of CPU; `make test-unit` leaves it out
 def test_torch_compile_fullgraph_works_before_any_eager_call():
     """In a fresh process the first op call imports its backend; under compilation that must trace."""
     script = (

@@ -441,6 +441,7 @@ def test_text_generation_pipeline_gives_the_same_text(sampling):
     assert all(len(text.split()) > len(prompt.split()) for text, prompt in zip(texts[0], prompts))
 
 
+@pytest.mark.slow  # torch.compile: seconds of CPU; `make test-unit` leaves it out
 def test_torch_compile_fullgraph_of_a_patched_model_matches_eager():
     torch._dynamo.reset()
     model = pyminigpt.patch_hf_gpt2(transformers.GPT2LMHeadModel(_config()).eval())

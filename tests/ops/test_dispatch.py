@@ -150,6 +150,7 @@ def test_the_linear_row_limit_comes_from_the_extension():
     assert native.LINEAR_MAX_ROWS == pyminigpt._C.LINEAR_MAX_ROWS == rules.LIMITS["linear_max_rows"]
 
 
+@pytest.mark.slow  # a fresh interpreter: seconds of CPU; `make test-unit` leaves it out
 def test_constant_result_marks_a_function_as_torch_does():
     """dispatch marks its constant functions itself, because torch's decorator imports torch._dynamo
     (and triton) at import time; the mark must be the one torch's decorator sets."""
@@ -165,6 +166,7 @@ def test_constant_result_marks_a_function_as_torch_does():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow  # a fresh interpreter: seconds of CPU; `make test-unit` leaves it out
 def test_info_reports_the_true_reason_a_backend_is_missing():
     """triton failing to import shows as that failure in backend_status() and `pyminigpt info`,
     not as a second failure (an old retry as a top-level `kernels` package hid it)."""
