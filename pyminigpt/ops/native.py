@@ -13,7 +13,7 @@ import torch
 import pyminigpt._C
 
 from . import dispatch, rules
-from .autograd import below_autograd
+from .autograd import below_autograd, wants_grad
 from .library import has_kernel, ops
 
 # The most rows of x sent to csrc/cpu/linear.cpp, set by the C++ side (csrc/cpu/kernels.h): all it
@@ -60,6 +60,20 @@ def linear(x, weight, bias):
     return below_autograd(ops.linear.default, x.reshape(-1, shape[-1]), weight, bias).view(*shape[:-1], weight.shape[0])
 
 
+# ---- linear cross entropy ---------------------------------------------------------------
+
+# Rows per chunk of csrc/cpu/linear_cross_entropy.cpp: about 32 MiB of fp32 logits (166 rows of
+# GPT-2's 50257 words); bench/linear_cross_entropy.py --chunks measures the choice.
+CPU_CHUNK_BYTES = 32 << 20
+
+
+def linear_cross_entropy(x, weight, labels, bias, ignore_index, reduction, chunk_rows):
+    chunk_rows = chunk_rows or max(1, CPU_CHUNK_BYTES // (4 * weight.shape[0]))
+    compute_grad = wants_grad(x, weight, bias)
+    args = (x, weight, bias, labels, ignore_index, reduction == "sum", compute_grad, chunk_rows)
+    return below_autograd(ops.linear_cross_entropy_fwd.default, *args)[0]
+
+
 # op -> (wrapper with the public signature, the C++ ops it needs)
 _OPS = {
     "layer_norm": (layer_norm, ("layer_norm_fwd", "layer_norm_bwd")),
@@ -68,6 +82,7 @@ _OPS = {
     "sample": (sample, ("sample",)),
     "causal_attention": (causal_attention, ("causal_attention_fwd", "causal_attention_bwd")),
     "linear": (linear, ("linear",)),
+    "linear_cross_entropy": (linear_cross_entropy, ("linear_cross_entropy_fwd",)),
 }
 
 

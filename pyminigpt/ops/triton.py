@@ -22,11 +22,13 @@ try:
     from pyminigpt.kernels import INTERPRET, sampling
     from pyminigpt.kernels import causal_attention as attention_kernels
     from pyminigpt.kernels import layer_norm as layer_norm_kernels
+    from pyminigpt.kernels import linear_cross_entropy as linear_cross_entropy_kernels
     from pyminigpt.kernels import softmax as softmax_kernels
 except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
     from kernels import INTERPRET, sampling
     from kernels import causal_attention as attention_kernels
     from kernels import layer_norm as layer_norm_kernels
+    from kernels import linear_cross_entropy as linear_cross_entropy_kernels
     from kernels import softmax as softmax_kernels
 
 
@@ -155,3 +157,39 @@ for _op, _fn in (
     ("causal_attention", causal_attention),
 ):
     dispatch.register(_op, "triton", _fn)
+
+
+# ---- linear cross entropy ---------------------------------------------------------------
+
+# Rows per chunk: about 256 MiB of logits at 4 bytes (1335 rows of GPT-2's 50257 words), enough
+# rows for cuBLAS to run near its peak while the chunk stays a small part of a GPU's memory.
+TRITON_CHUNK_BYTES = 256 << 20
+
+
+@triton_op("pyminigpt_triton::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    reduce_sum: bool,
+    compute_grad: bool,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return linear_cross_entropy_kernels.linear_cross_entropy_fwd(
+        x, weight, bias, labels, ignore_index, reduce_sum, compute_grad, chunk_rows, wrap=_wrap
+    )
+
+
+autograd.register_linear_cross_entropy("pyminigpt_triton")
+
+
+def linear_cross_entropy(x, weight, labels, bias, ignore_index, reduction, chunk_rows):
+    chunk_rows = chunk_rows or max(1, TRITON_CHUNK_BYTES // (4 * weight.shape[0]))
+    compute_grad = autograd.wants_grad(x, weight, bias)
+    args = (x, weight, bias, labels.contiguous(), ignore_index, reduction == "sum", compute_grad, chunk_rows)
+    return below_autograd(linear_cross_entropy_fwd, *args)[0]
+
+
+dispatch.register("linear_cross_entropy", "triton", linear_cross_entropy)
