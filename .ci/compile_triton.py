@@ -28,9 +28,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 try:
-    from pyminigpt.kernels import causal_attention, layer_norm, sampling, softmax
+    from pyminigpt.kernels import causal_attention, layer_norm, linear_cross_entropy, sampling, softmax
 except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
-    from kernels import causal_attention, layer_norm, sampling, softmax
+    from kernels import causal_attention, layer_norm, linear_cross_entropy, sampling, softmax
 
 ARCHS = (80, 90)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
@@ -148,6 +148,14 @@ def record_all_launches() -> None:
             _, lse = causal_attention.attention_fwd(q, k, v, head_dim**-0.5, wrap=record)
             causal_attention.attention_bwd(q, q, k, v, q, lse.zero_(), head_dim**-0.5, wrap=record)
             causal_attention.attention_fwd(q[:, :, :1], k, v, head_dim**-0.5, wrap=record)  # split-K decode
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for vocab in (300, 50257):  # one tile; the looped online softmax
+            x, w, b = randn(6, 64, dtype=dtype), randn(vocab, 64, dtype=dtype), randn(vocab, dtype=dtype)
+            labels = torch.randint(0, vocab, (6,), generator=g)
+            for compute_grad in (False, True):
+                linear_cross_entropy.linear_cross_entropy_fwd(
+                    x, w, b, labels, -100, False, compute_grad, 4, wrap=record
+                )
 
 
 def main() -> int:

@@ -190,3 +190,53 @@ def test_never_allocates_the_full_logits():
         fused = largest_allocation(lambda *a: ops.linear_cross_entropy(*a, chunk_rows=chunk))
     assert fused <= max(chunk * v * 4, v * k * 4, rows * k * 4), fused
     assert largest_allocation(reference.linear_cross_entropy) >= full_logits  # the test can see the logits
+
+
+# ---- GPT(..., labels=...): the model's loss on the fused op --------------------------------
+
+
+def _tiny_gpt():
+    from pyminigpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=97, n_positions=32, n_layer=2, n_embd=32, n_head=2)).eval()  # no dropout
+
+
+def test_model_loss_and_gradients_match_the_full_logits():
+    model = _tiny_gpt()
+    ids = torch.randint(0, 97, (3, 20))
+    labels = ids.clone()
+    labels[0, 8:] = -100
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids).logits
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    want.backward()
+    torch.testing.assert_close(out.loss, want, atol=1e-5, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+    shifted = model(ids, shift_labels=F.pad(labels[:, 1:], (0, 1), value=-100)).loss
+    torch.testing.assert_close(shifted, out.loss, atol=0, rtol=0)
+
+
+def test_model_logits_are_there_when_read():
+    """With labels, out.logits is computed on first access: the same values, differentiable, kept."""
+    model = _tiny_gpt()
+    ids = torch.randint(0, 97, (2, 16))
+    out = model(ids, labels=ids)
+    want = model(ids).logits
+    assert out.logits.requires_grad and out.logits is out.logits
+    torch.testing.assert_close(out.logits, want, atol=0, rtol=0)
+    with torch.no_grad():
+        assert not model(ids, labels=ids).logits.requires_grad  # the forward's grad mode
+
+
+def test_model_logits_read_after_an_optimizer_step_raise():
+    model = _tiny_gpt()
+    ids = torch.randint(0, 97, (2, 16))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    with pytest.raises(RuntimeError, match="read out.logits before changing the model"):
+        _ = out.logits
