@@ -29,7 +29,7 @@ import triton.language as tl
 from . import _no_wrap, rounded_to
 from .launch import launch_per_row
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: a jit function reads no other global
 
 
 @triton.jit
