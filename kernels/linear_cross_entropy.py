@@ -135,3 +135,15 @@ def linear_cross_entropy_fwd(
     total = losses.sum()
     loss = total if reduce_sum else total / counted  # 0 / 0 = NaN, as F.cross_entropy
     return loss, grad_x, grad_w.to(weight.dtype), grad_b.to(x.dtype)
+
+
+def compile_check_launches(wrap, randn) -> None:
+    """Every launch of the row kernel on the shapes that select its code paths (one tile, the looped
+    online softmax; loss only and with gradients; each dtype); .ci/compile_triton.py passes a `wrap`
+    that records each launch and compiles it for sm_80 and sm_90 (no GPU needed)."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for vocab in (300, 50257):
+            x, w, b = randn(6, 64, dtype=dtype), randn(vocab, 64, dtype=dtype), randn(vocab, dtype=dtype)
+            labels = torch.arange(6) * 37 % vocab
+            for compute_grad in (False, True):
+                linear_cross_entropy_fwd(x, w, b, labels, -100, False, compute_grad, 4, wrap=wrap)
