@@ -1,0 +1,107 @@
+"""The text API of generation: a prompt string in, strings out, optionally streamed piece by piece.
+
+    generate_text(model, tokenizer, prompt, stream=callback, sos=False, **generate_kwargs) -> [prompt + continuation]
+
+It runs `GPT.generate` (the one decode loop); `stream` goes to `generate` as a
+`TextCallbackStreamer`, transformers' streamer protocol, so the command's `generate --stream`,
+`chat` and the demo see the same tokens `generate` returns. Takes pyminigpt's tokenizers
+(`pyminigpt.tokenizer`) with their `eos_id`, `pad_id` and `sos_id`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Callable
+
+from .config import token_ids
+
+
+class TextCallbackStreamer:
+    """A streamer for `generate` that sends each new piece of decoded text to `callback(piece)`.
+
+    Follows transformers' protocol: the first `put` is the prompt (skipped), then one `put` per
+    step with the new token of the (single) row, then `end()`. The text is decoded whole each
+    step and only its growth is sent, so a byte-level BPE character split over two tokens comes
+    out once complete (held back while it ends in U+FFFD). Tokens from the first stop token on
+    (eos, and the padding after it) are not text.
+    """
+
+    def __init__(self, tokenizer, callback: Callable[[str], None], stop_tokens: Sequence[int] = ()):
+        self.tokenizer, self.callback, self.stops = tokenizer, callback, set(stop_tokens)
+        self.prompt_seen, self.stopped = False, False
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()
+        if len(ids) != 1 and value.dim() > 1 and value.shape[0] > 1:
+            raise ValueError("TextCallbackStreamer streams one sequence (batch size 1)")
+        for token in ids:
+            if self.stopped or token in self.stops:
+                self.stopped = True
+                return
+            self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd") and len(text) > len(self.sent):
+            self.callback(text[len(self.sent) :])
+            self.sent = text
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens)
+        if len(text) > len(self.sent):  # what was held back: an incomplete character at the very end
+            self.callback(text[len(self.sent) :])
+            self.sent = text
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    stream: Callable[[str], None] | None = None,
+    sos: bool = False,
+    **generate_kwargs,
+) -> list[str]:
+    """Continue `prompt`; returns one string (prompt + continuation) per returned sequence.
+
+    `generate_kwargs` are those of `GPT.generate` (max_new_tokens, do_sample, temperature,
+    top_k, top_p, repetition_penalty, num_beams, num_return_sequences, generator, ...); a sequence
+    stops at the tokenizer's <EOS> unless `eos_token_id` says otherwise. `sos` starts the
+    prompt with <SOS> (see `analysis.prompt_ids`).
+
+    With `stream`, `stream(piece)` receives each new piece of text as soon as its token is
+    drawn (through `generate`'s streamer: same draws, same text). Streaming returns one sequence.
+
+    `prompt` may also be token ids, taken as they are (`sos` is then ignored); the
+    strings returned start with their decoded text.
+    """
+    from ..analysis import _as_input, _text_or_ids, evaluating, prompt_ids  # analysis builds on this layer
+
+    if isinstance(prompt, str):
+        ids = prompt_ids(tokenizer, prompt, sos)
+    else:
+        ids = _text_or_ids(tokenizer, prompt, "prompt")
+        if not ids:
+            raise ValueError("prompt has no token ids: there is nothing to continue")
+        prompt = tokenizer.decode(ids)
+    input_ids = _as_input(model, ids, "prompt")
+    generate_kwargs.setdefault("eos_token_id", tokenizer.eos_id)
+    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_id)
+    stops = set(token_ids("eos_token_id", generate_kwargs["eos_token_id"]))  # generate pads only after <EOS>
+    if stream is not None:
+        if generate_kwargs.get("num_return_sequences") not in (None, 1):
+            raise ValueError("stream needs num_return_sequences=1")
+        generate_kwargs["streamer"] = TextCallbackStreamer(tokenizer, stream, stops)
+    with evaluating(model):
+        rows = model.generate(input_ids, **generate_kwargs)[:, input_ids.shape[1] :].tolist()
+    return [prompt + tokenizer.decode(_until(row, stops)) for row in rows]
+
+
+def _until(ids: list[int], stops: set[int]) -> list[int]:
+    """ids up to (not including) the first stop token."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
