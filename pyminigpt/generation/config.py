@@ -125,6 +125,9 @@ class GenerationConfig:
             return cls.from_dict(value.to_dict())
         raise TypeError(f"generation_config must be a GenerationConfig or a dict, got {type(value).__name__}")
 
+    def __repr__(self) -> str:
+        return f"GenerationConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
     def set_fields(self) -> dict:
         """The settings that are not None."""
         return {
