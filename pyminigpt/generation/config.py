@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # transformers' `GenerationConfig._get_default_generation_params()`, for the fields we support.
+# (max_length: unset, generate makes 20 new tokens, at most up to n_positions, as transformers does.)
 DEFAULTS = {
-    "max_length": 20,
     "min_length": 0,
     "do_sample": False,
     "use_cache": True,
@@ -187,6 +187,8 @@ def resolve(model, generation_config, kwargs: dict) -> GenerationConfig:
     merged.update(kwargs)  # explicit arguments win, None included (transformers' `update`)
     if merged.get("max_new_tokens") is not None:
         merged["max_length"] = None  # max_new_tokens takes precedence, as in transformers
+    if merged.get("min_new_tokens") is not None:
+        merged["min_length"] = None  # so does min_new_tokens
     config = GenerationConfig(**merged)
     _check(config)
     return config

@@ -28,6 +28,7 @@ from . import steps
 from .config import GenerationConfig, check_supported, resolve, token_ids
 from .processors import Processors
 
+DEFAULT_NEW_TOKENS = 20  # without max_new_tokens and max_length
 SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"unsupported"}
 
 
@@ -105,7 +106,7 @@ def generate(
     """Continue input_ids (B, T); returns (B * num_return_sequences, T + new), like transformers' `generate`.
 
     Takes transformers' names, defaults and semantics (`inputs=` too): max_new_tokens / max_length
-    (default max_length=20), min_new_tokens / min_length, do_sample, temperature, top_k, top_p,
+    (default: 20 new tokens), min_new_tokens / min_length, do_sample, temperature, top_k, top_p,
     min_p, typical_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids, num_beams,
     early_stopping, length_penalty, num_return_sequences, eos_token_id (an id or a list),
     pad_token_id, bos_token_id, use_cache, return_dict_in_generate, output_scores, output_logits,
@@ -139,6 +140,8 @@ def _request(model, input_ids, attention_mask, config, generator, streamer) -> R
     T = input_ids.shape[1]
     if config.max_new_tokens is not None:
         new = config.max_new_tokens
+    elif config.max_length is None:  # transformers' default: 20 new tokens, within the context
+        new = min(DEFAULT_NEW_TOKENS, model.config.n_positions - T)
     else:
         new = config.max_length - T
         if new < 1:
