@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers.generation.logits_process import (  # noqa: E402
+from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
@@ -18,8 +18,8 @@ from transformers.generation.logits_process import (  # noqa: E402
     TypicalLogitsWarper,
 )
 
-from pyminigpt import GPT, GPTConfig  # noqa: E402
-from pyminigpt.generation import GenerationConfig  # noqa: E402
+from pyminigpt import GPT, GPTConfig
+from pyminigpt.generation import GenerationConfig
 
 VOCAB = 97
 NEW = 12
@@ -76,7 +76,9 @@ def test_the_notebook_helper_runs_unchanged(tiny_gpt2_dir):
     hf = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
     ours = GPT.from_pretrained(tiny_gpt2_dir)
     for kwargs in ({}, {"repetition_penalty": 1.3}, {"max_new_tokens": 7}):
-        assert notebook_generate(ours, tokenizer, "the cat", **kwargs) == notebook_generate(hf, tokenizer, "the cat", **kwargs)
+        assert notebook_generate(ours, tokenizer, "the cat", **kwargs) == notebook_generate(
+            hf, tokenizer, "the cat", **kwargs
+        )
     texts = notebook_generate(ours, tokenizer, "the cat", do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
                               num_return_sequences=3)  # fmt: skip
     assert len(texts) == 3 and all(t.startswith("the cat") for t in texts)
