@@ -85,7 +85,7 @@ def main() -> None:
                             generator=torch.Generator().manual_seed(r), **MODES[mode])  # fmt: skip
                 times[(name, mode, b)].append(time.perf_counter() - t0)
         loads.append(os.getloadavg()[0])
-        print(f"round {r + 1}/{args.rounds} done, load {loads[-1]:.1f}", file=sys.stderr)
+        print(f"round {r + 1}/{args.rounds} done, load {loads[-1]:.1f}", file=sys.stderr, flush=True)
 
     cpu = cpu_name()
     print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}; load average (1 min) over the rounds: "

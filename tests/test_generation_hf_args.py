@@ -354,3 +354,18 @@ def test_generation_config_repr_and_dict():
     assert GenerationConfig.from_dict({"top_k": 4, "transformers_version": "5", "num_beam_groups": 1}).to_dict() == {
         "top_k": 4
     }
+
+
+def test_assisted_decoding_streams_what_it_returns(target_and_draft):
+    from pyminigpt.generation import TextCallbackStreamer
+
+    class Letters:
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    target, draft = target_and_draft
+    pieces = []
+    streamer = TextCallbackStreamer(Letters(), pieces.append)
+    out = target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, eos_token_id=[], assistant_model=draft,
+                          streamer=streamer)  # fmt: skip
+    assert "".join(pieces) == Letters().decode(out[0, 3:].tolist())

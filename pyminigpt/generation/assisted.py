@@ -103,7 +103,7 @@ def assisted_decoding(request, assistant):
         length += len(accepted)
         done = any(t in eos for t in accepted)
         if streamer is not None:
-            streamer.put(torch.tensor(accepted))
+            streamer.put(torch.tensor([accepted]))  # (1, n), as transformers' assisted decoding
         target.cache.crop(min(target.cache.length, length - 1))
         draft.cache.crop(min(draft.cache.length, length - 1))
         if heuristic:

@@ -36,10 +36,9 @@ class TextCallbackStreamer:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        ids = value.reshape(-1).tolist()
-        if len(ids) != 1 and value.dim() > 1 and value.shape[0] > 1:
+        if value.dim() > 1 and value.shape[0] > 1:  # transformers' TextStreamer rule
             raise ValueError("TextCallbackStreamer streams one sequence (batch size 1)")
-        for token in ids:
+        for token in (value[0] if value.dim() > 1 else value).tolist():
             if self.stopped or token in self.stops:
                 self.stopped = True
                 return
