@@ -6,7 +6,7 @@ model object on the same kernels and only the loop differs. GPT-2-124M shape, ra
 prompt 32, greedy and sampling (top-k 50, top-p 0.9), no eos; every round times each setting
 for both loops, in alternating order, and the report takes medians over rounds.
 
-    python bench/generate_loop_ab.py --base 1faff17 [--rounds 5] [--new-tokens 32] [--batches 1 8]
+    python bench/generate_loop_ab.py --base 1faff17 [--rounds 5] [--new-tokens 32] [--batches 1 8] [--small]
 """
 
 from __future__ import annotations
@@ -61,10 +61,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--small", action="store_true", help="a 2-layer, 64-wide model with 512 tokens: the loop's own cost shows"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig()).eval()  # GPT-2-124M shape
+    config = GPTConfig(vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=2) if args.small else GPTConfig()
+    model = GPT(config).eval()  # GPT-2-124M shape unless --small
     loops = {"before": load_old_generate(args.base), "after": GPT.generate}
     prompts = {
         b: torch.randint(0, 50257, (b, PROMPT), generator=torch.Generator().manual_seed(b)) for b in args.batches
@@ -90,7 +94,8 @@ def main() -> None:
     cpu = cpu_name()
     print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}; load average (1 min) over the rounds: "
           f"{min(loads):.1f} to {max(loads):.1f}; greedy outputs equal: {same}")  # fmt: skip
-    print(f"GPT-2-124M shape, random weights, prompt {PROMPT}, {args.new_tokens} new tokens, "
+    shape = "2 layers x 64, vocab 512" if args.small else "GPT-2-124M shape"
+    print(f"{shape}, random weights, prompt {PROMPT}, {args.new_tokens} new tokens, "
           f"median of {args.rounds} interleaved rounds; before = {args.base}")  # fmt: skip
     print()
     print("| setting | before tokens/s | after tokens/s | after / before (median of per-round ratios) |")
