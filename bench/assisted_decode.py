@@ -7,7 +7,7 @@ gpt2. Then `target.generate(prompt, max_new_tokens=N)` runs with and without
 Reported: tokens/s of each, the speed-up (median of per-round ratios), and how many forwards
 of the target each prompt took (plain greedy: one per new token).
 
-    python bench/assisted_decode.py [--steps 150] [--new-tokens 64] [--rounds 3] [--text FILE]
+    python bench/assisted_decode.py [--steps 150] [--draft-steps 1000] [--new-tokens 64] [--rounds 3] [--text FILE]
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=150, help="the target's training steps")
+    parser.add_argument("--draft-steps", type=int, default=1000, help="the draft's (it is cheap to train)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--text", help="a text file to train on instead of the names corpus")
@@ -82,7 +83,7 @@ def main() -> None:
     tokens = torch.tensor(tokenizer.encode(text))
     started = time.perf_counter()
     target = train(TARGET, tokens, tokenizer, args.steps, seed=0)
-    draft = train(DRAFT, tokens, tokenizer, args.steps, seed=1)
+    draft = train(DRAFT, tokens, tokenizer, args.draft_steps, seed=1)
     trained = time.perf_counter() - started
 
     prompts = [text[i : i + 24] for i in (0, 1000, 5000)]
@@ -113,7 +114,7 @@ def main() -> None:
     print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}; load average (1 min) {min(loads):.1f} to "
           f"{max(loads):.1f}; training both took {trained:.0f} s")  # fmt: skip
     print(f"target {TARGET} ({target.num_parameters():,} parameters), draft {DRAFT} "
-          f"({draft.num_parameters():,}), {args.steps} steps each on the same text; greedy, "
+          f"({draft.num_parameters():,}), {args.steps} and {args.draft_steps} steps on the same text; greedy, "
           f"{len(ids)} prompts x {args.new_tokens} new tokens, num_assistant_tokens=20, "
           f"median of {args.rounds} interleaved rounds")  # fmt: skip
     print()
