@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .processors import seen_tokens
+from .request import finish
 
 
 class _Follower:
@@ -57,8 +58,6 @@ def _check_assistant(request, assistant) -> None:
 
 
 def assisted_decoding(request, assistant):
-    from .loop import _finish
-
     _check_assistant(request, assistant)
     c, streamer = request.config, request.streamer
     prompt = request.input_ids
@@ -108,4 +107,4 @@ def assisted_decoding(request, assistant):
         draft.cache.crop(min(draft.cache.length, length - 1))
         if heuristic:
             k = k + 2 if len(accepted) == proposals + 1 else max(1, k - 1)
-    return _finish(request, sequence[:, :length].clone())
+    return finish(request, sequence[:, :length].clone())

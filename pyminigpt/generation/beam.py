@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import steps
+from .request import finish
 
 NEVER = -1.0e9  # transformers' "impossible" score
 
@@ -30,8 +31,6 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def beam_search(request):
-    from .loop import _finish
-
     c, model = request.config, request.model
     n = c.num_beams
     if request.streamer is not None:
@@ -125,4 +124,4 @@ def beam_search(request):
     returned = c.num_return_sequences or 1
     length = T + int(finished_lengths[:, :returned].max())
     sequences = finished[:, :returned, :length].reshape(b * returned, length)
-    return _finish(request, sequences, all_scores, raw_logits, finished_scores[:, :returned].reshape(-1))
+    return finish(request, sequences, all_scores, raw_logits, finished_scores[:, :returned].reshape(-1))

@@ -140,7 +140,7 @@ class GenerationConfig:
         return {**self.set_fields(), **self.unsupported}
 
     def save_pretrained(self, directory) -> None:
-        from ..io import atomic_write
+        from ..files import atomic_write
 
         atomic_write(
             Path(directory) / "generation_config.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -19,51 +19,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from dataclasses import dataclass
 
 import torch
 
 from ..ops import validate
 from . import steps
+from .assisted import assisted_decoding
+from .beam import beam_search
 from .config import GenerationConfig, check_supported, resolve, token_ids
-from .processors import Processors
+from .request import GenerateOutput, Request, finish
 
 DEFAULT_NEW_TOKENS = 20  # without max_new_tokens and max_length
 SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"unsupported"}
-
-
-@dataclass
-class GenerateOutput:
-    """What `generate(..., return_dict_in_generate=True)` returns (also readable as out["sequences"])."""
-
-    sequences: torch.Tensor  # (B * num_return_sequences, T + new) int64
-    scores: tuple[torch.Tensor, ...] | None = None  # per step (B', V): the processed scores (output_scores=True)
-    logits: tuple[torch.Tensor, ...] | None = None  # per step (B', V): the raw logits (output_logits=True)
-    sequences_scores: torch.Tensor | None = None  # beam search with output_scores: each sequence's final score
-
-    def __getitem__(self, name: str):
-        return getattr(self, name)
-
-
-@dataclass
-class Request:
-    """One `generate` call, resolved: the prompt, the settings and what follows from them."""
-
-    model: object
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    config: GenerationConfig
-    eos: list[int]
-    pad_token_id: int | None
-    max_new_tokens: int
-    generator: torch.Generator | None
-    streamer: object
-
-    def processors(self, input_ids=None, attention_mask=None, min_tokens_to_keep=1) -> Processors:
-        input_ids = self.input_ids if input_ids is None else input_ids
-        attention_mask = self.attention_mask if attention_mask is None else attention_mask
-        mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        return Processors(self.config, input_ids, mask, self.model.config.vocab_size, self.eos, min_tokens_to_keep)
 
 
 def _in_inference_mode(fn):
@@ -125,12 +92,8 @@ def generate(
         input_ids = torch.full((1, 1), config.bos_token_id, dtype=torch.long, device=model.device)
     request = _request(model, input_ids, attention_mask, config, generator, streamer)
     if assistant_model is not None:
-        from .assisted import assisted_decoding
-
         return assisted_decoding(request, assistant_model)
     if (config.num_beams or 1) > 1:
-        from .beam import beam_search
-
         return beam_search(request)
     return decode(request)
 
@@ -169,20 +132,6 @@ def _request(model, input_ids, attention_mask, config, generator, streamer) -> R
     if pad is None and eos:
         pad = eos[0]  # an eos id outside the vocabulary is never drawn, so never padded with
     return Request(model, input_ids, attention_mask, config, eos, pad, new, generator, streamer)
-
-
-def _finish(request: Request, sequences, scores=None, logits=None, sequences_scores=None):
-    c = request.config
-    if request.streamer is not None:
-        request.streamer.end()
-    if not c.return_dict_in_generate:
-        return sequences
-    return GenerateOutput(
-        sequences=sequences,
-        scores=tuple(scores) if c.output_scores else None,
-        logits=tuple(logits) if c.output_logits else None,
-        sequences_scores=sequences_scores if c.output_scores else None,
-    )
 
 
 def decode(request: Request):
@@ -236,4 +185,4 @@ def decode(request: Request):
         if len(stopped):
             kept = int(stopped[0]) + 1
             new_tokens, scores, raw_logits = new_tokens[:kept], scores[:kept], raw_logits[:kept]
-    return _finish(request, torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), scores, raw_logits)
+    return finish(request, torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), scores, raw_logits)

@@ -2,6 +2,7 @@
 
     generate_text(model, tokenizer, prompt, stream=callback, sos=False, **generate_kwargs) -> [prompt + continuation]
 
+`prompt_ids`, `evaluating` and the small prompt helpers here serve `pyminigpt.analysis` too.
 It runs `GPT.generate` (the one decode loop); `stream` goes to `generate` as a
 `TextCallbackStreamer`, transformers' streamer protocol, so the command's `generate --stream`,
 `chat` and the demo see the same tokens `generate` returns. Takes pyminigpt's tokenizers
@@ -13,7 +14,69 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Callable
 
+import torch
+
 from .config import token_ids
+
+# ----------------------------------------------------------------------------- prompts (analysis uses them too)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _context_length(model) -> int:
+    return int(model.config.n_positions)
+
+
+def _encode(tokenizer, text: str, name: str = "text", add_special_tokens: bool = False) -> list[int]:
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _text_or_ids(tokenizer, text, name: str, add_special_tokens: bool = False) -> list[int]:
+    """The token ids of `text`: a str is encoded, a sequence of ints (token ids) is taken as is."""
+    if isinstance(text, str):
+        return _encode(tokenizer, text, name, add_special_tokens)
+    if isinstance(text, torch.Tensor) or not isinstance(text, Sequence):
+        raise TypeError(f"{name} must be a str or a list of token ids, got {type(text).__name__}")
+    ids = list(text)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"{name} must be a str or a list of int token ids, got an element {i!r}")
+    return ids
+
+
+def prompt_ids(tokenizer, prompt: str, sos: bool = False) -> list[int]:
+    """The token ids of `prompt`, after <SOS> when `sos` (models trained on <SOS> text <EOS>
+    sequences) or when the prompt is empty (there must be something to continue)."""
+    ids = _encode(tokenizer, prompt, "prompt")
+    return [tokenizer.sos_id, *ids] if sos or not ids else ids
+
+
+def _as_input(model, ids: list[int], name: str) -> torch.Tensor:
+    if len(ids) > _context_length(model):
+        raise ValueError(f"{name} is {len(ids)} tokens, longer than the model's context of {_context_length(model)}")
+    return torch.tensor([ids], dtype=torch.long, device=_device(model))
+
+
+class evaluating:
+    """`with evaluating(model):` runs the block in eval mode (no dropout) and restores the mode after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+# ----------------------------------------------------------------------------- streaming and generate_text
 
 
 class TextCallbackStreamer:
@@ -68,7 +131,7 @@ def generate_text(
     `generate_kwargs` are those of `GPT.generate` (max_new_tokens, do_sample, temperature,
     top_k, top_p, repetition_penalty, num_beams, num_return_sequences, generator, ...); a sequence
     stops at the tokenizer's <EOS> unless `eos_token_id` says otherwise. `sos` starts the
-    prompt with <SOS> (see `analysis.prompt_ids`).
+    prompt with <SOS> (see `prompt_ids`).
 
     With `stream`, `stream(piece)` receives each new piece of text as soon as its token is
     drawn (through `generate`'s streamer: same draws, same text). Streaming returns one sequence.
@@ -76,8 +139,6 @@ def generate_text(
     `prompt` may also be token ids, taken as they are (`sos` is then ignored); the
     strings returned start with their decoded text.
     """
-    from ..analysis import _as_input, _text_or_ids, evaluating, prompt_ids  # analysis builds on this layer
-
     if isinstance(prompt, str):
         ids = prompt_ids(tokenizer, prompt, sos)
     else:
