@@ -71,7 +71,8 @@ def main() -> None:
     model = GPT(config).eval()  # GPT-2-124M shape unless --small
     loops = {"before": load_old_generate(args.base), "after": GPT.generate}
     prompts = {
-        b: torch.randint(0, config.vocab_size, (b, PROMPT), generator=torch.Generator().manual_seed(b)) for b in args.batches
+        b: torch.randint(0, config.vocab_size, (b, PROMPT), generator=torch.Generator().manual_seed(b))
+        for b in args.batches
     }
     settings = [(mode, b) for b in args.batches for mode in MODES]
     for name, generate in loops.items():  # warm-up, and the two loops must agree
