@@ -21,9 +21,9 @@ import time
 import torch
 
 from pyminigpt import GPT, GPTConfig
-from pyminigpt.data import SlidingWindowDataset, load_text, names_corpus
 from pyminigpt.tokenizer import CharTokenizer
-from pyminigpt.trainer import Trainer, TrainerConfig
+from pyminigpt.train.data import SlidingWindowDataset, load_text, names_corpus
+from pyminigpt.train.trainer import Trainer, TrainerConfig
 
 CONTEXT = 256
 TARGET = {"n_layer": 4, "n_head": 4, "n_embd": 256}
