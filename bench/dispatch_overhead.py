@@ -165,8 +165,12 @@ def compare(other: Path, rounds: int, runs: int) -> None:
         def median(label, stat, name=name):
             return statistics.median(stat(run[name]) for run in per_tree[label])
 
-        overhead = lambda r: r["ops"] - r["kernel"]
-        ratio = lambda r: r["ops"] / r["torch"]
+        def overhead(r):
+            return r["ops"] - r["kernel"]
+
+        def ratio(r):
+            return r["ops"] / r["torch"]
+
         print(
             f"| {name} | {median('other tree', overhead):.2f} | {median('this tree', overhead):.2f} | "
             f"{median('other tree', ratio):.2f} | {median('this tree', ratio):.2f} |"

@@ -297,11 +297,11 @@ def attention_decode_partial_kernel(
         m_i = m_new
     m = tl.max(m_i, axis=0)
     lane_weight = tl.exp2(m_i - m)
-    l = tl.sum(l_i * lane_weight, axis=0)
-    o = tl.sum(acc * lane_weight[:, None], axis=0) / l
+    l_sum = tl.sum(l_i * lane_weight, axis=0)
+    o = tl.sum(acc * lane_weight[:, None], axis=0) / l_sum
     slot = batch_head.to(tl.int64) * n_splits + split
     tl.store(partial_o_ptr + slot * BLOCK_D + offs_d, o)
-    tl.store(partial_lse_ptr + slot, m + tl.log2(l))
+    tl.store(partial_lse_ptr + slot, m + tl.log2(l_sum))
 
 
 @triton.jit
