@@ -59,6 +59,14 @@ from .io import atomic_write
 __all__ = ["Trainer", "TrainerConfig", "plot_history"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PACE_STEPS = 3  # after this many steps, train() prints the tokens/s and the time the run will take
+
+
+def _duration(seconds: float) -> str:
+    """`seconds` as people say it: 40 s, 3.5 min, 2.1 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 @dataclass
@@ -446,11 +454,17 @@ class Trainer:
         bar = tqdm(
             total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main), dynamic_ncols=True
         )
+        first_step, paced = self.step, []  # (seconds, tokens) of this call's first steps, for the estimate
         with self._graceful_sigint(), bar:
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
                 record = self._train_step(batches)
-                record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                record["tokens_per_s"] = record["tokens"] / seconds
+                if len(paced) < PACE_STEPS:
+                    paced.append((seconds, record["tokens"]))
+                    if len(paced) == PACE_STEPS and self.step < cfg.max_steps and self.is_main and cfg.progress:
+                        bar.write(self._pace(paced, cfg.max_steps - first_step))
                 best = self._eval_due() and self._evaluate_into(record, bar)
                 self.history.append(record)
                 if best:
@@ -474,6 +488,17 @@ class Trainer:
         if self.interrupted and self.is_main and cfg.progress:
             print(f"stopped at step {self.step}" + (f"; saved {path}" if path else ""), flush=True)
         return self.history
+
+    def _pace(self, paced: list[tuple[float, int]], steps: int) -> str:
+        """A line with the speed of the first steps (the very first left out: it warms up) and the time
+        that `steps` steps take at that speed."""
+        seconds = sum(s for s, _ in paced[1:]) / (len(paced) - 1)
+        tokens = sum(t for _, t in paced[1:]) / (len(paced) - 1)
+        evals = " plus the evaluations" if self.eval_dataset is not None and self.config.eval_interval else ""
+        return (
+            f"{tokens / seconds:,.0f} tokens/s ({seconds:.2f} s per step): the {steps:,} steps take about "
+            f"{_duration(steps * seconds)}{evals}"
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
