@@ -22,8 +22,11 @@ and the strongest peer is the fastest of them (the baseline when a group has no 
 PyTorch is then the torch peer). "pyminigpt" in a group is its fastest own member.
 `--from-json` renders earlier pytest-benchmark JSON files instead of running the suites;
 `--decode-json` replaces the decode groups with a summary of bench/interleaved_decode.py
-(members interleaved across processes). `--quick` sets PYMINIGPT_BENCH_QUICK=1, which
-shrinks the end-to-end suite to a tiny model and a few tokens (the op suites run as they are).
+(members interleaved across processes). `--quick` runs `QUICK_SELECTION` (one size of each
+op, and the end-to-end suite on a tiny model: PYMINIGPT_BENCH_QUICK=1) with few rounds each.
+
+Every report says how loaded the machine was (the load average before and after the run, kept
+in bench.json), warns when it was busy, and flags the groups whose rounds spread widely.
 
 The benchmarks are not installed with the package: `--bench-dir` defaults to ./bench.
 """
@@ -40,6 +43,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from .bench_run import QUICK_OPTIONS, QUICK_SELECTION, load_average, load_lines, noisy_note, record_load
 
 E2E_FILE = "test_bench_e2e.py"
 # Member names that are the outside implementation a kernel is measured against.
@@ -60,6 +65,7 @@ class Result:
     median: float  # seconds
     role: str  # "eager", "peer" or "member"
     extra: dict
+    spread: float = 0.0  # the interquartile range of the rounds over their median (0 when unknown)
 
 
 def _member_name(bench: dict) -> str:
@@ -83,9 +89,9 @@ def load_results(benchmark_json: dict) -> dict[str, list[Result]]:
     for bench in benchmark_json.get("benchmarks", []):
         member = _member_name(bench)
         extra = dict(bench.get("extra_info") or {})
-        result = Result(
-            bench.get("group") or bench["name"], member, bench["stats"]["median"], _role(member, extra), extra
-        )
+        median, iqr = bench["stats"]["median"], bench["stats"].get("iqr", 0.0)
+        spread = iqr / median if median > 0 else 0.0
+        result = Result(bench.get("group") or bench["name"], member, median, _role(member, extra), extra, spread)
         groups.setdefault(result.group, []).append(result)
     return groups
 
@@ -262,11 +268,9 @@ def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
         peer = peer if peer is not None and peer.role == "peer" else None
         extras = [c for c in EXTRA_COLUMNS if any(c in r.extra for r in results)]
         peer_title = f"vs {peer.member}" if peer else "vs peer"
-        lines += [
-            f"### {group}",
-            "",
-            "| member | median (ms) | vs eager | " + peer_title + " |" + "".join(f" {c} |" for c in extras),
-        ]
+        lines += [f"### {group}", ""]
+        lines += noisy_note(results)
+        lines.append("| member | median (ms) | vs eager | " + peer_title + " |" + "".join(f" {c} |" for c in extras))
         lines.append("|---" * (4 + len(extras)) + "|")
         for r in sorted(results, key=lambda r: r.median):
             cells = [f"`{r.member}`", _format_seconds(r.median), _ratio(eager, r), _ratio(peer, r)]
@@ -325,6 +329,7 @@ def _machine_header(benchmark_json: dict, args: argparse.Namespace) -> str:
         f"- versions: python {info.get('python_version', '?')}, {_versions()}\n"
         f"- kernel backends: {_backends()}\n"
         f"- command: `{_command_line(args)}`\n"
+        f"{load_lines(benchmark_json.get('pyminigpt_load'))}"
         f"- date: {benchmark_json.get('datetime', '?')}\n"
         "- `vs eager` / `vs <peer>`: the eager member's (the strongest peer's) median over this member's; >1 is faster\n"
         "- GB/s `from` cache: the working set fits in the last-level cache, so the rate (and a fraction of the DRAM copy "
@@ -339,7 +344,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `pyminigpt bench` (this module's `main` and the `pyminigpt` command share them)."""
     parser.add_argument("--ops", action="store_true", help="the op benchmarks (every bench/test_bench_*.py but e2e)")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end generate / train-step benchmarks")
-    parser.add_argument("--quick", action="store_true", help="a tiny end-to-end model and few tokens (CI)")
+    quick = "a few representative groups (an op size each, a tiny end-to-end model), few rounds: under a minute"
+    parser.add_argument("--quick", action="store_true", help=quick + " (-k replaces the selection)")
     parser.add_argument(
         "--out", type=Path, default=Path("bench-report"), help="output directory (default: bench-report)"
     )
@@ -377,6 +383,8 @@ def run(args: argparse.Namespace) -> int:
             benchmark_json["benchmarks"] += data.get("benchmarks", [])
             benchmark_json.setdefault("machine_info", data.get("machine_info", {}))
             benchmark_json.setdefault("datetime", data.get("datetime", "?"))
+            if "pyminigpt_load" in data:
+                benchmark_json.setdefault("pyminigpt_load", data["pyminigpt_load"])
         status = 0
     else:
         benchmark_json, status = _run_suites(args)
@@ -419,8 +427,11 @@ def _run_suites(args: argparse.Namespace) -> tuple[dict | None, int]:
     json_path = (args.out / "bench.json").resolve()
     command = [sys.executable, "-m", "pytest", *(str(f.resolve()) for f in files), "-q", "-p", "no:cacheprovider"]
     command += [f"--benchmark-json={json_path}", "--benchmark-group-by=group", "-rs"]
-    if args.keyword:
-        command.append(f"-k{args.keyword}")  # one token, so an expression starting with '-' is not an option
+    keyword = args.keyword or (QUICK_SELECTION if args.quick else None)
+    if keyword:
+        command.append(f"-k{keyword}")  # one token, so an expression starting with '-' is not an option
+    if args.quick:
+        command += QUICK_OPTIONS
     # not an xdist worker's variables: pytest-benchmark turns itself off under xdist
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     package_root = str(Path(__file__).resolve().parent.parent)  # the subprocess imports this very pyminigpt
@@ -429,11 +440,12 @@ def _run_suites(args: argparse.Namespace) -> tuple[dict | None, int]:
         env["PYMINIGPT_BENCH_QUICK"] = "1"
     # `python -m` puts its working directory first on sys.path: run in bench/, not in the checkout's
     # root, whose pyminigpt/ source folder (without the built extension) would shadow this one.
+    load_before = load_average()
     status = subprocess.call(command, env=env, cwd=bench_dir)
     if not json_path.is_file():
         print(f"pyminigpt bench: pytest (exit {status}) wrote no {json_path}", file=sys.stderr)
         return None, status or 1
-    return json.loads(json_path.read_text()), status
+    return record_load(json_path, load_before), status
 
 
 if __name__ == "__main__":
