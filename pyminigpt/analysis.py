@@ -728,7 +728,9 @@ def plot_pca_panels(
         for ax, (vectors, labels, panel_title), join in zip(axes, panels, connect)
     ]
     if groups is None:
-        fig.colorbar(scatters[0], ax=axes, shrink=0.6, label=color_label)
+        bar = fig.colorbar(scatters[0], ax=axes, shrink=0.6, pad=0.01)
+        bar.set_label(color_label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
@@ -738,7 +740,10 @@ def plot_curve(values: Sequence[float], path, title: str = "", xlabel: str = "st
     """Write a PNG line plot of `values` (e.g. the rewards of a feedback session)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    from matplotlib.ticker import MaxNLocator
+
     ax.plot(range(1, len(values) + 1), list(values), marker="o", markersize=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # the x axis counts: 1, 2, 3, never 1.5
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

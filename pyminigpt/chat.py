@@ -113,7 +113,11 @@ def _save_tuning(trainer, loaded, out: Path, earlier: dict | None) -> None:
     tuned_from = earlier["tuned_from"] if earlier is not None else None
     model_dir = save_model_dir(loaded, out, tuned_from=tuned_from, rewards=rewards)
     plot = plot_curve(
-        rewards, out / "rewards.png", title="feedback rewards", xlabel="rating (in the order given)", ylabel="reward"
+        rewards,
+        out / "rewards.png",
+        title="feedback rewards",
+        xlabel="rating number (in the order given)",
+        ylabel="reward",
     )
     n = len(trainer.rewards)
     print(

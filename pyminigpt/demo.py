@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ def _letter_kind(char: str) -> str:
     """The group a character's point gets in the embeddings picture: do the kinds cluster?"""
     if char.isupper():
         return "capital (starts a name)"
-    if char.lower() in "aeiouy":
+    if unicodedata.normalize("NFD", char)[0].lower() in "aeiouy":  # é, ö: vowels too
         return "vowel (a e i o u y)"
     return "consonant" if char.isalpha() else "other"
 

@@ -268,7 +268,7 @@ def _states_picture(found: Exploration, model, tokenizer, window: list[int], out
         title="the prompt's tokens on two principal components, layer by layer (each panel its own PCA)",
         columns=min(3, len(panels)),
         connect=[title != WTE_TITLE for _, _, title in panels],  # the embedding table has no order to show
-        color_label="token's position in the prompt (the embedding table: order of first appearance)",
+        color_label="position in the prompt (wte panel: order of first appearance)",
     )
     return STATES_FILE
 
