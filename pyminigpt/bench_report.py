@@ -41,10 +41,21 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench_run import QUICK_OPTIONS, QUICK_SELECTION, load_average, load_lines, noisy_note, record_load
+from .bench_run import (
+    QUICK_OPTIONS,
+    QUICK_SELECTION,
+    backends,
+    load_average,
+    load_lines,
+    noisy_note,
+    package_path,
+    record_load,
+    versions,
+)
 
 E2E_FILE = "test_bench_e2e.py"
 # Member names that are the outside implementation a kernel is measured against.
@@ -286,28 +297,6 @@ def _bench_files(bench_dir: Path, ops: bool, e2e: bool) -> list[Path]:
     return [f for f in files if (f.name == E2E_FILE and e2e) or (f.name != E2E_FILE and ops)]
 
 
-def _versions() -> str:
-    from importlib import metadata
-
-    found = []
-    for package in ("torch", "transformers", "triton", "ctranslate2"):
-        try:
-            found.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            pass
-    return ", ".join(found)
-
-
-def _backends() -> str:
-    """The kernel backends this install has, and why the others are missing (a missing one has no rows)."""
-    from pyminigpt import ops
-
-    status = ops.backend_status()
-    found = [name for name, s in status.items() if s["available"] and name != "reference"]
-    missing = [f"{name} ({s['reason']})" for name, s in status.items() if not s["available"]]
-    return ", ".join(found) + ("; unavailable: " + "; ".join(missing) if missing else "")
-
-
 def _command_line(args: argparse.Namespace) -> str:
     flags = [f"--{name}" for name in ("ops", "e2e", "quick") if getattr(args, name)]
     flags += [f"--out {args.out}"] + ([f"--bench-dir {args.bench_dir}"] if args.bench_dir else [])
@@ -326,8 +315,8 @@ def _machine_header(benchmark_json: dict, args: argparse.Namespace) -> str:
     return (
         "# pyminigpt benchmark report\n\n"
         f"- machine: {cpu}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n"
-        f"- versions: python {info.get('python_version', '?')}, {_versions()}\n"
-        f"- kernel backends: {_backends()}\n"
+        f"- versions: python {info.get('python_version', '?')}, {versions()}\n"
+        f"- kernel backends: {backends()}\n"
         f"- command: `{_command_line(args)}`\n"
         f"{load_lines(benchmark_json.get('pyminigpt_load'))}"
         f"- date: {benchmark_json.get('datetime', '?')}\n"
@@ -434,14 +423,14 @@ def _run_suites(args: argparse.Namespace) -> tuple[dict | None, int]:
         command += QUICK_OPTIONS
     # not an xdist worker's variables: pytest-benchmark turns itself off under xdist
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    package_root = str(Path(__file__).resolve().parent.parent)  # the subprocess imports this very pyminigpt
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     if args.quick:
         env["PYMINIGPT_BENCH_QUICK"] = "1"
-    # `python -m` puts its working directory first on sys.path: run in bench/, not in the checkout's
-    # root, whose pyminigpt/ source folder (without the built extension) would shadow this one.
     load_before = load_average()
-    status = subprocess.call(command, env=env, cwd=bench_dir)
+    with tempfile.TemporaryDirectory() as tmp:  # the subprocess imports this very pyminigpt
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_path(Path(tmp)), env.get("PYTHONPATH")) if p)
+        # `python -m` puts its working directory first on sys.path: run in bench/, not in the checkout's
+        # root, whose pyminigpt/ source folder (without the built extension) would shadow this one.
+        status = subprocess.call(command, env=env, cwd=bench_dir)
     if not json_path.is_file():
         print(f"pyminigpt bench: pytest (exit {status}) wrote no {json_path}", file=sys.stderr)
         return None, status or 1

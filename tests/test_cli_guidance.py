@@ -238,8 +238,11 @@ def test_one_demo_time_everywhere(capsys):
 
 def test_pipeline_refuses_a_gpt_with_the_way_to_a_pipeline():
     transformers = pytest.importorskip("transformers")
+    from tiny_gpt2 import EOT, train_tiny_bpe
+
     from pyminigpt import GPT, GPTConfig
 
-    model = GPT(GPTConfig(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    tokenizer = transformers.GPT2TokenizerFast(tokenizer_object=train_tiny_bpe(), eos_token=EOT)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(TypeError, match=r"not a transformers model.*patch_hf_gpt2"):
-        transformers.pipeline("text-generation", model=model, tokenizer=None)
+        transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)

@@ -350,7 +350,7 @@ def test_token_probabilities_give_the_perplexity(tiny_model, tiny_bpe, stride, m
 
 def test_a_two_token_prompt_says_why_its_pca_is_flat(tiny_gpt2_dir, tmp_path, capsys):
     out = tmp_path / "explore"
-    code, printed, err = explore(capsys, tiny_gpt2_dir, "--prompt", "the cat", "--out", out, *QUICK)
+    code, printed, err = explore(capsys, tiny_gpt2_dir, "--prompt", "the", "--out", out, *QUICK)  # t + he
     assert code == 0, err
     assert (out / "hidden_states.png").is_file()
     assert "the least expected token:" in printed and "the 1 least" not in printed
