@@ -20,7 +20,7 @@ QUICK_SELECTION = (
     "(layer_norm_forward and not backward and 8192x768-float32)"
     " or (softmax_forward and not backward and 64x50257-float32)"
     " or (test_sample and k50-p0.9)"
-    " or (attention_forward and not backward)"
+    " or attention_decode"
     " or (test_linear and 8-mlp-float32)"
     " or ((test_generate and sample-1-) or test_train_step) and not compile"
 )
