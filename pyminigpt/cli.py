@@ -186,7 +186,8 @@ def cmd_train(args) -> int:
         else:  # a stream run takes the model's context, or the preset's
             context = limit or SIZES[size]["context"]
     train_ds, eval_ds = make_datasets(source, corpus, tokenizer, lines, context)
-    batch_size = _fitting_batch_size(args.batch_size, len(train_ds), source, "texts" if lines else "windows")
+    unit = ("text" if lines else "window") + ("" if len(train_ds) == 1 else "s")  # what the training items are
+    batch_size = _fitting_batch_size(args.batch_size, len(train_ds), source, unit)
     seed_all(args.seed)
     try:
         if init is not None:
@@ -232,12 +233,12 @@ def cmd_train(args) -> int:
     start = f"fine-tuning {str(init.path)!r}" if init is not None else f"training a {size} GPT"
     say(
         f"{start} ({model.num_parameters():,} parameters, context {context}) on the {source}: "
-        f"{len(train_ds):,} training {'texts' if lines else 'windows'}, {kind} "
+        f"{len(train_ds):,} training {unit}, {kind} "
         f"tokenizer with {tokenizer.vocab_size} tokens"
     )
     if args.batch_size is None and batch_size < DEFAULT_BATCH_SIZE:
         say(
-            f"the text gives {len(train_ds)} training {'texts' if lines else 'windows'}: batches of {batch_size} "
+            f"the text gives {len(train_ds)} training {unit}: batches of {batch_size} "
             f"instead of the default {DEFAULT_BATCH_SIZE}"
         )
     if eval_ds is None:
@@ -260,7 +261,7 @@ def cmd_train(args) -> int:
         passes = trainer.step * batch_size * args.grad_accum * trainer.world_size / len(train_ds)
         say(
             f"this loss is not a measure of quality: it is measured on the very text the model trained on "
-            f"({len(train_ds)} {'texts' if lines else 'windows'}, each seen about {passes:.0f} times), with nothing "
+            f"({len(train_ds)} {unit}, each seen about {passes:.0f} times), with nothing "
             f"held out; a low loss on so little text is memorisation"
         )
     say(
