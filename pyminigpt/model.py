@@ -383,20 +383,20 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> GPT:
         """Load a GPT-2 checkpoint: a local directory (config.json + model.safetensors) or a hub name."""
-        from .hf import from_pretrained
+        from .hf.convert import from_pretrained
 
         return from_pretrained(cls, name_or_path, **kwargs)
 
     @classmethod
     def from_hf(cls, hf_model) -> GPT:
         """Convert a live transformers `GPT2LMHeadModel` (weights and config)."""
-        from .hf import from_hf
+        from .hf.convert import from_hf
 
         return from_hf(cls, hf_model)
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
-        from .hf import save_pretrained
+        from .hf.convert import save_pretrained
 
         save_pretrained(self, directory)
 

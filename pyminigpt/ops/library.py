@@ -106,4 +106,7 @@ def _linear_backward(ctx, grad_y):
 
 torch.library.register_autograd("pyminigpt::linear", _linear_backward, setup_context=_linear_setup)
 
-autograd.register("pyminigpt", ops.softmax_bwd, ops.layer_norm_bwd, ops.causal_attention_bwd)
+autograd.register(
+    "pyminigpt",
+    {"softmax": ops.softmax_bwd, "layer_norm": ops.layer_norm_bwd, "causal_attention": ops.causal_attention_bwd},
+)
