@@ -47,15 +47,24 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def pace_line(records: list[dict], steps: int, evaluations: bool) -> str:
-    """The speed of the first steps (train()'s records, with tokens and tokens_per_s; the very first left
-    out: it warms up) and the time that `steps` steps take at that speed (`evaluations`: the run also
-    evaluates, which comes on top)."""
-    timed = records[1:]
+def pace_line(trainer, first_step: int) -> str:
+    """The speed of `trainer`'s first PACE_STEPS steps since `first_step` (the very first left out: it
+    warms up) and the time that its steps from `first_step` to max_steps take at that speed (the
+    evaluations, when it has them, come on top)."""
+    timed = trainer.history[-PACE_STEPS + 1 :]
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed) / len(timed)
     tokens = sum(r["tokens"] for r in timed) / len(timed)
-    evals = " plus the evaluations" if evaluations else ""
+    steps = trainer.config.max_steps - first_step
+    evals = trainer.eval_dataset is not None and trainer.config.eval_interval > 0
     return (
         f"{tokens / seconds:,.0f} tokens/s ({seconds:.2f} s per step): the {steps:,} steps take about "
-        f"{duration(steps * seconds)}{evals}"
+        f"{duration(steps * seconds)}{' plus the evaluations' if evals else ''}"
     )
+
+
+def report_pace(trainer, bar, first_step: int) -> None:
+    """Write `pace_line` on `bar` once, when `trainer` (a train() call that began at `first_step`) has
+    done PACE_STEPS steps and has more to do (rank 0, with progress on)."""
+    done, left = trainer.step - first_step, trainer.config.max_steps - trainer.step
+    if done == PACE_STEPS and left > 0 and trainer.is_main and trainer.config.progress:
+        bar.write(pace_line(trainer, first_step))
