@@ -22,7 +22,7 @@ from torch import nn
 
 from . import ops
 from .config import ACTIVATIONS, GPTConfig
-from .generation import generate
+from .generation import GenerationConfig, generate
 from .loss import deferred_lm_head, next_token_targets
 
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -99,6 +99,23 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on (assisted decoding drops the rejected draft tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes row rows[i] (beam search), in place: the buffers keep their storage.
+
+        Only the written positions move (one gather into a temporary, copied back), so the
+        attention kernels and a captured CUDA graph keep reading the same buffers.
+        """
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                written = buffer[:, :, : self.length]
+                written.copy_(written.index_select(0, rows))
 
     def _grow(self, capacity: int) -> None:
         for buffers in (self.keys, self.values):
@@ -233,6 +250,11 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        # generate's settings (transformers' `model.generation_config`): the special tokens of the config,
+        # replaced by generation_config.json in `from_pretrained`, written by `save_pretrained`
+        self.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(config.vocab_size, config.n_embd),
@@ -373,15 +395,7 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
         allowed = allowed_keys(T, past + T, input_ids.device, attention_mask) if attention_mask is not None else None
-
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
-        hidden_states, attentions = [], []
-        for layer, block in enumerate(self.transformer.h):
-            hidden_states.append(x)
-            x, weights = block(x, allowed, cache, layer, output_attentions)
-            attentions.append(weights)
-        x = self.transformer.ln_f(x)
-        hidden_states.append(x)
+        x, hidden_states, attentions = self._trunk(input_ids, position_ids, allowed, cache, output_attentions)
         if cache is not None:
             cache.advance(T)
 
@@ -401,6 +415,22 @@ class GPT(nn.Module):
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
+
+    def _trunk(self, input_ids, position_ids, allowed=None, cache=None, need_weights=False):
+        """Embeddings -> every block -> ln_f: (x (B, T, C) after ln_f, hidden states, attention weights).
+
+        The one trunk of the model: `_forward` and the static decode step (`generation.StaticDecoder`,
+        the CUDA-graph step) both run it. allowed: None (causal) or a (B, 1, T, Tk) bool mask.
+        """
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+        hidden_states, attentions = [], []
+        for layer, block in enumerate(self.transformer.h):
+            hidden_states.append(x)
+            x, weights = block(x, allowed, cache, layer, need_weights)
+            attentions.append(weights)
+        x = self.transformer.ln_f(x)
+        hidden_states.append(x)
+        return x, hidden_states, attentions
 
     generate = generate
 
