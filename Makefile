@@ -34,32 +34,51 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 
 $(TOOLS): $(BIN)/python Makefile
+	@echo "make: installing torch and the tools into $(VENV) (once per venv, and after a Makefile change)"
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet "numpy<2.4" transformers tokenizers safetensors tqdm matplotlib triton \
 		pytest pytest-benchmark expecttest ninja "cmake>=3.18,<4" "$(RUFF_SPEC)" "$(CLANG_FORMAT_SPEC)"
 	touch $@
 
+# The package's sources: INSTALLED (a stamp holding "regular" or "editable") is older than one of
+# them when the install in $(VENV) no longer matches the tree. Built files (the extension) are left out.
+PACKAGE_SOURCES = $(shell find pyminigpt kernels csrc -type f -not -name '*.so' -not -name '*.pyc' \
+	-not -path '*/__pycache__/*' 2>/dev/null) setup.py pyproject.toml
+INSTALLED := $(VENV)/.pyminigpt-installed
+
 # A regular install: the tests then import the installed package (not the source tree), which
 # proves the wheel carries everything: the extension, pyminigpt.kernels, the CLI.
 install: $(TOOLS)
+	@echo "make: installing pyminigpt into $(VENV), compiling the C++ kernels (a few minutes; ccache makes a rebuild quick)"
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps .
+	@echo regular > $(INSTALLED)
 	$(BIN)/pyminigpt info
 
 # An editable install: pyminigpt/ and kernels/ are imported from the source tree, the
 # extension is built in place (incrementally: only changed kernel files are recompiled).
 dev: $(TOOLS)
+	@echo "make: editable install of pyminigpt into $(VENV), compiling the changed C++ kernels"
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+	@echo editable > $(INSTALLED)
 	$(BIN)/pyminigpt info
 
-# The regular install with the `demo` extra (matplotlib for the pictures, tqdm for the bar).
-demo: $(TOOLS)
-	$(BIN)/pip install --quiet --no-build-isolation ".[demo]"
+# Reinstall only when a source changed since the last install (or nothing is installed yet), the
+# same way as that install (regular or editable); otherwise nothing is rebuilt.
+$(INSTALLED): $(PACKAGE_SOURCES) | $(TOOLS)
+	@if [ "$$(cat $@ 2>/dev/null)" = editable ]; then \
+		echo "make: sources changed since the editable install: make dev"; $(MAKE) --no-print-directory dev; \
+	else \
+		if [ -f $@ ]; then echo "make: sources changed since the last install: reinstalling"; fi; \
+		$(MAKE) --no-print-directory install; \
+	fi
+
+# The demo's extra (matplotlib for the pictures, tqdm for the bar) comes with the tools.
+demo: $(INSTALLED)
 	$(BIN)/pyminigpt demo
 
-# The test targets run against whatever `make install` or `make dev` installed, and rebuild
-# nothing; on a fresh machine (nothing installed in $(VENV)) they run `make install` first.
-installed:
-	@$(BIN)/python -c "import torch, pyminigpt._C" 2>/dev/null || $(MAKE) --no-print-directory install
+# The test targets run against what `make install` or `make dev` installed, reinstalled (the same
+# way) only when a source changed since; on a fresh machine they run `make install` first.
+installed: $(INSTALLED)
 
 # Lint. ruff reads pyproject.toml, clang-format .clang-format. All three run even when one fails.
 check: $(TOOLS)

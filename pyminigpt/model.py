@@ -453,3 +453,14 @@ class GPT(nn.Module):
         from .hf.convert import save_pretrained
 
         save_pretrained(self, directory)
+
+    def can_generate(self):
+        """Raise a TypeError that says what to do instead: transformers' `pipeline(...)` asks this first,
+        and a `GPT` is not a transformers model (no `GenerationConfig`, no `PreTrainedModel` machinery).
+        The pipeline path is transformers' own GPT-2 switched to the kernels with `patch_hf_gpt2`."""
+        raise TypeError(
+            "pyminigpt.GPT is not a transformers model, so transformers' pipeline() cannot drive it. "
+            "For a pipeline, load the weights with transformers and switch that model to pyminigpt's kernels: "
+            "model.save_pretrained(DIR); hf = pyminigpt.patch_hf_gpt2(transformers.GPT2LMHeadModel.from_pretrained(DIR)); "
+            "pipeline('text-generation', model=hf, tokenizer=DIR). Or call GPT.generate directly."
+        )

@@ -114,33 +114,78 @@ def plot_attention(
     return _save(fig, path)
 
 
-def _pca_scatter(ax, vectors: torch.Tensor, labels: Sequence[str], title: str, connect: bool = False) -> None:
+DEGENERATE = 1e-6  # a principal component with less than this fraction of the variance is not drawn as one
+
+
+def _pca_scatter(
+    ax, vectors: torch.Tensor, labels: Sequence[str], title: str, connect: bool = False, groups=None, vmax=None
+):
     """Draw `vectors` (N, C) on their first two principal components into `ax`, each point
     annotated with its label (at most 64 labels, so that a large set stays readable) and
-    coloured by its index; `connect` joins the points in order (a sentence's tokens)."""
+    coloured by its index, or by its group when `groups` (one name per point) is given, with a
+    legend; `connect` joins the points in order (a sentence's tokens). A component that carries no
+    variance (two points always lie on one line) is flattened and its axis says why. `vmax`: the
+    index of the last colour (default N - 1). Returns the scatter (for a colour bar), or None when
+    the points are coloured by group."""
     if len(labels) != vectors.shape[0]:
         raise ValueError(f"labels has {len(labels)} entries for {vectors.shape[0]} vectors")
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"groups has {len(groups)} entries for {len(labels)} vectors")
     coords, ratio = pca(vectors, k=2)
+    n = len(labels)
+    names = [f"PC 1 ({ratio[0]:.0%} of variance)", f"PC 2 ({ratio[1]:.0%} of variance)"]
+    if ratio[0] < DEGENERATE:
+        coords.zero_()
+        names = [f"no principal component: the {n} points coincide", ""]
+    elif ratio[1] < DEGENERATE:
+        coords[:, 1] = 0.0
+        why = "2 points always lie on one line" if n == 2 else f"the {n} points lie on one line"
+        names[1] = f"no PC 2: {why}"
     x, y = coords[:, 0].numpy(), coords[:, 1].numpy()
     if connect:
         ax.plot(x, y, color="0.75", linewidth=0.8, zorder=1)
-    ax.scatter(x, y, s=18, alpha=0.8, c=range(len(x)), cmap="viridis", zorder=2)
+    scatter = None
+    if groups is None:
+        top = max(1, n - 1) if vmax is None else vmax
+        scatter = ax.scatter(x, y, s=18, alpha=0.8, c=range(n), cmap="viridis", vmin=0, vmax=top, zorder=2)
+    else:
+        for group in dict.fromkeys(groups):
+            chosen = [i for i, g in enumerate(groups) if g == group]
+            ax.scatter(x[chosen], y[chosen], s=18, alpha=0.8, zorder=2, label=group)
+        ax.legend(fontsize=7, loc="best")
     if len(labels) <= 64:
         for (px, py), label in zip(coords.tolist(), labels):
             ax.annotate(_visible(str(label)), (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
     else:
         title += f" ({len(labels)} points, unlabelled)"
-    ax.set_xlabel(f"PC 1 ({ratio[0]:.0%} of variance)", fontsize=8)
-    ax.set_ylabel(f"PC 2 ({ratio[1]:.0%} of variance)", fontsize=8)
+    for axis, name, values in ((ax.xaxis, names[0], x), (ax.yaxis, names[1], y)):
+        axis.set_label_text(name, fontsize=8)
+        if not values.any():  # a flattened component: no scale to read
+            axis.set_ticks([])
+    if not y.any():
+        ax.set_ylim(-1.0, 1.0)
+    if not x.any():
+        ax.set_xlim(-1.0, 1.0)
     ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    return scatter
 
 
-def plot_pca(vectors: torch.Tensor, labels: Sequence[str], path, title: str | None = None) -> str:
-    """Write a PNG scatter of `vectors` (N, C) on their first two principal components,
-    each point annotated with its label."""
-    return plot_pca_panels([(vectors, labels, title or "PCA")], path, columns=1, panel_inches=6.0)
+def plot_pca(
+    vectors: torch.Tensor,
+    labels: Sequence[str],
+    path,
+    title: str | None = None,
+    groups: Sequence[str] | None = None,
+    color_label: str = "index in the list",
+) -> str:
+    """Write a PNG scatter of `vectors` (N, C) on their first two principal components, each point
+    annotated with its label and coloured by its `groups` entry (with a legend) or by its index
+    (with a colour bar named `color_label`)."""
+    return plot_pca_panels(
+        [(vectors, labels, title or "PCA")], path, columns=1, panel_inches=6.0, groups=groups, color_label=color_label
+    )
 
 
 def plot_pca_panels(
@@ -150,10 +195,14 @@ def plot_pca_panels(
     columns: int = 3,
     panel_inches: float = 4.2,
     connect: bool | Sequence[bool] = False,
+    groups: Sequence[str] | None = None,
+    color_label: str = "index in the list",
 ) -> str:
     """Write a PNG grid of PCA scatters, one per (vectors (N, C), labels, panel title) in
     `panels`, each on its own two principal components; `connect` (one for all panels, or
-    one per panel) joins a panel's points in order."""
+    one per panel) joins a panel's points in order. The points are coloured by their index
+    (one colour bar, named `color_label`), or by `groups` (one name per point, the same for
+    every panel; a legend)."""
     if len(panels) == 0:
         raise ValueError("panels must not be empty")
     if columns < 1:
@@ -163,8 +212,15 @@ def plot_pca_panels(
         raise ValueError(f"connect has {len(connect)} entries for {len(panels)} panels")
     plt = _pyplot()
     fig, axes = _grid(plt, len(panels), min(columns, len(panels)), panel_inches, extra_width=0.0)
-    for ax, (vectors, labels, panel_title), join in zip(axes, panels, connect):
-        _pca_scatter(ax, vectors, labels, panel_title, join)
+    top = max(1, max(len(labels) for _, labels, _ in panels) - 1)  # one colour scale for every panel
+    scatters = [
+        _pca_scatter(ax, vectors, labels, panel_title, join, groups, vmax=top)
+        for ax, (vectors, labels, panel_title), join in zip(axes, panels, connect)
+    ]
+    if groups is None:
+        bar = fig.colorbar(scatters[0], ax=axes, shrink=0.6, pad=0.01)
+        bar.set_label(color_label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
@@ -174,7 +230,10 @@ def plot_curve(values: Sequence[float], path, title: str = "", xlabel: str = "st
     """Write a PNG line plot of `values` (e.g. the rewards of a feedback session)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    from matplotlib.ticker import MaxNLocator
+
     ax.plot(range(1, len(values) + 1), list(values), marker="o", markersize=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # the x axis counts: 1, 2, 3, never 1.5
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -22,8 +22,11 @@ and the strongest peer is the fastest of them (the baseline when a group has no 
 PyTorch is then the torch peer). "pyminigpt" in a group is its fastest own member.
 `--from-json` renders earlier pytest-benchmark JSON files instead of running the suites;
 `--decode-json` replaces the decode groups with a summary of bench/interleaved_decode.py
-(members interleaved across processes). `--quick` sets PYMINIGPT_BENCH_QUICK=1, which
-shrinks the end-to-end suite to a tiny model and a few tokens (the op suites run as they are).
+(members interleaved across processes). `--quick` runs `QUICK_SELECTION` (one size of each
+op, and the end-to-end suite on a tiny model: PYMINIGPT_BENCH_QUICK=1) with few rounds each.
+
+Every report says how loaded the machine was (the load average before and after the run, kept
+in bench.json), warns when it was busy, and flags the groups whose rounds spread widely.
 
 The suites are installed with the package, so an install runs them from any folder; `--bench-dir`
 points at another copy of them (a checkout's pyminigpt/bench, say).
@@ -53,6 +56,7 @@ from .results import (
     merge_decode_groups,
     strongest_peer,
 )
+from .run import QUICK_OPTIONS, QUICK_SELECTION, backends, load_average, load_lines, noisy_note, record_load, versions
 
 E2E_FILE = "test_bench_e2e.py"
 SUITES_DIR = Path(__file__).resolve().parent  # the suites ship next to this file
@@ -157,11 +161,9 @@ def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
         peer = peer if peer is not None and peer.role == "peer" else None
         extras = [c for c in EXTRA_COLUMNS if any(c in r.extra for r in results)]
         peer_title = f"vs {peer.member}" if peer else "vs peer"
-        lines += [
-            f"### {group}",
-            "",
-            "| member | median (ms) | vs eager | " + peer_title + " |" + "".join(f" {c} |" for c in extras),
-        ]
+        lines += [f"### {group}", ""]
+        lines += noisy_note(results)
+        lines.append("| member | median (ms) | vs eager | " + peer_title + " |" + "".join(f" {c} |" for c in extras))
         lines.append("|---" * (4 + len(extras)) + "|")
         for r in sorted(results, key=lambda r: r.median):
             cells = [f"`{r.member}`", _format_seconds(r.median), _ratio(eager, r), _ratio(peer, r)]
@@ -175,28 +177,6 @@ def render_markdown(groups: dict[str, list[Result]], header: str = "") -> str:
 def _bench_files(bench_dir: Path, ops: bool, e2e: bool) -> list[Path]:
     files = sorted(bench_dir.glob("test_bench_*.py"))
     return [f for f in files if (f.name == E2E_FILE and e2e) or (f.name != E2E_FILE and ops)]
-
-
-def _versions() -> str:
-    from importlib import metadata
-
-    found = []
-    for package in ("torch", "transformers", "triton", "ctranslate2"):
-        try:
-            found.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            pass
-    return ", ".join(found)
-
-
-def _backends() -> str:
-    """The kernel backends this install has, and why the others are missing (a missing one has no rows)."""
-    from pyminigpt import ops
-
-    status = ops.backend_status()
-    found = [name for name, s in status.items() if s["available"] and name != "reference"]
-    missing = [f"{name} ({s['reason']})" for name, s in status.items() if not s["available"]]
-    return ", ".join(found) + ("; unavailable: " + "; ".join(missing) if missing else "")
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -217,9 +197,10 @@ def _machine_header(benchmark_json: dict, args: argparse.Namespace) -> str:
     return (
         "# pyminigpt benchmark report\n\n"
         f"- machine: {cpu}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n"
-        f"- versions: python {info.get('python_version', '?')}, {_versions()}\n"
-        f"- kernel backends: {_backends()}\n"
+        f"- versions: python {info.get('python_version', '?')}, {versions()}\n"
+        f"- kernel backends: {backends()}\n"
         f"- command: `{_command_line(args)}`\n"
+        f"{load_lines(benchmark_json.get('pyminigpt_load'))}"
         f"- date: {benchmark_json.get('datetime', '?')}\n"
         "- `vs eager` / `vs <peer>`: the eager member's (the strongest peer's) median over this member's; >1 is faster\n"
         "- GB/s `from` cache: the working set fits in the last-level cache, so the rate (and a fraction of the DRAM copy "
@@ -234,7 +215,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `pyminigpt bench` (this module's `main` and the `pyminigpt` command share them)."""
     parser.add_argument("--ops", action="store_true", help="the op benchmarks (every test_bench_*.py but e2e)")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end generate / train-step benchmarks")
-    parser.add_argument("--quick", action="store_true", help="a tiny end-to-end model and few tokens (CI)")
+    quick = "a few representative groups (an op size each, a tiny end-to-end model), few rounds: under a minute"
+    parser.add_argument("--quick", action="store_true", help=quick + " (-k replaces the selection)")
     parser.add_argument(
         "--out", type=Path, default=Path("bench-report"), help="output directory (default: bench-report)"
     )
@@ -272,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
             benchmark_json["benchmarks"] += data.get("benchmarks", [])
             benchmark_json.setdefault("machine_info", data.get("machine_info", {}))
             benchmark_json.setdefault("datetime", data.get("datetime", "?"))
+            if "pyminigpt_load" in data:
+                benchmark_json.setdefault("pyminigpt_load", data["pyminigpt_load"])
         status = 0
     else:
         benchmark_json, status = _run_suites(args)
@@ -317,8 +301,11 @@ def _run_suites(args: argparse.Namespace) -> tuple[dict | None, int]:
     command = [sys.executable, "-m", "pytest", *(str(f.resolve()) for f in files), "-q", "-p", "no:cacheprovider"]
     command += ["--import-mode=importlib"]
     command += [f"--benchmark-json={json_path}", "--benchmark-group-by=group", "-rs"]
-    if args.keyword:
-        command.append(f"-k{args.keyword}")  # one token, so an expression starting with '-' is not an option
+    keyword = args.keyword or (QUICK_SELECTION if args.quick else None)
+    if keyword:
+        command.append(f"-k{keyword}")  # one token, so an expression starting with '-' is not an option
+    if args.quick:
+        command += QUICK_OPTIONS
     # not an xdist worker's variables: pytest-benchmark turns itself off under xdist
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     # the same interpreter imports this very pyminigpt (installed, or editable); no PYTHONPATH is
@@ -327,11 +314,12 @@ def _run_suites(args: argparse.Namespace) -> tuple[dict | None, int]:
         env["PYMINIGPT_BENCH_QUICK"] = "1"
     # `python -m` puts its working directory first on sys.path: run in the output folder, not in a
     # checkout's root, whose pyminigpt/ source folder (without the built extension) would shadow this one.
+    load_before = load_average()
     status = subprocess.call(command, env=env, cwd=args.out)
     if not json_path.is_file():
         print(f"pyminigpt bench: pytest (exit {status}) wrote no {json_path}", file=sys.stderr)
         return None, status or 1
-    return json.loads(json_path.read_text()), status
+    return record_load(json_path, load_before), status
 
 
 if __name__ == "__main__":

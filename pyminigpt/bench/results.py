@@ -24,6 +24,7 @@ class Result:
     median: float  # seconds
     role: str  # "eager", "peer" or "member"
     extra: dict
+    spread: float = 0.0  # the interquartile range of the rounds over their median (0 when unknown)
 
 
 def _member_name(bench: dict) -> str:
@@ -47,9 +48,9 @@ def load_results(benchmark_json: dict) -> dict[str, list[Result]]:
     for bench in benchmark_json.get("benchmarks", []):
         member = _member_name(bench)
         extra = dict(bench.get("extra_info") or {})
-        result = Result(
-            bench.get("group") or bench["name"], member, bench["stats"]["median"], _role(member, extra), extra
-        )
+        median, iqr = bench["stats"]["median"], bench["stats"].get("iqr", 0.0)
+        spread = iqr / median if median > 0 else 0.0
+        result = Result(bench.get("group") or bench["name"], member, median, _role(member, extra), extra, spread)
         groups.setdefault(result.group, []).append(result)
     return groups
 

@@ -8,6 +8,9 @@ directory, rewards.png) that `generate`, `perplexity`, `explore` and `chat` read
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .runs import (
@@ -48,39 +51,118 @@ def _read_line(prompt: str) -> str | None:
         return None
 
 
-def _check_out(out: Path) -> None:
-    """--out must be new, empty, or an earlier feedback run (which it replaces): never a training run or a model."""
+def _earlier_tuning(out: Path) -> dict | None:
+    """The run.json of the earlier chat --feedback run in `out`, or None; refuses an --out that is a file
+    or holds anything else (a training run, a model)."""
     if not out.exists():
-        return
+        return None
     if not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file; choose a directory")
     run_file = out / RUN_FILE
-    earlier_tuning = run_file.is_file() and "tuned_from" in read_json(run_file, "run file")
-    if any(out.iterdir()) and not earlier_tuning:
+    run = read_json(run_file, "run file") if run_file.is_file() else {}
+    if "tuned_from" in run:
+        return run
+    if any(out.iterdir()):
         raise UsageError(
             f"--out {str(out)!r} already holds files that are not an earlier chat --feedback run; "
             f"choose another directory"
         )
+    return None
+
+
+def _check_out(out: Path, loaded) -> dict | None:
+    """--out must be new, empty, or the earlier feedback run that MODEL is (which is then continued):
+    never a training run, a model, or another feedback run (which would be replaced). Returns the
+    earlier run's run.json when continuing it."""
+    earlier = _earlier_tuning(out)
+    continuing = earlier is not None and out.resolve() in (loaded.path.resolve(), loaded.path.parent.resolve())
+    if not continuing and out.resolve() in (loaded.path.resolve(), loaded.path.parent.resolve()):
+        raise UsageError(f"--out {str(out)!r} would overwrite the model being tuned; choose another directory")
+    if earlier is not None and not continuing:
+        raise UsageError(
+            f"--out {str(out)!r} already holds a chat --feedback run (tuned from {earlier['tuned_from']!r}); "
+            f"continue it with `pyminigpt chat {out} --feedback --out {out}`, or choose another --out"
+        )
+    return earlier
+
+
+@contextmanager
+def _sigint_deferred():
+    """Ctrl-C inside the block takes effect when it ends, so that an update is applied whole or not at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _save_tuning(trainer, loaded, out: Path, earlier: dict | None) -> None:
+    """Save the tuned model as the run directory `out` (continuing `earlier`'s ratings when given)."""
+    from ..plots import plot_curve
+
+    if not trainer.rewards:
+        print("no ratings given: nothing saved")
+        return
+    rewards = (earlier or {}).get("rewards", []) + trainer.rewards
+    tuned_from = earlier["tuned_from"] if earlier is not None else None
+    model_dir = save_model_dir(loaded, out, tuned_from=tuned_from, rewards=rewards)
+    plot = plot_curve(
+        rewards,
+        out / "rewards.png",
+        title="feedback rewards",
+        xlabel="rating number (in the order given)",
+        ylabel="reward",
+    )
+    n = len(trainer.rewards)
+    print(
+        f"{_plural(n, 'rating')} (mean {sum(trainer.rewards) / n:+.2f})"
+        + (f", {len(rewards)} since {tuned_from!r}" if earlier is not None else "")
+        + f"; tuned model saved to the run directory {str(out)!r} ({str(model_dir)!r} is a transformers "
+        f"model directory), rewards plotted in {plot!r}"
+    )
+    print(f"try: pyminigpt generate {out}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def run(args) -> int:
-    """Run `pyminigpt chat`."""
-    from ..analysis import generate_text
-    from ..plots import plot_curve
+    """Run `pyminigpt chat`; Ctrl-C ends the chat like q (with --feedback, the tuning so far is saved)."""
     from ..train.feedback import FeedbackTrainer
 
     out = Path(args.out)
     check_sampling(args)
     loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
-    if args.feedback and out.resolve() in (loaded.path.resolve(), loaded.path.parent.resolve()):
-        raise UsageError(f"--out {str(out)!r} would overwrite the model being tuned; choose another directory")
-    if args.feedback:
-        _check_out(out)
+    earlier = _check_out(out, loaded) if args.feedback else None
     trainer = None
     if args.feedback:
         if not (args.lr > 0 and args.kl_coef >= 0):
             raise UsageError(f"--lr must be > 0 and --kl-coef >= 0, got {args.lr} and {args.kl_coef}")
         trainer = FeedbackTrainer(loaded.model, loaded.tokenizer, lr=args.lr, kl_coef=args.kl_coef, sos=loaded.sos)
+    if earlier is not None:
+        print(f"continuing the feedback run in {str(out)!r}: the new ratings add to its tuning")
+    try:
+        _talk(args, loaded, trainer)
+    except KeyboardInterrupt:
+        if trainer is None:
+            raise
+        print("\nCtrl-C: the chat ends here" + (", saving what the ratings tuned" if trainer.rewards else ""))
+    if trainer is not None:
+        _save_tuning(trainer, loaded, out, earlier)
+    return 0
+
+
+def _talk(args, loaded, trainer) -> None:
+    """The conversation: prompts, replies and (with a trainer) ratings, until q or end of input."""
+    from ..analysis import generate_text
+
     print(f"chatting with {str(loaded.path)!r}" + (" (feedback on: your ratings tune it)" if trainer else ""))
     print("type a prompt and press Enter; q or end of input quits")
     while True:
@@ -116,26 +198,12 @@ def run(args) -> int:
             break
         if rating == "":
             continue
-        stats = trainer.step(prompt, response, rating)
+        with _sigint_deferred():
+            stats = trainer.step(prompt, response, rating)
         print(
             f"  reward {stats['reward']:+.2f}, advantage {stats['advantage']:+.2f}, "
             f"log p/token {stats['logprob']:.3f}, KL {stats['kl']:.4f}"
         )
-    if trainer is not None:
-        if not trainer.rewards:
-            print("no ratings given: nothing saved")
-            return 0
-        model_dir = save_model_dir(loaded, out)
-        plot = plot_curve(
-            trainer.rewards, out / "rewards.png", title="feedback rewards", xlabel="rating", ylabel="reward"
-        )
-        print(
-            f"{len(trainer.rewards)} ratings (mean {sum(trainer.rewards) / len(trainer.rewards):+.2f}); "
-            f"tuned model saved to the run directory {str(out)!r} ({str(model_dir)!r} is a transformers "
-            f"model directory), rewards plotted in {plot!r}"
-        )
-        print(f"try: pyminigpt generate {out}")
-    return 0
 
 
 def add_parser(subparsers) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .explore_report import TABLE_ROWS, Exploration, build_page, format_report
+from .runs import add_tokenizer_file_arg
 
 DEFAULT_PROMPT = "The strawberry is a red fruit. How many r's are in strawberry?"
 PAGE_FILE, ATTENTION_FILE, STATES_FILE = "explore.html", "attention.png", "hidden_states.png"
@@ -74,7 +75,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens shown in the pictures (default 32)")
     p.add_argument("--seed", type=int, default=0, help="the seed of every generation (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the run's tokenizer.json)")
+    add_tokenizer_file_arg(p)
     p.set_defaults(run=run)
     return p
 
@@ -242,6 +243,7 @@ def _states_picture(found: Exploration, model, tokenizer, window: list[int], out
         title="the prompt's tokens on two principal components, layer by layer (each panel its own PCA)",
         columns=min(3, len(panels)),
         connect=[title != WTE_TITLE for _, _, title in panels],  # the embedding table has no order to show
+        color_label="position in the prompt (wte panel: order of first appearance)",
     )
     return STATES_FILE
 

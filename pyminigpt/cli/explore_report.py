@@ -50,6 +50,15 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def format_probability(p: float) -> str:
+    """A probability that stays readable when tiny: 0.1234 down to 0.001, then 3.2e-09 (never 0.0000)."""
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _least_expected_title(n: int) -> str:
+    return "the least expected token" if n == 1 else f"the {n} least expected tokens"
+
+
 def strawberry_sentence(found: Exploration) -> str | None:
     """What the split of the prompt's words means for the model (the strawberry effect), or None for no words."""
     words = [w for w in found.words if w.word.strip()]
@@ -124,9 +133,9 @@ def format_report(found: Exploration) -> str:
     lines += ["", "6. perplexity"]
     if found.perplexity is not None:
         lines.append(f"{_perplexity_sentence(found)}")
-        lines.append(f"the {len(found.surprises)} least expected tokens:")
+        lines.append(_least_expected_title(len(found.surprises)) + ":")
         lines.append(f"{'#':>6}  {'token':>12}  probability")
-        lines += [f"{i:>6}  {_visible(token):>12}  {prob:.4f}" for i, token, prob in found.surprises]
+        lines += [f"{i:>6}  {_visible(token):>12}  {format_probability(prob)}" for i, token, prob in found.surprises]
     lines += _notes(found, "perplexity")
     return "\n".join(lines)
 
@@ -204,7 +213,7 @@ def build_page(found: Exploration) -> str:
     perplexity = ""
     if found.perplexity is not None:
         surprise_rows = "".join(
-            f"<tr><td>{i}</td><td><code>{e(_visible(token))}</code></td><td>{prob:.4f}</td></tr>"
+            f"<tr><td>{i}</td><td><code>{e(_visible(token))}</code></td><td>{format_probability(prob)}</td></tr>"
             for i, token, prob in found.surprises
         )
         perplexity = (

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,8 +161,14 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
     from ..train.checkpoint import load_checkpoint
 
     weights = Path(path)
+    if weights.is_file():
+        raise UsageError(
+            f"{argument}: {str(weights)!r} is a file; {argument} is a directory: a run, a checkpoint, or a GPT-2 "
+            f"directory (config.json, model.safetensors, tokenizer files)"
+            + (f": give the folder that holds it, {str(weights.parent)!r}" if weights.name in MODEL_FILES else "")
+        )
     if not weights.is_dir():
-        raise UsageError(f"{argument}: model directory not found: {str(weights)!r}")
+        weights = _from_hub_cache(str(path), argument)
     if not (weights / "config.json").is_file() and (weights / RUN_FILE).is_file():  # a run: take its best checkpoint
         found = [weights / name for name in ("best", "last") if (weights / name / "config.json").is_file()]
         if not found:
@@ -186,7 +193,7 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
             ):
                 raise UsageError(
                     f"{argument}: no tokenizer in {str(weights)!r} (tokenizer.json, or vocab.json + merges.txt)"
-                    + ("; pass --tokenizer FILE" if argument == "MODEL" else "")
+                    + ("; pass --tokenizer-file FILE" if argument == "MODEL" else "")
                 )
             tokenizer = BPETokenizer.from_pretrained(weights)
     except (OSError, ValueError) as err:
@@ -206,12 +213,45 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
             raise UsageError(
                 f"{argument}: cannot load the weights in {str(weights)!r} (truncated or corrupt?): {err}"
             ) from None
+    if tokenizer.vocab_size <= len({tokenizer.pad_id, tokenizer.sos_id, tokenizer.eos_id}):
+        raise UsageError(
+            f"{argument}: the tokenizer {tokenizer_path!r} is empty: it has only its special tokens "
+            f"({tokenizer.vocab_size} in all), so it cannot encode any text"
+        )
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(
             f"{argument}: tokenizer {tokenizer_path!r} has {tokenizer.vocab_size} tokens but the model in {str(weights)!r} "
             f"has vocab_size={model.config.vocab_size}: they were not made for each other"
         )
     return Loaded(model.to(device).eval(), tokenizer, run.get("format") == "lines", weights, tokenizer_path)
+
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # distilgpt2, openai-community/gpt2
+MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.json", "merges.txt")
+
+
+def _from_hub_cache(name: str, argument: str) -> Path:
+    """The local directory of hub model `name` (e.g. distilgpt2): from the Hugging Face cache, or
+    downloaded once into it when the network allows; otherwise a UsageError that says what a hub name needs."""
+    not_found = f"{argument}: model directory not found: {name!r}"
+    if not HUB_NAME.match(name) or Path(name).parent.is_dir() and Path(name).parent != Path("."):
+        raise UsageError(not_found)  # a path (its folder exists here), not a hub name
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UsageError(f"{not_found} (a hub name needs the huggingface_hub package)") from None
+    patterns = ["config.json", "model.safetensors", "generation_config.json", "tokenizer*", "vocab.json", "merges.txt"]
+    for local_only in (True, False):
+        try:
+            folder = Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))
+        except Exception:  # noqa: BLE001, S112 (offline, not cached, no such repository: all mean "not here")
+            continue
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder
+    raise UsageError(
+        f"{not_found}, and not in the local Hugging Face cache; a hub name such as {name!r} needs the network "
+        f"(to download it once) or a local cache: give a directory from save_pretrained instead"
+    )
 
 
 def encode_check(loaded: Loaded, text: str, what: str) -> None:
@@ -223,7 +263,7 @@ def encode_check(loaded: Loaded, text: str, what: str) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None = None) -> None:
-    """The sampling, --device and --tokenizer options that generate and chat share."""
+    """The sampling, --device and --tokenizer-file options that generate and chat share."""
     g = p.add_argument_group("sampling (transformers' generate semantics)")
     g.add_argument(
         "--max-new-tokens",
@@ -242,7 +282,20 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None = N
     )
     g.add_argument("--seed", type=int, default=None, help="seed the draws, for reproducible samples")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer file (default: the run's tokenizer.json)")
+    add_tokenizer_file_arg(g)
+
+
+def add_tokenizer_file_arg(p) -> None:
+    """--tokenizer-file FILE of the commands that load a MODEL (`train --tokenizer` is char|bpe instead)."""
+    p.add_argument(
+        "--tokenizer-file",
+        "--tokenizer",  # the earlier spelling, still accepted
+        dest="tokenizer",
+        metavar="FILE",
+        default=None,
+        help="tokenizer file, for a model directory without one (default: the run's tokenizer.json, or the "
+        "directory's tokenizer files; --tokenizer FILE is the same option's earlier name)",
+    )
 
 
 def check_sampling(args) -> None:
@@ -293,10 +346,13 @@ def load_corpus(data: str | None) -> tuple[str, object]:
         raise UsageError(str(err)) from None
 
 
-def save_model_dir(loaded: Loaded, out: Path, name: str = "last") -> Path:
+def save_model_dir(
+    loaded: Loaded, out: Path, name: str = "last", tuned_from: str | None = None, rewards: list | None = None
+) -> Path:
     """Write `loaded` as a run directory that `load_model` reads; returns the model directory `out/name`.
 
-    out/run.json (format, tokenizer kind, where it was tuned from), out/tokenizer.json, and
+    out/run.json (format, tokenizer kind, where it was tuned from: `tuned_from`, default `loaded`'s
+    path; the feedback `rewards` when given), out/tokenizer.json, and
     out/name/: a complete transformers model directory (config, weights, generation
     config, tokenizer files), written atomically.
     """
@@ -311,8 +367,10 @@ def save_model_dir(loaded: Loaded, out: Path, name: str = "last") -> Path:
         "format": "lines" if loaded.sos else "stream",
         "tokenizer": tokenizer_kind(loaded.tokenizer),
         "context": loaded.model.config.n_positions,
-        "tuned_from": str(Path(loaded.path).resolve()),
+        "tuned_from": tuned_from or str(Path(loaded.path).resolve()),
     }
+    if rewards is not None:
+        run["rewards"] = list(rewards)
     write_json(run, out / RUN_FILE)
     return out / name
 

@@ -9,6 +9,7 @@ The run directory's format (run.json, the tokenizer, checkpoints) is in `runs.py
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..train.rng import seed_all
@@ -30,6 +31,59 @@ from .runs import (
 )
 
 DEFAULT_VOCAB_SIZE, DEFAULT_DROPOUT = 1024, 0.1  # train's defaults for a run from scratch
+DEFAULT_BATCH_SIZE = 32  # train's batch when --batch-size is not given (fewer when the text has fewer sequences)
+# run.json's "best" when the text left nothing to evaluate on
+NO_EVAL_BEST = "a copy of last/: the text was too short to hold out an evaluation slice"
+
+
+def _check_train_options(args) -> None:
+    """The numeric options of `train` and --out, checked before anything is loaded; errors name the option."""
+    at_least = {"--steps": (args.steps, 1), "--grad-accum": (args.grad_accum, 1), "--warmup": (args.warmup, 0)}
+    at_least.update({"--eval-interval": (args.eval_interval, 0), "--save-interval": (args.save_interval, 0)})
+    if args.batch_size is not None:
+        at_least["--batch-size"] = (args.batch_size, 1)
+    for option, (value, low) in at_least.items():
+        if value < low:
+            raise UsageError(f"{option} must be >= {low}, got {value}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file: give a directory for the run (new, or a run to --resume)")
+
+
+def _fitting_batch_size(asked: int | None, n_items: int, source: str, items: str) -> int:
+    """--batch-size, or its default when not given, checked against the `n_items` training sequences
+    (split over the torchrun processes): the default shrinks to fit, a --batch-size that does not fit is
+    refused with the largest value that does."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    largest = n_items // world
+    if largest == 0:
+        raise UsageError(
+            f"{source} gives {n_items} training {items}, fewer than the {world} processes: "
+            f"use a longer text, a smaller --context, or fewer processes"
+        )
+    if asked is None:
+        return min(DEFAULT_BATCH_SIZE, largest)
+    if asked > largest:
+        per = f" per process ({world} processes)" if world > 1 else ""
+        raise UsageError(
+            f"--batch-size {asked} is larger than the {n_items} training {items} that {source} gives{per}: "
+            f"pass --batch-size {largest} or less (or use a longer text, or a smaller --context)"
+        )
+    return asked
+
+
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy the checkpoint directory `source` to `target`, replacing it atomically."""
+    import shutil
+
+    from ..files import atomic_directory
+
+    with atomic_directory(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 def run(args) -> int:
@@ -38,6 +92,7 @@ def run(args) -> int:
     from ..train.trainer import Trainer, TrainerConfig
 
     out = Path(args.out)
+    _check_train_options(args)
     init = None  # the Loaded model that --init-from starts from
     model_config = None  # the architecture of a run that started from --init-from
     if args.resume:
@@ -104,6 +159,8 @@ def run(args) -> int:
         else:  # a stream run takes the model's context, or the preset's
             context = limit or SIZES[size]["context"]
     train_ds, eval_ds = make_datasets(source, corpus, tokenizer, lines, context)
+    unit = ("text" if lines else "window") + ("" if len(train_ds) == 1 else "s")  # what the training items are
+    batch_size = _fitting_batch_size(args.batch_size, len(train_ds), source, unit)
     seed_all(args.seed)
     try:
         if init is not None:
@@ -115,7 +172,7 @@ def run(args) -> int:
             model = make_model(tokenizer, size, context, DEFAULT_DROPOUT if args.dropout is None else args.dropout)
         config = TrainerConfig(
             max_steps=args.steps,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             grad_accum_steps=args.grad_accum,
             learning_rate=args.lr,
             warmup_steps=max(0, min(args.warmup, args.steps)),
@@ -143,13 +200,25 @@ def run(args) -> int:
         }
         if init is not None:
             run.update(init_from=str(init.path.resolve()), model_config=model_config)
+        if eval_ds is None:
+            run["best"] = NO_EVAL_BEST
         write_json(run, out / RUN_FILE)
     start = f"fine-tuning {str(init.path)!r}" if init is not None else f"training a {size} GPT"
     say(
         f"{start} ({model.num_parameters():,} parameters, context {context}) on the {source}: "
-        f"{len(train_ds):,} training {'texts' if lines else 'windows'}, {kind} "
+        f"{len(train_ds):,} training {unit}, {kind} "
         f"tokenizer with {tokenizer.vocab_size} tokens"
     )
+    if args.batch_size is None and batch_size < DEFAULT_BATCH_SIZE:
+        say(
+            f"the text gives {len(train_ds)} training {unit}: batches of {batch_size} "
+            f"instead of the default {DEFAULT_BATCH_SIZE}"
+        )
+    if eval_ds is None:
+        say(
+            "the text is too short to hold out an evaluation slice: no eval loss, and best/ will be a copy of "
+            "last/ (a longer text, or a smaller --context, makes room for one)"
+        )
     history = trainer.train(resume_from="auto" if args.resume else None)
     if not history:
         say(f"nothing to do: the run in {str(out)!r} is already at step {trainer.step} (raise --steps to go on)")
@@ -159,6 +228,15 @@ def run(args) -> int:
     if evals:
         summary += f", eval loss {evals[0]:.3f} -> {evals[-1]:.3f}"
     say(summary)
+    if eval_ds is None:
+        if trainer.is_main and (out / "last").is_dir():
+            copy_checkpoint(out / "last", out / "best")
+        passes = trainer.step * batch_size * args.grad_accum * trainer.world_size / len(train_ds)
+        say(
+            f"this loss is not a measure of quality: it is measured on the very text the model trained on "
+            f"({len(train_ds)} {unit}, each seen about {passes:.0f} times), with nothing "
+            f"held out; a low loss on so little text is memorisation"
+        )
     say(
         f"saved {out / 'last'}"
         + (f" and {out / 'best'}" if (out / "best").is_dir() else "")
@@ -179,13 +257,19 @@ def add_parser(subparsers) -> None:
         "directory (or an earlier run) instead of starting from scratch.",
     )
     p.add_argument("data", nargs="?", default=None, help="UTF-8 text file (default: built-in names, one per sequence)")
-    p.add_argument("--lines", action="store_true", help="each line of DATA is one sequence (<SOS> line <EOS>)")
+    p.add_argument(
+        "--lines",
+        action="store_true",
+        help="each line of DATA is one sequence (<SOS> line <EOS>) (default: one token stream cut into windows; "
+        "the built-in names are always lines)",
+    )
     p.add_argument(
         "--init-from",
         default=None,
         metavar="DIR",
         help="start from the weights and tokenizer of a GPT-2 directory, a run or a checkpoint, and fine-tune "
-        "them (the context defaults to the model's; --size, --vocab-size and --tokenizer must agree with it)",
+        "them (the context defaults to the model's; --size, --vocab-size and --tokenizer must agree with it) "
+        "(default: a fresh model)",
     )
     p.add_argument(
         "--tokenizer", choices=("char", "bpe"), default=None, help="character or byte-level BPE (default char)"
@@ -212,7 +296,13 @@ def add_parser(subparsers) -> None:
         help=f"dropout rate (default {DEFAULT_DROPOUT}; with --init-from, the model's own rates)",
     )
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"sequences per micro-batch and process (default {DEFAULT_BATCH_SIZE}, or all the training "
+        "sequences when the text has fewer)",
+    )
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps (default 100)")
@@ -220,10 +310,19 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--save-interval", type=int, default=0, help="also checkpoint every N steps (default 0: best and last only)"
     )
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="fp32; bf16 (autocast, CPU or GPU); fp16 (autocast with loss scaling, GPU only) (default fp32)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and dropout (default 0)")
     p.add_argument("--out", default="runs/pyminigpt", help="run directory (default runs/pyminigpt)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint (default: a new run)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar)")
     p.set_defaults(run=run)

@@ -54,7 +54,7 @@ from ..plots import MATPLOTLIB_MISSING, have_matplotlib, plot_history
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainerConfig
 from .distributed import ignore_sigint, join_process_group
-from .progress import progress_bar
+from .progress import progress_bar, report_pace
 from .rng import rng_state, seed_all, set_rng_state
 
 __all__ = ["Trainer", "TrainerConfig", "plot_history"]
@@ -327,6 +327,7 @@ class Trainer:
         bar = progress_bar(
             total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main), dynamic_ncols=True
         )
+        first_step = self.step  # after this call's first steps, report_pace prints the tokens/s and the run's time
         with self._graceful_sigint(), bar:
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
@@ -334,6 +335,7 @@ class Trainer:
                 record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
                 best = self._eval_due() and self._evaluate_into(record, bar)
                 self.history.append(record)
+                report_pace(self, bar, first_step)
                 if best:
                     self._save_if_out_dir("best")
                 bar.set_postfix_str(

@@ -158,3 +158,67 @@ def test_pyminigpt_bench_command_delegates_to_the_report(tmp_path, capsys):
 
     assert cli.main(["bench", "--e2e", "--bench-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "no benchmark suites" in capsys.readouterr().err
+
+
+def test_the_report_says_how_loaded_the_machine_was_and_flags_noise():
+    from pyminigpt.bench import run as bench_run
+
+    data = {
+        "benchmarks": [
+            _bench("softmax forward 64x50257 float32", "eager", 2.0),
+            {**_bench("softmax forward 64x50257 float32", "cpu", 1.0), "stats": {"median": 1.0, "iqr": 0.6}},
+            _bench("layer_norm forward 8192x768 float32", "eager", 2.0),
+            _bench("layer_norm forward 8192x768 float32", "cpu", 1.0),
+        ]
+    }
+    groups = bench_report.load_results(data)
+    markdown = bench_report.render_markdown(groups)
+    noisy = markdown.index("Noisy: the rounds of `cpu` spread 60% of its median")
+    assert markdown.index("### softmax forward") < noisy < markdown.index("### layer_norm forward")
+    assert markdown.count("Noisy:") == 1
+    quiet = {"before": 0.3, "after": 1.9, "cpus": 2}
+    busy = {"before": 5.2, "after": 7.0, "cpus": 2}
+    assert not bench_run.busy(quiet) and bench_run.busy(busy)
+    assert "load average 0.30 before the run, 1.90 after it, on 2 logical CPUs" in bench_run.load_lines(quiet)
+    assert "busy machine" not in bench_run.load_lines(quiet)
+    assert "**busy machine**" in bench_run.load_lines(busy)
+    assert "not recorded" in bench_run.load_lines(None)
+
+
+def test_from_json_keeps_the_recorded_load(tmp_path, capsys):
+    data = {
+        "benchmarks": [_bench("softmax forward 64x50257 float32", "eager", 2.0)],
+        "pyminigpt_load": {"before": 6.0, "after": 6.5, "cpus": 2},
+    }
+    (tmp_path / "bench.json").write_text(json.dumps(data))
+    out = tmp_path / "report"
+    assert bench_report.main(["--from-json", str(tmp_path / "bench.json"), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "load average 6.00 before the run" in report and "**busy machine**" in report
+
+
+def test_quick_selects_a_few_representative_groups(tmp_path):
+    """--quick's selection: every op suite and the end-to-end suite, a few groups each (not all ~150)."""
+    import os
+    import subprocess
+    import sys
+
+    from pyminigpt.bench.run import QUICK_SELECTION
+
+    env = {**os.environ, "PYMINIGPT_BENCH_QUICK": "1"}
+    suites = [str(f) for f in sorted(bench_report.SUITES_DIR.glob("test_bench_*.py"))]
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(
+        [*command, "--import-mode=importlib", *suites, f"-k{QUICK_SELECTION}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    selected = [line for line in result.stdout.splitlines() if "::" in line]
+    assert 8 <= len(selected) <= 40, result.stdout[-3000:]
+    files = {line.split("::")[0] for line in selected}
+    for name in ("layer_norm", "softmax", "sampling", "causal_attention", "linear", "e2e"):
+        assert any(name in f for f in files), (name, files)

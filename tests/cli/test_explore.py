@@ -345,3 +345,55 @@ def test_token_probabilities_give_the_perplexity(tiny_model, tiny_bpe, stride, m
     first = [(i, p) for i, _, p in rows if i < (max_length or 32)]
     for i, p in first:
         assert p == pytest.approx(math.exp(logits[i - 1, ids[i]].item()), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- pictures and tables that explain themselves
+
+
+def test_a_two_token_prompt_says_why_its_pca_is_flat(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "explore"
+    code, printed, err = explore(capsys, tiny_gpt2_dir, "--prompt", "the", "--out", out, *QUICK)  # t + he
+    assert code == 0, err
+    assert (out / "hidden_states.png").is_file()
+    assert "the least expected token:" in printed and "the 1 least" not in printed
+
+
+def test_degenerate_components_are_named_not_drawn():
+    plt = plots._pyplot()
+    fig, ax = plt.subplots()
+    two = torch.randn(2, 8)
+    plots._pca_scatter(ax, two, ["a", "b"], "two points")
+    assert ax.get_ylabel() == "no PC 2: 2 points always lie on one line"
+    assert list(ax.get_yticks()) == [] and ax.get_ylim() == (-1.0, 1.0)
+    assert ax.get_xlabel().startswith("PC 1 (100% of variance)")
+    ax.clear()
+    on_a_line = torch.outer(torch.tensor([0.0, 1.0, 3.0]), torch.randn(8))
+    plots._pca_scatter(ax, on_a_line, ["a", "b", "c"], "three on a line")
+    assert ax.get_ylabel() == "no PC 2: the 3 points lie on one line"
+    ax.clear()
+    plots._pca_scatter(ax, torch.ones(3, 8), ["a", "b", "c"], "the same point")
+    assert ax.get_xlabel() == "no principal component: the 3 points coincide"
+    plt.close(fig)
+
+
+def test_pca_pictures_have_a_colour_bar_or_a_legend(monkeypatch, tmp_path):
+    saved = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig) or str(path))
+    vectors, labels = torch.randn(6, 8), list("abcdef")
+    plots.plot_pca(vectors, labels, tmp_path / "index.png", color_label="position in the prompt")
+    bars = [ax for ax in saved[-1].axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and bars[0].get_ylabel() == "position in the prompt"
+    plots.plot_pca(vectors, labels, tmp_path / "groups.png", groups=["vowel", "consonant"] * 3)
+    [ax] = saved[-1].axes  # no colour bar: a legend names the groups
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["vowel", "consonant"]
+    with pytest.raises(ValueError, match="groups has 2 entries for 6 vectors"):
+        plots.plot_pca(vectors, labels, tmp_path / "x.png", groups=["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "p,shown", [(0.5, "0.5000"), (0.0012, "0.0012"), (3.2e-9, "3.2e-09"), (9.99e-4, "1.0e-03"), (0.0, "0.0e+00")]
+)
+def test_tiny_probabilities_stay_readable(p, shown):
+    from pyminigpt.cli.explore_report import format_probability
+
+    assert format_probability(p) == shown

@@ -6,6 +6,7 @@ and the errors that name the argument."""
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -220,7 +221,7 @@ def test_missing_tokenizer(capsys, tmp_path, text_file, tiny_gpt2_dir):
         "no tokenizer",
         broken,
     )
-    assert_usage_error(capsys, ["chat", broken, "--feedback"], "MODEL", "no tokenizer", "--tokenizer FILE")
+    assert_usage_error(capsys, ["chat", broken, "--feedback"], "MODEL", "no tokenizer", "--tokenizer-file FILE")
 
 
 @pytest.mark.parametrize(
@@ -247,3 +248,31 @@ def test_chat_feedback_never_overwrites_a_training_run(capsys, fine_tuned, tiny_
     assert_usage_error(capsys, ["chat", tiny_gpt2_dir, "--feedback", "--out", fine_tuned], "--out", "choose another")
     assert_usage_error(capsys, ["chat", fine_tuned, "--feedback", "--out", tiny_gpt2_dir], "--out", "choose another")
     assert sorted(p.name for p in fine_tuned.rglob("*")) == before
+
+
+def test_the_readme_fine_tune_on_a_short_text(capsys, tmp_path):
+    """The README's `train notes.txt --init-from DIR --steps 500 --out runs/notes` on an ~11 KB text and a
+    GPT-2 directory with GPT-2's context of 1024 (fewer steps here): the text gives a handful of windows
+    and no evaluation slice, so the batch shrinks to fit, best/ is last/, and the loss is called what it is."""
+    model_dir = make_tiny_gpt2_dir(tmp_path / "gpt2", n_positions=1024)
+    notes = tmp_path / "notes.txt"
+    notes.write_text((CORPUS * 4)[:11_000], encoding="utf-8")
+    out = tmp_path / "runs" / "notes"
+    code, text, err = run(
+        capsys, "train", notes, "--init-from", model_dir, "--steps", "3", "--out", out, "--no-progress"
+    )
+    assert code == 0, err
+    assert re.search(r"batches of \d instead of the default 32", text), text
+    assert "too short to hold out an evaluation slice" in text and "not a measure of quality" in text
+    assert (out / "best" / "model.safetensors").is_file()
+    code, text, err = run(
+        capsys, "explore", out, "--prompt", "The strawberry", "--out", tmp_path / "explore", "--max-new-tokens", "4"
+    )
+    assert code == 0, err
+    # an explicit batch that does not fit is refused with the value that does
+    assert_usage_error(
+        capsys,
+        ["train", notes, "--init-from", model_dir, "--batch-size", "32", "--out", tmp_path / "again"],
+        "--batch-size 32",
+        "pass --batch-size",
+    )

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 
@@ -304,3 +305,17 @@ def test_checkpoints_hold_the_tokenizer_and_verify_it(tmp_path, corpus):
     fresh = Trainer(tiny_model(tok.vocab_size), data, config=config(tmp_path))
     with pytest.raises(CheckpointError, match=r"tokenizer\.json"):
         fresh.load_checkpoint(last)
+
+
+def test_the_first_steps_print_the_speed_and_the_time_of_the_run(corpus, capsys):
+    tok, _names, ids = corpus
+    dataset = SlidingWindowDataset(ids, SEQ_LEN)
+    trainer = Trainer(tiny_model(tok.vocab_size), dataset, None, config(max_steps=5, progress=True))
+    trainer.train()
+    err_and_out = "".join(capsys.readouterr())
+    line = next(line for line in err_and_out.splitlines() if "tokens/s" in line and "take about" in line)
+    assert re.search(r"[\d,]+ tokens/s \([\d.]+ s per step\): the 5 steps take about \d+ s$", line), line
+    # a run shorter than the estimate's steps, or without progress, prints none
+    Trainer(tiny_model(tok.vocab_size), dataset, None, config(max_steps=2, progress=True)).train()
+    Trainer(tiny_model(tok.vocab_size), dataset, None, config(max_steps=5)).train()
+    assert "take about" not in "".join(capsys.readouterr())
