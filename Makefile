@@ -33,7 +33,7 @@ $(BIN)/python:
 $(TOOLS): $(BIN)/python Makefile
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet "numpy<2.4" transformers tokenizers safetensors tqdm matplotlib triton \
-		pytest pytest-benchmark expecttest ninja "cmake>=3.18,<4" "$(RUFF_SPEC)" "$(CLANG_FORMAT_SPEC)"
+		pytest pytest-benchmark expecttest gguf ninja "cmake>=3.18,<4" "$(RUFF_SPEC)" "$(CLANG_FORMAT_SPEC)"
 	touch $@
 
 # A regular install: the tests then import the installed package (not the source tree), which

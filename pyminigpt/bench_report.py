@@ -44,9 +44,11 @@ from pathlib import Path
 E2E_FILE = "test_bench_e2e.py"
 # Member names that are the outside implementation a kernel is measured against.
 PEERS = ("transformers", "transformers+compile", "ctranslate2-float32", "ctranslate2-int8", "sdpa", "torch", "compile")
+PEERS += tuple(f"llama.cpp-{dtype}" for dtype in ("f32", "f16", "q8_0", "q4_0"))
 # Members that need an optional package; missing from a decode group without it, they are
 # reported as "not installed" rather than left out.
 OPTIONAL_MEMBERS = {"ctranslate2-float32": "ctranslate2", "ctranslate2-int8": "ctranslate2"}
+OPTIONAL_MEMBERS.update({f"llama.cpp-{dtype}": "llama_cpp" for dtype in ("f32", "f16", "q8_0", "q4_0")})
 NOT_INSTALLED = "not installed"
 # extra_info entries worth a column in the Markdown table.
 EXTRA_COLUMNS = ("tokens/s", "bound tokens/s", "fraction_of_bound", "GB/s", "fraction_of_copy", "from", "TFLOP/s")
@@ -100,6 +102,8 @@ def load_decode_summary(summary: dict) -> dict[str, list[Result]]:
         if "seconds" not in result:
             continue
         for setting, seconds in result["seconds"].items():
+            if " B" not in setting:  # the prefill: a rate of its own (bench/interleaved_decode.py reports it)
+                continue
             mode, batch = setting.split(" B")
             group = f"generate {mode} B{batch} prompt{summary['prompt']} new{summary['new_tokens']}"
             tokens_per_second = int(batch) * summary["new_tokens"] / seconds

@@ -7,6 +7,7 @@
     pyminigpt perplexity MODEL [FILE]   score a text
     pyminigpt chat MODEL [--feedback]   talk to a model; with --feedback, rate its replies and tune it
     pyminigpt explore MODEL             tokens, next token, attention, hidden states, sampling, perplexity: one page
+    pyminigpt export MODEL --out F.gguf  write the model for llama.cpp (GGUF: f32, f16, q8_0, q4_0)
     pyminigpt info                      version, kernel backends (and why others are missing), CPU, GPU
     pyminigpt bench [--ops] [--e2e]     run the benchmarks (from a checkout); JSON, Markdown ratios, PNG charts
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import chat, demo, explore
+from . import chat, demo, explore, export
 from .runs import (
     RUN_FILE,
     SIZES,
@@ -408,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat.add_parser(sub)
     explore.add_parser(sub)
+    export.add_parser(sub)
 
     p = sub.add_parser(
         "info",
