@@ -25,14 +25,15 @@ DTYPES = ("f32", "f16", "q8_0", "q4_0")
 
 def gguf_file(hf_model, dtype: str, model_kwargs: dict | None = None) -> Path:
     """The GGUF export of `hf_model` (the seed-0 random GPT-2 of `model_kwargs`) at `dtype`, cached."""
-    import gguf
+    import importlib.metadata
+
     import transformers
 
     from pyminigpt import GPT
     from pyminigpt.export import export_gguf
 
     key = hashlib.sha256(
-        json.dumps([model_kwargs or {}, dtype, transformers.__version__, gguf.__version__]).encode()
+        json.dumps([model_kwargs or {}, dtype, transformers.__version__, importlib.metadata.version("gguf")]).encode()
     ).hexdigest()[:12]
     cache = Path(os.environ.get("PYMINIGPT_BENCH_CACHE", Path(tempfile.gettempdir()) / "pyminigpt-bench"))
     target = cache / f"gpt2-{dtype}-{key}.gguf"

@@ -115,7 +115,7 @@ def test_llama_cpp_gives_transformers_greedy_tokens(model_dir, tmp_path):
     prompt = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = hf.generate(prompt, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt))
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
     got = prompt[0].tolist()
     for _ in range(20):
         llm.eval(got[llm.n_tokens :])
