@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_utils import measure_read_bandwidth
-from decode_peers import MEMBERS, build_member, member_status
+
+from pyminigpt.bench.decode_peers import MEMBERS, build_member, member_status
+from pyminigpt.bench.utils import measure_read_bandwidth
 
 PROMPT = 32
 PREFILL = "prefill"

@@ -23,6 +23,13 @@ TORCH_LIBRARY(pyminigpt, m) {
       " -> (Tensor, Tensor, Tensor)");
   // y = x weight^T + bias for x (M, K), weight (N, K); a few rows (decoding) read the weights once.
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
+  // The LM head and the cross entropy in chunks of rows (csrc/cpu/linear_cross_entropy.cpp):
+  // loss of x weight^T + bias against labels (ignore_index rows count for nothing), mean or sum;
+  // with compute_grad, also d loss / d (x, weight, bias), else those three are empty.
+  m.def(
+      "linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
+      " bool reduce_sum, bool compute_grad, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // pyminigpt._C is imported from Python for the side effect above (registering the operators).

@@ -106,4 +106,25 @@ def _linear_backward(ctx, grad_y):
 
 torch.library.register_autograd("pyminigpt::linear", _linear_backward, setup_context=_linear_setup)
 
-autograd.register("pyminigpt", ops.softmax_bwd, ops.layer_norm_bwd, ops.causal_attention_bwd)
+autograd.register(
+    "pyminigpt",
+    {"softmax": ops.softmax_bwd, "layer_norm": ops.layer_norm_bwd, "causal_attention": ops.causal_attention_bwd},
+)
+
+
+# ---- linear cross entropy (CPU) ---------------------------------------------------------
+
+
+@torch.library.register_fake("pyminigpt::linear_cross_entropy_fwd")
+def _(x, weight, bias, labels, ignore_index, reduce_sum, compute_grad, chunk_rows):
+    rows, vocab = (x.shape[0], weight.shape[0]) if compute_grad else (0, 0)
+    grad_bias = x.new_empty((vocab if bias is not None else 0,))
+    return (
+        x.new_empty((), dtype=torch.float32),
+        x.new_empty((rows, x.shape[1])),
+        weight.new_empty((vocab, x.shape[1])),
+        grad_bias,
+    )
+
+
+autograd.register_linear_cross_entropy("pyminigpt")
