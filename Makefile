@@ -37,7 +37,7 @@ $(TOOLS): $(BIN)/python Makefile
 	@echo "make: installing torch and the tools into $(VENV) (once per venv, and after a Makefile change)"
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet "numpy<2.4" transformers tokenizers safetensors tqdm matplotlib triton \
-		pytest pytest-benchmark expecttest ninja "cmake>=3.18,<4" "$(RUFF_SPEC)" "$(CLANG_FORMAT_SPEC)"
+		pytest pytest-benchmark expecttest gguf ninja "cmake>=3.18,<4" "$(RUFF_SPEC)" "$(CLANG_FORMAT_SPEC)"
 	touch $@
 
 # The package's sources: INSTALLED (a stamp holding "regular" or "editable") is older than one of

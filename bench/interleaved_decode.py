@@ -11,7 +11,13 @@ Bound of a decode step: it reads every weight once (the KV cache is small next t
 tokens/s <= batch * read bandwidth / weight bytes, with the read bandwidth that of torch.sum
 over a tensor far larger than the last-level cache (bench_utils.measure_read_bandwidth).
 
-    python bench/interleaved_decode.py [--rounds 3] [--new-tokens 64] [--batches 1 8] [--json FILE]
+    python bench/interleaved_decode.py [--rounds 3] [--new-tokens 64] [--batches 1 8] [--prefill 512]
+                                       [--busy] [--json FILE]
+
+--prefill N also times a prompt of N tokens and one new token (B1, greedy): the prefill, reported
+in tokens/s and as a fraction of the machine's matmul rate in the member's precision (float32 or
+bfloat16 torch.mm, measured once per run). --busy starts a process that spins on one core for the
+whole run: the "one core taken" row (a laptop with a browser open).
 
 On a machine whose cores are oversubscribed, run it with OMP_NUM_THREADS=1: with two threads
 each member waits at OpenMP barriers for a descheduled partner thread.
@@ -34,6 +40,7 @@ from pyminigpt.bench.decode_peers import MEMBERS, build_member, member_status
 from pyminigpt.bench.utils import measure_read_bandwidth
 
 PROMPT = 32
+PREFILL = "prefill"
 MODES = {"greedy": {"do_sample": False}, "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9}}
 
 
@@ -41,30 +48,37 @@ def setting_name(mode: str, batch: int) -> str:
     return f"{mode} B{batch}"
 
 
-def run_member(member: str, new_tokens: int, batches: list[int]) -> dict:
+def run_member(member: str, new_tokens: int, batches: list[int], prefill: int = 0, modes=tuple(MODES)) -> dict:
     """In the member's own process: build, warm up (compiling, for the compiled member), time each setting once."""
     start = time.perf_counter()
     generate, nbytes, close = build_member(member)
     built = time.perf_counter()
     prompts = {b: torch.randint(0, 50257, (b, PROMPT), generator=torch.Generator().manual_seed(b)) for b in batches}
+    long_prompt = torch.randint(0, 50257, (1, prefill), generator=torch.Generator().manual_seed(0))
     for batch in batches:  # warm-up at the timed shapes: a compiled member compiles per shape
         generate(prompts[batch], max_new_tokens=new_tokens, **MODES["greedy"])
+    if prefill:
+        generate(long_prompt, max_new_tokens=1, **MODES["greedy"])
     warmed = time.perf_counter()
     seconds = {}
     for batch in batches:
-        for mode, settings in MODES.items():
+        for mode in modes:
             t0 = time.perf_counter()
-            out = generate(prompts[batch], max_new_tokens=new_tokens, **settings)
+            out = generate(prompts[batch], max_new_tokens=new_tokens, **MODES[mode])
             seconds[setting_name(mode, batch)] = time.perf_counter() - t0
             if tuple(out.shape) != (batch, PROMPT + new_tokens):
                 raise RuntimeError(f"{member} returned {tuple(out.shape)}, expected {(batch, PROMPT + new_tokens)}")
+    if prefill:
+        t0 = time.perf_counter()
+        generate(long_prompt, max_new_tokens=1, **MODES["greedy"])
+        seconds[f"{PREFILL} {prefill}"] = time.perf_counter() - t0
     close()
     return {"seconds": seconds, "weight_bytes": nbytes, "build_s": built - start, "warmup_s": warmed - built}
 
 
-def _spawn(member: str, new_tokens: int, batches: list[int]) -> dict:
+def _spawn(member: str, new_tokens: int, batches: list[int], prefill: int, modes) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", member, "--new-tokens", str(new_tokens)]
-    command += ["--batches", *map(str, batches)]
+    command += ["--batches", *map(str, batches), "--prefill", str(prefill), "--modes", *modes]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{member} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -96,17 +110,64 @@ def summarize(runs: dict[str, list[dict]], members: list[str], bandwidths: list[
     }
 
 
-def interleaved(members: list[str], rounds: int, new_tokens: int, batches: list[int], json_path=None) -> dict:
+def matmul_rates(size: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """flop/s of torch.mm on (size, size) matrices, float32 and bfloat16: what a prefill could reach."""
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        rates[str(dtype).removeprefix("torch.")] = 2 * size**3 / statistics.median(times)
+    return rates
+
+
+def prefill_flops(prompt: int, n_layer: int = 12, n_embd: int = 768) -> float:
+    """Flops of one GPT-2 forward over `prompt` tokens with the LM head on the last one only: the
+    projections (24 C^2 per token and layer), causal attention (2 T^2 C per layer), the head."""
+    return prompt * n_layer * 24 * n_embd**2 + n_layer * 2 * prompt**2 * n_embd + 2 * n_embd * 50257
+
+
+def spinner() -> subprocess.Popen:
+    """A process that keeps one core busy until killed."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def interleaved(
+    members: list[str],
+    rounds: int,
+    new_tokens: int,
+    batches: list[int],
+    json_path=None,
+    prefill: int = 0,
+    modes=tuple(MODES),
+    busy: bool = False,
+) -> dict:
     """Runs the rounds; after every member run, writes the summary so far to json_path (if given)."""
     runnable = [m for m in members if member_status(m) == "ok"]
     runs: dict[str, list[dict]] = {m: [] for m in runnable}
+    spinning = spinner() if busy else None
+    try:
+        return _rounds(members, runnable, runs, rounds, new_tokens, batches, json_path, prefill, modes, busy)
+    finally:
+        if spinning is not None:
+            spinning.kill()
+            spinning.wait()
+
+
+def _rounds(members, runnable, runs, rounds, new_tokens, batches, json_path, prefill, modes, busy) -> dict:
     bandwidths, loads = [measure_read_bandwidth()], [os.getloadavg()[0]]
-    setup = {"new_tokens": new_tokens, "batches": batches}
+    setup = {"new_tokens": new_tokens, "batches": batches, "modes": list(modes), "prefill": prefill, "busy": busy}
+    if prefill:
+        setup["matmul_flops"] = matmul_rates()
     summary = summarize(runs, members, bandwidths, loads, rounds=0, **setup)
     for r in range(rounds):
         order = runnable[r % len(runnable) :] + runnable[: r % len(runnable)]
         for member in order:
-            runs[member].append(_spawn(member, new_tokens, batches))
+            runs[member].append(_spawn(member, new_tokens, batches, prefill, modes))
             bandwidths.append(measure_read_bandwidth())
             loads.append(os.getloadavg()[0])
             print(f"round {r + 1}/{rounds} {member}: {runs[member][-1]}", file=sys.stderr, flush=True)
@@ -117,12 +178,20 @@ def interleaved(members: list[str], rounds: int, new_tokens: int, batches: list[
 
 
 def tokens_per_second(summary: dict, member: str, setting: str) -> float:
+    if setting.startswith(PREFILL):
+        return int(setting.split()[1]) / summary["members"][member]["seconds"][setting]
     batch = int(setting.rsplit("B", 1)[1])
     return batch * summary["new_tokens"] / summary["members"][member]["seconds"][setting]
 
 
 def fraction_of_bound(summary: dict, member: str, setting: str) -> float:
-    """tokens/s over batch * read bandwidth / the member's weight bytes."""
+    """tokens/s over batch * read bandwidth / the member's weight bytes; for the prefill, flop/s over
+    torch.mm's in the member's precision (16-bit members against bfloat16's)."""
+    if setting.startswith(PREFILL):
+        prompt = int(setting.split()[1])
+        flops = prefill_flops(prompt) / summary["members"][member]["seconds"][setting]
+        sixteen = any(tag in member for tag in ("bf16", "f16", "int8", "q8", "q4"))
+        return flops / summary["matmul_flops"]["bfloat16" if sixteen else "float32"]
     batch = int(setting.rsplit("B", 1)[1])
     bound = batch * summary["read_bandwidth"] / summary["members"][member]["weight_bytes"]
     return tokens_per_second(summary, member, setting) / bound
@@ -130,7 +199,9 @@ def fraction_of_bound(summary: dict, member: str, setting: str) -> float:
 
 def markdown(summary: dict) -> str:
     """One row per member: tokens/s and fraction of its bound for each setting."""
-    settings = [setting_name(mode, b) for b in summary["batches"] for mode in MODES]
+    settings = [setting_name(mode, b) for b in summary["batches"] for mode in summary.get("modes", MODES)]
+    if summary.get("prefill"):
+        settings.append(f"{PREFILL} {summary['prefill']}")
     lines = [
         "| member | weights MB | " + " | ".join(f"{s} tok/s (of bound)" for s in settings) + " | warm-up s |",
         "|---|---:|" + "---:|" * len(settings) + "---:|",
@@ -155,15 +226,21 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--members", nargs="+", default=MEMBERS, choices=MEMBERS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--prefill", type=int, default=0, help="also time a prompt of this many tokens (0: no)")
+    parser.add_argument("--busy", action="store_true", help="a process spins on one core during the run")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here, after every member run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one member, in this process
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_member(args.worker, args.new_tokens, args.batches)))
+        print(json.dumps(run_member(args.worker, args.new_tokens, args.batches, args.prefill, args.modes)))
         return
-    summary = interleaved(args.members, args.rounds, args.new_tokens, args.batches, args.json)
+    summary = interleaved(
+        args.members, args.rounds, args.new_tokens, args.batches, args.json, args.prefill, args.modes, args.busy
+    )
     print(
-        f"prompt {PROMPT}, {args.new_tokens} new tokens, {summary['rounds']} rounds, read bandwidth "
+        f"prompt {PROMPT}, {args.new_tokens} new tokens, {summary['rounds']} rounds,"
+        f"{' one core busy,' if args.busy else ''} read bandwidth "
         f"{summary['read_bandwidth'] / 1e9:.1f} GB/s, load average min/median/max {summary['load_average']}"
     )
     print(markdown(summary))

@@ -86,6 +86,11 @@ static_assert(kBlockQ % kTileRows == 0 && kBwdBlockK % kTileRows == 0);
 static_assert(kFwdBlockK % (kTileVecs * W) == 0 && kBwdBlockK % (kTileVecs * W) == 0);
 
 constexpr int64_t kDecodeMinKeysPerTask = 256;  // splitting the keys below this does not pay
+// Decode bytes of k and v per thread below which the step runs on the calling thread alone:
+// 256 KiB take ~10 us from DRAM, a few times a fork-join's cost on a quiet machine; on a busy one
+// every parallel region also waits for its slowest thread to be scheduled, so the short caches of
+// a decode's first tokens are cheaper on one thread (bench/RESULTS.md, "steady under load").
+constexpr int64_t kDecodeMinBytesPerThread = 256 * 1024;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -345,7 +350,7 @@ void attention_fwd_decode(const Heads<const scalar_t>& q, const Heads<const scal
   // Per (head, split): the partial max, sum and unnormalised output.
   std::vector<MaxAndSum> partial(heads * splits);
   std::vector<float> partial_acc(heads * splits * padded_d, 0.f);
-  at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
+  auto attend = [&](int64_t begin, int64_t end) {
     std::vector<float> q_row(padded_d), scores(round_up(keys_per_split, W));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits / H, h = task / splits % H;
@@ -358,7 +363,15 @@ void attention_fwd_decode(const Heads<const scalar_t>& q, const Heads<const scal
       partial[task] = attend_one_query(q_row.data(), k.row(b, h, key0), k.stride_t, v.row(b, h, key0), v.stride_t, nk,
                                        D, scale, scores.data(), partial_acc.data() + task * padded_d);
     }
-  });
+  };
+  const int64_t tasks = heads * splits;
+  const int64_t cache_bytes = 2 * heads * Tk * D * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t threads_worth = cache_bytes / kDecodeMinBytesPerThread;
+  if (threads_worth < 2) {
+    attend(0, tasks);
+  } else {
+    at::parallel_for(0, tasks, ceil_div(tasks, threads_worth), attend);
+  }
   std::vector<float> acc(padded_d);
   for (int64_t head = 0; head < heads; ++head) {
     const MaxAndSum* parts = partial.data() + head * splits;

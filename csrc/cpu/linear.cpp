@@ -45,6 +45,7 @@
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
@@ -197,6 +198,27 @@ int64_t columns_per_task(int64_t K, int64_t block) {
   return std::max<int64_t>(block, 65536 / (K * static_cast<int64_t>(sizeof(scalar_t))));
 }
 
+// fn(n0, n1) over [0, N) in chunks of `chunk` columns that the threads claim one at a time from
+// a shared counter, rather than one fixed share per thread: a thread the OS has descheduled (a
+// busy core) leaves its chunks to the threads that run, so the step waits only for the chunk it
+// was in. One chunk is ~64 KiB of weights; the counter is one atomic add per chunk.
+template <typename F>
+void parallel_chunks(int64_t N, int64_t chunk, const F& fn) {
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    fn(0, N);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(c * chunk, std::min(N, (c + 1) * chunk));
+    }
+  });
+}
+
 // x: the M rows as stored (read by the VDPBF16PS kernel), xf: widened to fp32 (read by the others).
 template <int M, typename scalar_t>
 void linear_rows(const scalar_t* x, const float* xf, const scalar_t* w, const scalar_t* bias, scalar_t* y, int64_t K,
@@ -204,14 +226,15 @@ void linear_rows(const scalar_t* x, const float* xf, const scalar_t* w, const sc
 #ifdef PYMINIGPT_LINEAR_DOT_BF16
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (use_dot_bf16()) {
-      at::parallel_for(0, N, columns_per_task<scalar_t>(K, 1),
-                       [&](int64_t n0, int64_t n1) { linear_columns_dot_bf16<M>(x, w, bias, y, K, N, n0, n1); });
+      parallel_chunks(N, columns_per_task<scalar_t>(K, 1),
+                      [&](int64_t n0, int64_t n1) { linear_columns_dot_bf16<M>(x, w, bias, y, K, N, n0, n1); });
       return;
     }
   }
 #endif
-  at::parallel_for(0, N, columns_per_task<scalar_t>(K, rows_per_block(M)),
-                   [&](int64_t n0, int64_t n1) { linear_columns<M>(xf, w, bias, y, K, N, n0, n1); });
+  constexpr int64_t R = rows_per_block(M);  // chunks of whole blocks: only the last has a remainder
+  const int64_t chunk = (columns_per_task<scalar_t>(K, R) + R - 1) / R * R;
+  parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) { linear_columns<M>(xf, w, bias, y, K, N, n0, n1); });
 }
 
 template <typename scalar_t, int... Ms>

@@ -1,6 +1,10 @@
 """The decoding members the end-to-end benchmarks share: GPT-2-shaped random weights, the
 engines a user would pick instead of pyminigpt (transformers, transformers under
-torch.compile, CTranslate2 float32 / int8) and pyminigpt itself, each as one `generate(ids)`.
+torch.compile, CTranslate2 float32 / int8, llama.cpp f32 / f16 / q8_0 / q4_0) and pyminigpt
+itself, each as one `generate(ids)`.
+
+llama.cpp runs through llama-cpp-python (the `bench` extra, which builds llama.cpp at install) on
+a GGUF file that `pyminigpt export` writes from the same weights (`llama_cpp_member.py`).
 
 CTranslate2 brings its own OpenMP runtime, whose idle threads spin against torch's: in one
 process with torch it slows whichever member runs next. So it always runs in a worker process
@@ -32,10 +36,23 @@ MEMBERS = [
     "transformers+patch",
     "ctranslate2-float32",
     "ctranslate2-int8",
+    "llama.cpp-f32",
+    "llama.cpp-f16",
+    "llama.cpp-q8_0",
+    "llama.cpp-q4_0",
     "pyminigpt",
     "pyminigpt-bf16",
 ]
-PEERS = ("transformers", "transformers+compile", "ctranslate2-float32", "ctranslate2-int8")
+PEERS = (
+    "transformers",
+    "transformers+compile",
+    "ctranslate2-float32",
+    "ctranslate2-int8",
+    "llama.cpp-f32",
+    "llama.cpp-f16",
+    "llama.cpp-q8_0",
+    "llama.cpp-q4_0",
+)
 NOT_INSTALLED = "not installed"
 
 
@@ -46,6 +63,8 @@ def ctranslate2_installed() -> bool:
 def member_status(member: str) -> str:
     """ "ok", or why the member cannot run here ("not installed")."""
     if member.startswith("ctranslate2") and not ctranslate2_installed():
+        return NOT_INSTALLED
+    if member.startswith("llama.cpp") and not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
         return NOT_INSTALLED
     return "ok"
 
@@ -190,6 +209,11 @@ def build_member(member: str, model_kwargs: dict | None = None, device: str = "c
         # CTranslate2's int8 keeps the embeddings and the LM head int8 as well: every weight is one byte
         nbytes = weight_bytes(hf) // (4 if compute_type == "int8" else 1)
         return worker.generate, nbytes, worker.close
+    if member.startswith("llama.cpp"):
+        from .llama_cpp_member import LlamaCppMember
+
+        engine = LlamaCppMember(hf, member.removeprefix("llama.cpp-"), model_kwargs)
+        return engine.generate, engine.weight_bytes, engine.close
     if member.startswith("transformers"):
         if member == "transformers+patch":
             import pyminigpt

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 # Member names that are the outside implementation a kernel is measured against.
 PEERS = ("transformers", "transformers+compile", "ctranslate2-float32", "ctranslate2-int8", "sdpa", "torch", "compile")
+PEERS += tuple(f"llama.cpp-{dtype}" for dtype in ("f32", "f16", "q8_0", "q4_0"))
 # Members that need an optional package; missing from a decode group without it, they are
 # reported as "not installed" rather than left out.
 OPTIONAL_MEMBERS = {"ctranslate2-float32": "ctranslate2", "ctranslate2-int8": "ctranslate2"}
+OPTIONAL_MEMBERS.update({f"llama.cpp-{dtype}": "llama_cpp" for dtype in ("f32", "f16", "q8_0", "q4_0")})
 NOT_INSTALLED = "not installed"
 DECODE_GROUP = re.compile(r"^generate (?P<mode>\w+) B(?P<batch>\d+)\b")
 
@@ -65,6 +67,8 @@ def load_decode_summary(summary: dict) -> dict[str, list[Result]]:
         if "seconds" not in result:
             continue
         for setting, seconds in result["seconds"].items():
+            if " B" not in setting:  # the prefill: a rate of its own (bench/interleaved_decode.py reports it)
+                continue
             mode, batch = setting.split(" B")
             group = f"generate {mode} B{batch} prompt{summary['prompt']} new{summary['new_tokens']}"
             tokens_per_second = int(batch) * summary["new_tokens"] / seconds

@@ -25,6 +25,7 @@ COMMANDS = {
     "perplexity": "pyminigpt.cli.perplexity",
     "chat": "pyminigpt.cli.chat",
     "explore": "pyminigpt.cli.explore",
+    "export": "pyminigpt.cli.export",
     "info": "pyminigpt.cli.info",
     "bench": "pyminigpt.cli.bench",
 }

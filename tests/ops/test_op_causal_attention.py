@@ -172,9 +172,10 @@ def test_gradients_non_contiguous(backend, dtype, grad_layout):
     _assert_gradients_close(grads, q, k, v, grad_out)
 
 
-@pytest.mark.parametrize("tk", [1, 1000], ids=["Tk1", "Tk1000"])
+@pytest.mark.parametrize("tk", [1, 1000, 5000], ids=["Tk1", "Tk1000", "Tk5000"])
 def test_decode_with_more_threads_than_heads(backend, tk):
-    # one head, four threads: the CPU kernel splits the keys into ranges and merges them
+    # one head, four threads: the CPU kernel splits the keys into ranges and merges them (in
+    # parallel once the cache outgrows kDecodeMinBytesPerThread per thread: Tk5000, 2.6 MB)
     q, k, v = _inputs((1, 1, 1, tk, 64), torch.float32, backend)
     skip_if_declined("causal_attention", q, k, v, 1.0)
     threads = torch.get_num_threads()
