@@ -84,7 +84,8 @@ test-sanitized: installed
 # The Triton kernels on CPU tensors through the interpreter, at small sizes.
 test-triton: installed
 	cd tests && TRITON_INTERPRET=1 PYMINIGPT_REQUIRE_BACKENDS=triton $(PYTEST) \
-		test_op_softmax.py test_op_layer_norm.py test_op_sampling.py test_op_causal_attention.py test_triton_kernels.py
+		test_op_softmax.py test_op_layer_norm.py test_op_sampling.py test_op_causal_attention.py test_triton_kernels.py \
+		test_op_quantized_linear.py
 
 # Every Triton kernel of the installed package compiled for sm_80 and sm_90 through its
 # launcher, down to ptxas (no GPU needed): the interpreter above checks what the kernels

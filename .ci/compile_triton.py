@@ -28,12 +28,20 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 try:
-    from pyminigpt.kernels import causal_attention, layer_norm, sampling, softmax
+    from pyminigpt.kernels import causal_attention, layer_norm, quantized_linear, sampling, softmax
 except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
-    from kernels import causal_attention, layer_norm, sampling, softmax
+    from kernels import causal_attention, layer_norm, quantized_linear, sampling, softmax
 
 ARCHS = (80, 90)
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
+_DTYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -148,6 +156,12 @@ def record_all_launches() -> None:
             _, lse = causal_attention.attention_fwd(q, k, v, head_dim**-0.5, wrap=record)
             causal_attention.attention_bwd(q, q, k, v, q, lse.zero_(), head_dim**-0.5, wrap=record)
             causal_attention.attention_fwd(q[:, :, :1], k, v, head_dim**-0.5, wrap=record)  # split-K decode
+    for dtype in (torch.float32, torch.bfloat16):
+        x, scales = randn(4, 128, dtype=dtype), torch.rand(96, 2, generator=g)
+        int8 = torch.zeros(96, 128, dtype=torch.int8)
+        quantized_linear.quantized_linear(x, int8, scales, None, randn(96, dtype=dtype), wrap=record)
+        int4 = torch.zeros(96, 64, dtype=torch.uint8)
+        quantized_linear.quantized_linear(x, int4, scales, scales, None, wrap=record)
 
 
 def main() -> int:

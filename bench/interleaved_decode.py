@@ -11,7 +11,7 @@ Bound of a decode step: it reads every weight once (the KV cache is small next t
 tokens/s <= batch * read bandwidth / weight bytes, with the read bandwidth that of torch.sum
 over a tensor far larger than the last-level cache (bench_utils.measure_read_bandwidth).
 
-    python bench/interleaved_decode.py [--rounds 3] [--new-tokens 64] [--batches 1 8] [--json FILE]
+    python bench/interleaved_decode.py [--rounds 3] [--new-tokens 64] [--batches 1 8] [--prefill 512] [--json FILE]
 
 On a machine whose cores are oversubscribed, run it with OMP_NUM_THREADS=1: with two threads
 each member waits at OpenMP barriers for a descheduled partner thread.
@@ -40,8 +40,11 @@ def setting_name(mode: str, batch: int) -> str:
     return f"{mode} B{batch}"
 
 
-def run_member(member: str, new_tokens: int, batches: list[int]) -> dict:
-    """In the member's own process: build, warm up (compiling, for the compiled member), time each setting once."""
+def run_member(member: str, new_tokens: int, batches: list[int], prefill: int = 0) -> dict:
+    """In the member's own process: build, warm up (compiling, for the compiled member), time each setting once.
+
+    prefill > 0 also times one prompt of that many tokens (batch 1) and a single new token: the
+    "prefill N" setting, whose tokens/s counts the prompt's tokens."""
     start = time.perf_counter()
     generate, nbytes, close = build_member(member)
     built = time.perf_counter()
@@ -57,13 +60,19 @@ def run_member(member: str, new_tokens: int, batches: list[int]) -> dict:
             seconds[setting_name(mode, batch)] = time.perf_counter() - t0
             if tuple(out.shape) != (batch, PROMPT + new_tokens):
                 raise RuntimeError(f"{member} returned {tuple(out.shape)}, expected {(batch, PROMPT + new_tokens)}")
+    if prefill:
+        prompt = torch.randint(0, 50257, (1, prefill), generator=torch.Generator().manual_seed(prefill))
+        generate(prompt, max_new_tokens=1, **MODES["greedy"])  # warm-up at this shape
+        t0 = time.perf_counter()
+        generate(prompt, max_new_tokens=1, **MODES["greedy"])
+        seconds[f"prefill {prefill}"] = time.perf_counter() - t0
     close()
     return {"seconds": seconds, "weight_bytes": nbytes, "build_s": built - start, "warmup_s": warmed - built}
 
 
-def _spawn(member: str, new_tokens: int, batches: list[int]) -> dict:
+def _spawn(member: str, new_tokens: int, batches: list[int], prefill: int = 0) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", member, "--new-tokens", str(new_tokens)]
-    command += ["--batches", *map(str, batches)]
+    command += ["--batches", *map(str, batches), "--prefill", str(prefill)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{member} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -95,17 +104,19 @@ def summarize(runs: dict[str, list[dict]], members: list[str], bandwidths: list[
     }
 
 
-def interleaved(members: list[str], rounds: int, new_tokens: int, batches: list[int], json_path=None) -> dict:
+def interleaved(
+    members: list[str], rounds: int, new_tokens: int, batches: list[int], json_path=None, prefill: int = 0
+) -> dict:
     """Runs the rounds; after every member run, writes the summary so far to json_path (if given)."""
     runnable = [m for m in members if member_status(m) == "ok"]
     runs: dict[str, list[dict]] = {m: [] for m in runnable}
     bandwidths, loads = [measure_read_bandwidth()], [os.getloadavg()[0]]
-    setup = {"new_tokens": new_tokens, "batches": batches}
+    setup = {"new_tokens": new_tokens, "batches": batches, "prefill": prefill}
     summary = summarize(runs, members, bandwidths, loads, rounds=0, **setup)
     for r in range(rounds):
         order = runnable[r % len(runnable) :] + runnable[: r % len(runnable)]
         for member in order:
-            runs[member].append(_spawn(member, new_tokens, batches))
+            runs[member].append(_spawn(member, new_tokens, batches, prefill))
             bandwidths.append(measure_read_bandwidth())
             loads.append(os.getloadavg()[0])
             print(f"round {r + 1}/{rounds} {member}: {runs[member][-1]}", file=sys.stderr, flush=True)
@@ -116,6 +127,8 @@ def interleaved(members: list[str], rounds: int, new_tokens: int, batches: list[
 
 
 def tokens_per_second(summary: dict, member: str, setting: str) -> float:
+    if setting.startswith("prefill"):
+        return int(setting.split()[1]) / summary["members"][member]["seconds"][setting]
     batch = int(setting.rsplit("B", 1)[1])
     return batch * summary["new_tokens"] / summary["members"][member]["seconds"][setting]
 
@@ -130,18 +143,21 @@ def fraction_of_bound(summary: dict, member: str, setting: str) -> float:
 def markdown(summary: dict) -> str:
     """One row per member: tokens/s and fraction of its bound for each setting."""
     settings = [setting_name(mode, b) for b in summary["batches"] for mode in MODES]
+    prefill = [f"prefill {summary['prefill']}"] if summary.get("prefill") else []
     lines = [
-        "| member | weights MB | " + " | ".join(f"{s} tok/s (of bound)" for s in settings) + " | warm-up s |",
-        "|---|---:|" + "---:|" * len(settings) + "---:|",
+        "| member | weights MB | "
+        + " | ".join([f"{s} tok/s (of bound)" for s in settings] + [f"{s} tok/s" for s in prefill])
+        + " | warm-up s |",
+        "|---|---:|" + "---:|" * (len(settings) + len(prefill)) + "---:|",
     ]
     for member, result in summary["members"].items():
         if "seconds" not in result:
-            lines.append(f"| {member} | | " + " | ".join([result["status"]] * len(settings)) + " | |")
+            lines.append(f"| {member} | | " + " | ".join([result["status"]] * (len(settings) + len(prefill))) + " | |")
             continue
         cells = [
             f"{tokens_per_second(summary, member, s):.1f} ({fraction_of_bound(summary, member, s):.2f})"
             for s in settings
-        ]
+        ] + [f"{tokens_per_second(summary, member, s):.0f}" for s in prefill]
         lines.append(
             f"| {member} | {result['weight_bytes'] / 1e6:.0f} | " + " | ".join(cells) + f" | {result['warmup_s']:.1f} |"
         )
@@ -155,12 +171,13 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--members", nargs="+", default=MEMBERS, choices=MEMBERS)
     parser.add_argument("--json", type=Path, default=None, help="write the summary here, after every member run")
+    parser.add_argument("--prefill", type=int, default=0, help="also time one prompt of this many tokens (0: no)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one member, in this process
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_member(args.worker, args.new_tokens, args.batches)))
+        print(json.dumps(run_member(args.worker, args.new_tokens, args.batches, args.prefill)))
         return
-    summary = interleaved(args.members, args.rounds, args.new_tokens, args.batches, args.json)
+    summary = interleaved(args.members, args.rounds, args.new_tokens, args.batches, args.json, args.prefill)
     print(
         f"prompt {PROMPT}, {args.new_tokens} new tokens, {summary['rounds']} rounds, read bandwidth "
         f"{summary['read_bandwidth'] / 1e9:.1f} GB/s, load average min/median/max {summary['load_average']}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .quantize import add_weights_argument
 from .runs import (
     RUN_FILE,
     UsageError,
@@ -70,7 +71,11 @@ def run(args) -> int:
 
     out = Path(args.out)
     check_sampling(args)
-    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
+    if args.feedback and args.weights in ("int8", "int4"):
+        raise UsageError(
+            f"--weights {args.weights} is for inference: --feedback fine-tunes the model, give fp32 or bf16"
+        )
+    loaded = load_model(args.model, pick_device(args.device), args.tokenizer, weights=args.weights)
     if args.feedback and out.resolve() in (loaded.path.resolve(), loaded.path.parent.resolve()):
         raise UsageError(f"--out {str(out)!r} would overwrite the model being tuned; choose another directory")
     if args.feedback:
@@ -154,4 +159,5 @@ def add_parser(subparsers) -> None:
         "--out", default="pyminigpt-feedback", help="where the tuned model goes (default ./pyminigpt-feedback)"
     )
     add_sampling_args(p)
+    add_weights_argument(p)
     p.set_defaults(run=run)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import chat, demo, explore
+from .quantize import add_weights_argument
 from .runs import (
     RUN_FILE,
     SIZES,
@@ -204,7 +205,7 @@ def cmd_generate(args) -> int:
     check_sampling(args)
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
+    loaded = load_model(args.model, pick_device(args.device), args.tokenizer, weights=args.weights)
     encode_check(loaded, args.prompt, "prompt")
     kwargs = sampling_kwargs(args, loaded, args.prompt)
     if args.stream:
@@ -231,7 +232,7 @@ def cmd_generate(args) -> int:
 def cmd_perplexity(args) -> int:
     from .analysis import perplexity
 
-    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
+    loaded = load_model(args.model, pick_device(args.device), args.tokenizer, weights=args.weights)
     if (args.file is None) == (args.text is None):
         raise UsageError("give a FILE or --text (one of them)")
     if args.file is not None:
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=5, help="how many continuations (default 5)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add_sampling_args(p)
+    add_weights_argument(p)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser(
@@ -404,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="window length in tokens (default: the context)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the run's tokenizer.json)")
+    add_weights_argument(p)
     p.set_defaults(run=cmd_perplexity)
 
     chat.add_parser(sub)

@@ -38,7 +38,7 @@ from .rules import RULES, Rule
 
 # The five operations, and `linear` (nn.Linear's op), which only the `cpu` backend implements
 # (decoding's few-row matmuls); on other backends it is torch's matmul, strict or not.
-OPS = ("layer_norm", "softmax", "top_k_top_p_filter", "sample", "causal_attention", "linear")
+OPS = ("layer_norm", "softmax", "top_k_top_p_filter", "sample", "causal_attention", "linear", "quantized_linear")
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 # Which kernel backends `auto` tries first, by device type.
 AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}

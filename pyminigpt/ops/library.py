@@ -106,4 +106,12 @@ def _linear_backward(ctx, grad_y):
 
 torch.library.register_autograd("pyminigpt::linear", _linear_backward, setup_context=_linear_setup)
 
+# ---- quantized linear (inference only: no autograd formula) ------------------------------
+
+
+@torch.library.register_fake("pyminigpt::quantized_linear")
+def _(x, qweight, scales, offsets, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
 autograd.register("pyminigpt", ops.softmax_bwd, ops.layer_norm_bwd, ops.causal_attention_bwd)

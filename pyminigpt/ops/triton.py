@@ -22,11 +22,13 @@ try:
     from pyminigpt.kernels import INTERPRET, sampling
     from pyminigpt.kernels import causal_attention as attention_kernels
     from pyminigpt.kernels import layer_norm as layer_norm_kernels
+    from pyminigpt.kernels import quantized_linear as quantized_linear_kernels
     from pyminigpt.kernels import softmax as softmax_kernels
 except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
     from kernels import INTERPRET, sampling
     from kernels import causal_attention as attention_kernels
     from kernels import layer_norm as layer_norm_kernels
+    from kernels import quantized_linear as quantized_linear_kernels
     from kernels import softmax as softmax_kernels
 
 
@@ -114,6 +116,20 @@ def causal_attention_bwd(
     return attention_kernels.attention_bwd(grad_out, q, k, v, out, lse, scale, wrap=_wrap)
 
 
+# ---- quantized linear (inference only) ----------------------------------------------------
+
+
+@triton_op("pyminigpt_triton::quantized_linear", mutates_args=())
+def quantized_linear_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return quantized_linear_kernels.quantized_linear(x, qweight, scales, offsets, bias, wrap=_wrap)
+
+
 autograd.register("pyminigpt_triton", softmax_bwd, layer_norm_bwd, causal_attention_bwd)
 
 
@@ -143,6 +159,11 @@ def causal_attention(q, k, v, scale):
     return out
 
 
+def quantized_linear(x, qweight, scales, offsets, bias):
+    y = quantized_linear_op(_rows(x), qweight, scales, offsets, bias)
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
 rules.LIMITS["triton_layer_norm_max_cols"] = layer_norm_kernels.MAX_COLS
 rules.LIMITS["triton_attention_max_head_dim"] = attention_kernels.MAX_HEAD_DIM
 rules.LIMITS["triton_attention_max_batch_heads"] = attention_kernels.MAX_BATCH_HEADS
@@ -153,5 +174,6 @@ for _op, _fn in (
     ("top_k_top_p_filter", top_k_top_p_filter),
     ("sample", sample),
     ("causal_attention", causal_attention),
+    ("quantized_linear", quantized_linear),
 ):
     dispatch.register(_op, "triton", _fn)
