@@ -60,6 +60,9 @@ def member_status(member: str) -> str:
         return NOT_INSTALLED
     if member.startswith("torchao") and importlib.util.find_spec("torchao") is None:
         return NOT_INSTALLED
+    if member == "torchao-int4" and not torch.cuda.is_available():
+        # torchao 0.18's Int4WeightOnlyConfig: "Requires mslk >= 1.0.0" (its GPU kernels); no CPU packing is accepted
+        return "needs CUDA (torchao 0.18)"
     return "ok"
 
 
