@@ -6,6 +6,7 @@
 #   make dev         # an editable install: Python edits are live; rerun it after C++ edits
 #   make check       # lint: ruff check, ruff format --check, clang-format over csrc/ and the emulator
 #   make test-fast   # the Python suite on the cpu + reference backends, no rebuild
+#   make test-unit   # the same without the tests marked slow (end to end, DDP, demo, explore): < 2 min
 #   make format      # apply clang-format to the C++/CUDA sources (ruff format: see README)
 #
 # TORCH_SPEC pins the torch the extension is built against; installs use
@@ -22,8 +23,10 @@ BIN := $(VENV)/bin
 TOOLS := $(VENV)/.pyminigpt-tools
 CXX_SOURCES = $(sort $(shell find csrc tests/cuda_emulator -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh'))
 PYTEST := $(abspath $(BIN)/python) -m pytest -q -p no:cacheprovider
+# The tests the Triton interpreter runs (from tests/): every op's tests, picked by name, and the kernels' own.
+TRITON_TESTS = ops/test_op_*.py ops/test_triton_kernels.py
 
-.PHONY: install dev demo check format test test-fast test-python test-triton compile-triton compile-cuda \
+.PHONY: install dev demo check format test test-fast test-unit test-python test-triton compile-triton compile-cuda \
 	test-cuda-emulated test-native test-sanitized bench gpu-check installed clean
 
 $(BIN)/python:
@@ -48,13 +51,15 @@ dev: $(TOOLS)
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	$(BIN)/pyminigpt info
 
-demo: install
+# The regular install with the `demo` extra (matplotlib for the pictures, tqdm for the bar).
+demo: $(TOOLS)
+	$(BIN)/pip install --quiet --no-build-isolation ".[demo]"
 	$(BIN)/pyminigpt demo
 
 # The test targets run against whatever `make install` or `make dev` installed, and rebuild
 # nothing; on a fresh machine (nothing installed in $(VENV)) they run `make install` first.
 installed:
-	@$(BIN)/python -c "import pyminigpt._C" 2>/dev/null || $(MAKE) --no-print-directory install
+	@$(BIN)/python -c "import torch, pyminigpt._C" 2>/dev/null || $(MAKE) --no-print-directory install
 
 # Lint. ruff reads pyproject.toml, clang-format .clang-format. All three run even when one fails.
 check: $(TOOLS)
@@ -72,6 +77,11 @@ test: check test-python test-sanitized test-triton compile-triton test-native co
 
 test-fast: test-python
 
+# The suite without the tests marked slow (the command end to end, DDP, the demo, explore): under
+# 2 minutes on 2 cores, for the edit-test loop.
+test-unit: installed
+	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu $(PYTEST) --ignore=cuda_emulator -m "not slow" .
+
 test-python: installed
 	cd tests && PYMINIGPT_REQUIRE_BACKENDS=cpu $(PYTEST) --ignore=cuda_emulator .
 
@@ -83,9 +93,7 @@ test-sanitized: installed
 
 # The Triton kernels on CPU tensors through the interpreter, at small sizes.
 test-triton: installed
-	cd tests && TRITON_INTERPRET=1 PYMINIGPT_REQUIRE_BACKENDS=triton $(PYTEST) \
-		test_op_softmax.py test_op_layer_norm.py test_op_sampling.py test_op_causal_attention.py test_triton_kernels.py \
-		test_op_quantized_linear.py
+	cd tests && TRITON_INTERPRET=1 PYMINIGPT_REQUIRE_BACKENDS=triton $(PYTEST) $(TRITON_TESTS)
 
 # Every Triton kernel of the installed package compiled for sm_80 and sm_90 through its
 # launcher, down to ptxas (no GPU needed): the interpreter above checks what the kernels

@@ -30,6 +30,6 @@ PYMINIGPT_BUILD_CUDA=1 MAX_JOBS=2 "$PY" -m pip install --quiet --no-build-isolat
 cd tests
 PYMINIGPT_REQUIRE_BACKENDS=cpu "$PY" -m pytest -q -p no:cacheprovider -n 2 .
 TRITON_INTERPRET=1 PYMINIGPT_REQUIRE_BACKENDS=triton "$PY" -m pytest -q -p no:cacheprovider -n 2 \
-  test_op_softmax.py test_op_layer_norm.py test_op_sampling.py test_op_causal_attention.py test_triton_kernels.py
+  ops/test_op_*.py ops/test_triton_kernels.py  # the Makefile's TRITON_TESTS
 cd ..
 "$PY" .ci/compile_triton.py | tail -n 1

@@ -8,10 +8,10 @@
 #   build      the CUDA extension against the installed torch (pip install -e ., CUDA forced)
 #   roofline   the measured copy bandwidth and matmul rates (roofline.json)
 #   test       the whole suite on the GPU, with the cpu, cuda and triton backends required
-#   bench-gpu  bench/test_bench_gpu.py: every kernel against eager and the peers, with the
+#   bench-gpu  pyminigpt/bench/test_bench_gpu.py: every kernel against eager and the peers, with the
 #              issues' targets (triton_gpu.md, cuda_gpu.md)
-#   bench-e2e  bench/test_bench_e2e.py: generate and the training step against transformers
-#   bench-ops  the pytest-benchmark op suites (bench/test_bench_<op>.py), short rounds
+#   bench-e2e  pyminigpt/bench/test_bench_e2e.py: generate and the training step against transformers
+#   bench-ops  the pytest-benchmark op suites (pyminigpt/bench/test_bench_<op>.py), short rounds
 #   sanitize   compute-sanitizer memcheck, then racecheck, over the op tests of the cuda
 #              backend, checking only pyminigpt's kernels (SANITIZER_FILTER; empty: all) with
 #              PyTorch's caching allocator off, so that memcheck sees each tensor's own bounds
@@ -76,7 +76,7 @@ if [ $built -eq 0 ]; then
     summary+=("the build failed: no other stage ran")
 else
     if wants roofline; then
-        stage roofline "${TIMEOUT_ROOFLINE:-120}" $PYTHON bench/gpu_roofline.py --out "$results/roofline.json"
+        stage roofline "${TIMEOUT_ROOFLINE:-120}" $PYTHON -m pyminigpt.bench.gpu_roofline --out "$results/roofline.json"
     fi
     if wants test; then
         # xdist spreads the suite (mostly Triton compiles) over the CPUs when it is installed;
@@ -91,13 +91,14 @@ else
         stage "$name" "$limit" $PYTHON -m pytest "$@" -q --benchmark-group-by=group \
             --benchmark-columns=median,iqr,rounds --benchmark-json="$results/$name.json"
     }
-    wants bench-gpu && bench bench-gpu "${TIMEOUT_BENCH_GPU:-360}" bench/test_bench_gpu.py
-    wants bench-e2e && bench bench-e2e "${TIMEOUT_BENCH_E2E:-300}" bench/test_bench_e2e.py
-    wants bench-ops && bench bench-ops "${TIMEOUT_BENCH_OPS:-300}" bench/test_bench_causal_attention.py \
-        bench/test_bench_layer_norm.py bench/test_bench_softmax.py bench/test_bench_sampling.py \
-        --benchmark-max-time=0.1
+    suites=pyminigpt/bench
+    wants bench-gpu && bench bench-gpu "${TIMEOUT_BENCH_GPU:-360}" $suites/test_bench_gpu.py
+    wants bench-e2e && bench bench-e2e "${TIMEOUT_BENCH_E2E:-300}" $suites/test_bench_e2e.py
+    # every op suite (the suites but gpu and e2e), picked by name
+    wants bench-ops && bench bench-ops "${TIMEOUT_BENCH_OPS:-300}" $suites/test_bench_*.py \
+        --ignore=$suites/test_bench_gpu.py --ignore=$suites/test_bench_e2e.py --benchmark-max-time=0.1
     if wants sanitize; then
-        op_tests=(tests/test_op_layer_norm.py tests/test_op_softmax.py tests/test_op_sampling.py tests/test_op_causal_attention.py)
+        op_tests=(tests/ops/test_op_*.py)  # every op's tests, picked by name
         for tool in memcheck racecheck; do
             stage "$tool" "${TIMEOUT_SANITIZE:-240}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
                 compute-sanitizer --tool "$tool" --error-exitcode 99 ${SANITIZER_FILTER---kernel-name kns=pyminigpt} \

@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_utils import measure_read_bandwidth
-from decode_peers import MEMBERS, build_member, member_status
+
+from pyminigpt.bench.decode_peers import MEMBERS, build_member, member_status
+from pyminigpt.bench.utils import measure_read_bandwidth
 
 PROMPT = 32
 MODES = {"greedy": {"do_sample": False}, "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9}}

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from decode_peers import random_gpt2
 
 from pyminigpt import GPT
+from pyminigpt.bench.decode_peers import random_gpt2
 
 
 def main(argv=None) -> None:

@@ -20,10 +20,32 @@ from pathlib import Path
 import torch
 
 from pyminigpt.analysis import perplexity
+from pyminigpt.cli.runs import load_model
 from pyminigpt.quantize import INT4_GROUP_SIZES
-from pyminigpt.runs import load_model
 
 VARIANTS = [("fp32", None), ("int8", None), ("int8", 32), *(("int4", g) for g in INT4_GROUP_SIZES)]
+
+
+def weight_errors(model) -> dict:
+    """Relative RMS error of the projections' weights, per format: the API's, and symmetric int4
+    (q in [-8, 7], scale = max |w| / 7 per group; not offered, measured here to choose)."""
+    from pyminigpt.ops.reference import dequantize
+    from pyminigpt.quantize import projections, quantize_weight
+
+    weights = [getattr(parent, name).weight.detach().float() for parent, name in projections(model)]
+    total = sum(float((w**2).sum()) for w in weights)
+    errors = {}
+    for fmt, group in VARIANTS[1:]:
+        err = sum(float(((dequantize(*quantize_weight(w, fmt, group)) - w) ** 2).sum()) for w in weights)
+        errors[f"{fmt}/{group or 'channel'}"] = (err / total) ** 0.5
+    for group in INT4_GROUP_SIZES:
+        err = 0.0
+        for w in weights:
+            g = w.reshape(w.shape[0], -1, group)
+            scale = (g.abs().amax(-1, keepdim=True) / 7).clamp_min(1e-12)
+            err += float(((torch.round(g / scale).clamp(-8, 7) * scale - g) ** 2).sum())
+        errors[f"int4-symmetric/{group}"] = (err / total) ** 0.5
+    return errors
 
 
 def greedy(model, prompts, new_tokens):
@@ -53,6 +75,7 @@ def main(argv=None) -> None:
     ids = loaded.tokenizer.encode(text)
     step = len(ids) // args.prompts
     prompts = [torch.tensor([ids[i * step : i * step + 16]]) for i in range(args.prompts)]
+    print("relative RMS error of the projection weights:", json.dumps(weight_errors(loaded.model)), flush=True)
     results, reference = [], None
     for weights, group_size in VARIANTS:
         model = copy.deepcopy(loaded.model)

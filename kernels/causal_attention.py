@@ -649,3 +649,14 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale: float, wrap=_no_wrap):
         **common,
     )
     return dq, dk, dv
+
+
+def compile_check_launches(wrap, randn) -> None:
+    """Every launcher here on the shapes that select its distinct code paths; .ci/compile_triton.py
+    passes a `wrap` that records each launch and compiles it for sm_80 and sm_90 (no GPU needed)."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for head_dim in (16, 64, 80, 128):
+            q, k, v = (randn(1, 2, 64, head_dim, dtype=dtype) for _ in range(3))
+            _, lse = attention_fwd(q, k, v, head_dim**-0.5, wrap=wrap)
+            attention_bwd(q, q, k, v, q, lse.zero_(), head_dim**-0.5, wrap=wrap)
+            attention_fwd(q[:, :, :1], k, v, head_dim**-0.5, wrap=wrap)  # split-K decode

@@ -208,3 +208,15 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, wrap=_no_wrap):
         partial_dw, partial_db, dweight, dbias, n_groups, n_cols, BLOCK_G=32, BLOCK_C=block_c, num_warps=4
     )
     return dx, dweight, dbias
+
+
+def compile_check_launches(wrap, randn) -> None:
+    """Every launcher here on the shapes that select its distinct code paths; .ci/compile_triton.py
+    passes a `wrap` that records each launch and compiles it for sm_80 and sm_90 (no GPU needed)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for width in (80, 1600, 16384):
+            x = randn(4, width, dtype=dtype)
+            for weight_dtype in {dtype, torch.float32}:
+                w, b = randn(width, dtype=weight_dtype), randn(width, dtype=weight_dtype)
+                _, mean, rstd = layer_norm_fwd(x, w, b, 1e-5, wrap=wrap)
+                layer_norm_bwd(x, x, w, mean.float(), rstd.float(), wrap=wrap)

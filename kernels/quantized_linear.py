@@ -102,3 +102,11 @@ def quantized_linear(x, qweight, scales, offsets=None, bias=None, wrap=_no_wrap)
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     return y
+
+
+def compile_check_launches(wrap, randn) -> None:
+    """Both formats (int8 with a bias, int4 with offsets) in fp32 and bf16, for .ci/compile_triton.py."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, scales = randn(4, 128, dtype=dtype), randn(96, 2).abs()
+        quantized_linear(x, torch.zeros(96, 128, dtype=torch.int8), scales, None, randn(96, dtype=dtype), wrap=wrap)
+        quantized_linear(x, torch.zeros(96, 64, dtype=torch.uint8), scales, scales, None, wrap=wrap)

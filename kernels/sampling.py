@@ -286,3 +286,13 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u
         wrap=wrap,
     )
     return tokens
+
+
+def compile_check_launches(wrap, randn) -> None:
+    """Every launcher here on the shapes that select its distinct code paths; .ci/compile_triton.py
+    passes a `wrap` that records each launch and compiles it for sm_80 and sm_90 (no GPU needed)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for width in (300, 50257):
+            logits = randn(4, width, dtype=dtype)
+            top_k_top_p_filter(logits, 50, 0.9, 1, wrap=wrap)
+            sample(logits, 0.8, 50, 0.9, randn(4).uniform_(0, 1), wrap=wrap)

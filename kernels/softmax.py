@@ -146,3 +146,13 @@ def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, temperature: float, wrap=_no_
     """dx = y * (dy - sum(dy * y)) / temperature for y, dy (N, V). Returns (N, V) in y's dtype."""
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     return _launch(softmax_bwd_kernel, (y, dy, dx), 1.0 / temperature, wrap)
+
+
+def compile_check_launches(wrap, randn) -> None:
+    """Every launcher here on the shapes that select its distinct code paths; .ci/compile_triton.py
+    passes a `wrap` that records each launch and compiles it for sm_80 and sm_90 (no GPU needed)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for width in (80, 50257):  # one tile; the looped online softmax
+            x = randn(4, width, dtype=dtype)
+            softmax_fwd(x, 0.8, wrap=wrap)
+            softmax_bwd(x, x, 0.8, wrap=wrap)

@@ -404,13 +404,13 @@ class GPT(nn.Module):
     @classmethod
     def from_hf(cls, hf_model) -> GPT:
         """Convert a live transformers `GPT2LMHeadModel` (weights and config)."""
-        from .hf import from_hf
+        from .hf.convert import from_hf
 
         return from_hf(cls, hf_model)
 
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
-        from .hf import save_pretrained
+        from .hf.convert import save_pretrained
         from .quantize import quantization_of, save_quantized
 
         if quantization_of(self) is not None:  # a quantized model keeps its format (pyminigpt reads it back)

@@ -196,8 +196,8 @@ def save_quantized(model, directory) -> None:
     """config.json (with `quantization_config`) + model.safetensors holding the quantized tensors."""
     from safetensors.torch import save_file
 
-    from .hf import config_to_hf_dict, generation_config_dict
-    from .io import atomic_write
+    from .files import atomic_write
+    from .hf.convert import config_to_hf_dict, generation_config_dict
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ def load_quantized(cls, directory, info: dict, device=None, dtype=None):
     """The quantized model saved in `directory` (its tensors read as saved: no requantizing)."""
     from safetensors.torch import load_file
 
-    from .hf import config_from_hf
+    from .hf.convert import config_from_hf
 
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
@@ -270,7 +270,7 @@ def quantize_structure(model, info: dict) -> None:
 
 def load_pretrained(cls, name_or_path, weights: str | None = None, dtype=None, device=None, **kwargs):
     """`GPT.from_pretrained` with `weights`: None (as saved), "fp32", "bf16", "int8" or "int4"."""
-    from .hf import from_pretrained
+    from .hf.convert import from_pretrained
 
     if weights is not None and weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHT_CHOICES))}, got {weights!r}")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write
+from .files import atomic_write
 
 __all__ = ["BPETokenizer", "CharTokenizer", "Tokenizer", "load_tokenizer"]
 

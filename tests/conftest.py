@@ -5,8 +5,10 @@
 - With TRITON_INTERPRET=1: the `triton` backend on CPU tensors, through the interpreter
   (the op tests then use their small shape lists).
 
-PYMINIGPT_REQUIRE_BACKENDS="cpu,triton" (set by .ci/run) turns a missing backend into a
-test-session error instead of an empty parametrisation, so CI cannot pass vacuously.
+PYMINIGPT_REQUIRE_BACKENDS (a comma-separated list) turns a missing backend into a test-session
+error instead of an empty parametrisation, so CI cannot pass vacuously. The Makefile sets it
+(`cpu` in test-python, `triton` in test-triton), as do .ci/device_stack.sh (the same two)
+and bench/gpu_check.sh (`cpu,cuda,triton`).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ constexpr int kVectorRegisters = W >= 16 ? 32 : 16;
 // Weight rows per block for M rows of x.
 // - Up to 4 rows of x: one weight row at a time. W is then read as one sequential stream, which
 //   the hardware prefetcher follows at full speed; R interleaved rows are R short streams of
-//   1.5-3 KiB that it does not (bench/test_bench_linear.py measures both; bench/RESULTS.md).
+//   1.5-3 KiB that it does not (pyminigpt/bench/test_bench_linear.py measures both; bench/RESULTS.md).
 // - More rows: each weight is used M times, the arithmetic shows, and blocks of R rows reuse each
 //   chunk of x from registers. At most 4: a block holds R x M accumulators, the R rows' weights
 //   (2 vectors each), one row of x (2 vectors) and a few temporaries in registers.

@@ -37,43 +37,59 @@ def below_autograd(op, *args):
         return op(*args)
 
 
-def register(namespace: str, softmax_bwd, layer_norm_bwd, causal_attention_bwd) -> None:
-    """Make `namespace::{softmax,layer_norm,causal_attention}_fwd` differentiable through the given backward ops."""
-
-    def softmax_setup(ctx, inputs, output):
+def _softmax(softmax_bwd):
+    def setup(ctx, inputs, output):
         ctx.temperature = inputs[1]
         ctx.save_for_backward(output)
 
-    def softmax_backward(ctx, grad_y):
+    def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return softmax_bwd(y, grad_y.contiguous(), ctx.temperature), None
 
-    def layer_norm_setup(ctx, inputs, output):
+    return setup, backward
+
+
+def _layer_norm(layer_norm_bwd):
+    def setup(ctx, inputs, output):
         x, weight, _bias, _eps = inputs
         _y, mean, rstd = output
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
 
-    def layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = layer_norm_bwd(grad_y.contiguous(), x, weight, mean, rstd)
         return dx, dweight, dbias, None
 
-    def attention_setup(ctx, inputs, output):
+    return setup, backward
+
+
+def _causal_attention(causal_attention_bwd):
+    def setup(ctx, inputs, output):
         q, k, v, scale = inputs
         out, lse = output
         ctx.scale = scale
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
 
-    def attention_backward(ctx, grad_out, _grad_lse):
+    def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         # grad_out as it comes: every backend reads strided rows (the model's is a transposed view)
         dq, dk, dv = causal_attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
         return dq, dk, dv, None
 
-    torch.library.register_autograd(f"{namespace}::softmax_fwd", softmax_backward, setup_context=softmax_setup)
-    torch.library.register_autograd(f"{namespace}::layer_norm_fwd", layer_norm_backward, setup_context=layer_norm_setup)
-    torch.library.register_autograd(
-        f"{namespace}::causal_attention_fwd", attention_backward, setup_context=attention_setup
-    )
+    return setup, backward
+
+
+# op -> its formula: given the backend's backward op, the (setup_context, backward) of `{op}_fwd`
+FORMULAS = {"softmax": _softmax, "layer_norm": _layer_norm, "causal_attention": _causal_attention}
+
+
+def register(namespace: str, backward_ops: dict) -> None:
+    """Make `namespace::{op}_fwd` differentiable for every op of `backward_ops` (op -> its backward op)."""
+    unknown = set(backward_ops) - set(FORMULAS)
+    if unknown:
+        raise ValueError(f"no autograd formula for {sorted(unknown)}: add one to FORMULAS (known: {sorted(FORMULAS)})")
+    for op, backward_op in backward_ops.items():
+        setup, backward = FORMULAS[op](backward_op)
+        torch.library.register_autograd(f"{namespace}::{op}_fwd", backward, setup_context=setup)

@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -36,9 +37,10 @@ import torch
 from . import reference
 from .rules import RULES, Rule
 
-# The five operations, and `linear` (nn.Linear's op), which only the `cpu` backend implements
+# Every op that has a kernel somewhere: the ops named in rules.RULES, in their order there (an op's
+# entry there is what makes it dispatchable). `linear` (nn.Linear's op) has only a `cpu` kernel
 # (decoding's few-row matmuls); on other backends it is torch's matmul, strict or not.
-OPS = ("layer_norm", "softmax", "top_k_top_p_filter", "sample", "causal_attention", "linear", "quantized_linear")
+OPS = tuple(dict.fromkeys(op for op, _backend in RULES))
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 # Which kernel backends `auto` tries first, by device type.
 AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
@@ -59,6 +61,18 @@ _import_lock = threading.RLock()  # a second thread waits for the backend's impo
 # (op, active backend name, device, dtype) -> ((backend, fn, check or None), ...) to try in order
 _choices: dict[tuple, tuple[tuple[str, Callable, Callable | None], ...]] = {}
 _registry_changes = 0  # counts _forget_choices(): a choice computed across a change is not cached
+
+
+def constant_result(fn: Callable) -> Callable:
+    """`torch.compiler.assume_constant_result(fn)` without importing torch._dynamo when nothing has yet.
+
+    torch's decorator imports torch._dynamo (and with it triton, on a CPU-only machine too), which
+    costs more than `import torch` itself; all it does is mark the function, which this does
+    without the import (tests/ops/test_dispatch.py checks the mark is torch's own)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def _forget_choices() -> None:
@@ -89,7 +103,7 @@ def mark_unavailable(backend: str, reason: str) -> None:
 
 
 # torch.compile cannot trace an import: the first call under compilation imports at trace time
-@torch.compiler.assume_constant_result
+@constant_result
 def _import_backend(backend: str) -> None:
     module = _BACKEND_MODULES[backend]
     if module in _imported:
@@ -127,7 +141,7 @@ _active: contextvars.ContextVar[tuple[str, bool]] = contextvars.ContextVar(
 
 
 # torch.compile cannot trace ContextVar.get: a compiled graph reads the backend once, when it is traced
-@torch.compiler.assume_constant_result
+@constant_result
 def _active_backend() -> tuple[str, bool]:
     return _active.get()
 
@@ -163,6 +177,14 @@ def _candidates(op: str, name: str, device_type: str, dtype: torch.dtype) -> tup
     return tuple(found)
 
 
+def _rule_in_words(rule: Rule) -> str:
+    """What a kernel takes, for strict mode's error: its rules.RULES entry in words."""
+    dtypes = ", ".join(str(d).replace("torch.", "") for d in rule.dtypes)
+    return f"its kernel takes {' or '.join(rule.devices)} tensors of {dtypes}" + (
+        f"; {rule.limit}" if rule.limit else ""
+    )
+
+
 def choose(op: str, *args) -> tuple[str, Callable]:
     """The backend that `call(op, *args)` would run, and its function. Every op's first argument is its tensor."""
     name, strict = _active_backend()
@@ -180,7 +202,7 @@ def choose(op: str, *args) -> tuple[str, Callable]:
     if strict and name not in ("auto", "reference"):
         implements = name in _kernels[op] or name in _unavailable  # an unavailable backend fails every op
         if implements:
-            why = _unavailable.get(name, "its supports() rejected these inputs")
+            why = _unavailable[name] if name in _unavailable else _rule_in_words(_kernels[op][name].rule)
             shapes = [tuple(a.shape) + (a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor)]
             raise ValueError(f"backend {name!r} cannot run {op} on inputs {shapes}: {why}")
     return "reference", getattr(reference, op)

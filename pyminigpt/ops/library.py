@@ -114,4 +114,7 @@ def _(x, qweight, scales, offsets, bias):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
-autograd.register("pyminigpt", ops.softmax_bwd, ops.layer_norm_bwd, ops.causal_attention_bwd)
+autograd.register(
+    "pyminigpt",
+    {"softmax": ops.softmax_bwd, "layer_norm": ops.layer_norm_bwd, "causal_attention": ops.causal_attention_bwd},
+)

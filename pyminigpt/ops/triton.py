@@ -15,21 +15,16 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
+# No second try as a top-level `kernels`: a failure here (triton missing, a kernel that does not
+# import) is the reason `pyminigpt info` must show.
+from pyminigpt.kernels import INTERPRET, sampling
+from pyminigpt.kernels import causal_attention as attention_kernels
+from pyminigpt.kernels import layer_norm as layer_norm_kernels
+from pyminigpt.kernels import quantized_linear as quantized_linear_kernels
+from pyminigpt.kernels import softmax as softmax_kernels
+
 from . import autograd, dispatch, rules
 from .autograd import below_autograd
-
-try:
-    from pyminigpt.kernels import INTERPRET, sampling
-    from pyminigpt.kernels import causal_attention as attention_kernels
-    from pyminigpt.kernels import layer_norm as layer_norm_kernels
-    from pyminigpt.kernels import quantized_linear as quantized_linear_kernels
-    from pyminigpt.kernels import softmax as softmax_kernels
-except ImportError:  # a source checkout run with PYTHONPATH: the top-level kernels/ folder
-    from kernels import INTERPRET, sampling
-    from kernels import causal_attention as attention_kernels
-    from kernels import layer_norm as layer_norm_kernels
-    from kernels import quantized_linear as quantized_linear_kernels
-    from kernels import softmax as softmax_kernels
 
 
 def _wrap(kernel):
@@ -130,7 +125,10 @@ def quantized_linear_op(
     return quantized_linear_kernels.quantized_linear(x, qweight, scales, offsets, bias, wrap=_wrap)
 
 
-autograd.register("pyminigpt_triton", softmax_bwd, layer_norm_bwd, causal_attention_bwd)
+autograd.register(
+    "pyminigpt_triton",
+    {"softmax": softmax_bwd, "layer_norm": layer_norm_bwd, "causal_attention": causal_attention_bwd},
+)
 
 
 # ---- the backend: public signatures ----------------------------------------------------
@@ -168,12 +166,7 @@ rules.LIMITS["triton_layer_norm_max_cols"] = layer_norm_kernels.MAX_COLS
 rules.LIMITS["triton_attention_max_head_dim"] = attention_kernels.MAX_HEAD_DIM
 rules.LIMITS["triton_attention_max_batch_heads"] = attention_kernels.MAX_BATCH_HEADS
 
-for _op, _fn in (
-    ("layer_norm", layer_norm),
-    ("softmax", softmax),
-    ("top_k_top_p_filter", top_k_top_p_filter),
-    ("sample", sample),
-    ("causal_attention", causal_attention),
-    ("quantized_linear", quantized_linear),
-):
-    dispatch.register(_op, "triton", _fn)
+# every op with a ("op", "triton") rule is the function of the op's name above
+for _op, _backend in rules.RULES:
+    if _backend == "triton":
+        dispatch.register(_op, "triton", globals()[_op])
