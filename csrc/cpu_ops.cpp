@@ -44,4 +44,6 @@ TORCH_LIBRARY_IMPL(pyminigpt, CPU, m) {
   m.impl("linear", PYMINIGPT_CPU_KERNEL(linear));
   // quantized_linear.cpp (int8 / int4 weights; CUDA tensors go to the Triton kernel)
   m.impl("quantized_linear", PYMINIGPT_CPU_KERNEL(quantized_linear));
+  // linear_cross_entropy.cpp
+  m.impl("linear_cross_entropy_fwd", PYMINIGPT_CPU_KERNEL(linear_cross_entropy_fwd));
 }

@@ -26,6 +26,13 @@ TORCH_LIBRARY(pyminigpt, m) {
   // y = x dequantize(qweight, scales, offsets)^T + bias: int8 (N, K) or int4 packed in uint8 (N, K / 2) weights,
   // fp32 scales / offsets (N, groups); the format is pyminigpt/quantize.py's (inference only: no backward).
   m.def("quantized_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor? bias) -> Tensor");
+
+  // The LM head and the cross entropy in chunks of rows (csrc/cpu/linear_cross_entropy.cpp):
+  // loss of x weight^T + bias against labels (ignore_index rows count for nothing), mean or sum;
+  // with compute_grad, also d loss / d (x, weight, bias), else those three are empty.
+  m.def(
+      "linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
+      " bool reduce_sum, bool compute_grad, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // pyminigpt._C is imported from Python for the side effect above (registering the operators).

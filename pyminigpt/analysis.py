@@ -30,13 +30,21 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .generation import apply_repetition_penalty, seen_tokens
+# generation and its prompt helpers live in the generation layer (below this one); re-exported here
+from .generation.text import (
+    _as_input,
+    _context_length,
+    _device,
+    _encode,
+    _text_or_ids,
+    evaluating,
+    generate_text,
+    prompt_ids,
+)
 
 __all__ = [
     "WordSplit",
@@ -55,61 +63,6 @@ __all__ = [
     "token_strings",
     "word_split",
 ]
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _context_length(model) -> int:
-    return int(model.config.n_positions)
-
-
-def _encode(tokenizer, text: str, name: str = "text", add_special_tokens: bool = False) -> list[int]:
-    if not isinstance(text, str):
-        raise TypeError(f"{name} must be a str, got {type(text).__name__}")
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-
-
-def _text_or_ids(tokenizer, text, name: str, add_special_tokens: bool = False) -> list[int]:
-    """The token ids of `text`: a str is encoded, a sequence of ints (token ids) is taken as is."""
-    if isinstance(text, str):
-        return _encode(tokenizer, text, name, add_special_tokens)
-    if isinstance(text, torch.Tensor) or not isinstance(text, Sequence):
-        raise TypeError(f"{name} must be a str or a list of token ids, got {type(text).__name__}")
-    ids = list(text)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"{name} must be a str or a list of int token ids, got an element {i!r}")
-    return ids
-
-
-def prompt_ids(tokenizer, prompt: str, sos: bool = False) -> list[int]:
-    """The token ids of `prompt`, after <SOS> when `sos` (models trained on <SOS> text <EOS>
-    sequences) or when the prompt is empty (there must be something to continue)."""
-    ids = _encode(tokenizer, prompt, "prompt")
-    return [tokenizer.sos_id, *ids] if sos or not ids else ids
-
-
-def _as_input(model, ids: list[int], name: str) -> torch.Tensor:
-    if len(ids) > _context_length(model):
-        raise ValueError(f"{name} is {len(ids)} tokens, longer than the model's context of {_context_length(model)}")
-    return torch.tensor([ids], dtype=torch.long, device=_device(model))
-
-
-class evaluating:
-    """`with evaluating(model):` runs the block in eval mode (no dropout) and restores the mode after."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -205,121 +158,6 @@ def word_split(tokenizer, text: str, add_special_tokens: bool = False) -> list[W
         splits[index].tokens += n
         start += len(piece)
     return splits if ids else []
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def generate_text(
-    model,
-    tokenizer,
-    prompt: str | Sequence[int],
-    stream: Callable[[str], None] | None = None,
-    sos: bool = False,
-    **generate_kwargs,
-) -> list[str]:
-    """Continue `prompt`; returns one string (prompt + continuation) per returned sequence.
-
-    `generate_kwargs` are those of `GPT.generate` (max_new_tokens, do_sample, temperature,
-    top_k, top_p, repetition_penalty, num_return_sequences, generator, ...); a sequence
-    stops at the tokenizer's <EOS> unless `eos_token_id` says otherwise. `sos` starts the
-    prompt with <SOS> (see `prompt_ids`).
-
-    With `stream`, `stream(piece)` receives each new piece of text as soon as its token is
-    drawn: the sequence is decoded one token at a time with the KV cache, with the draws
-    of `GPT.generate` (same seed, same text). Streaming returns one sequence.
-
-    `prompt` may also be token ids, taken as they are (`sos` is then ignored); the
-    strings returned start with their decoded text.
-    """
-    if isinstance(prompt, str):
-        ids = prompt_ids(tokenizer, prompt, sos)
-    else:
-        ids = _text_or_ids(tokenizer, prompt, "prompt")
-        if not ids:
-            raise ValueError("prompt has no token ids: there is nothing to continue")
-        prompt = tokenizer.decode(ids)
-    input_ids = _as_input(model, ids, "prompt")
-    generate_kwargs.setdefault("eos_token_id", tokenizer.eos_id)
-    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_id)
-    with evaluating(model):
-        if stream is None:
-            rows = model.generate(input_ids, **generate_kwargs)[:, input_ids.shape[1] :].tolist()
-        else:
-            if generate_kwargs.pop("num_return_sequences", 1) != 1:
-                raise ValueError("stream needs num_return_sequences=1")
-            rows = [_generate_streaming(model, tokenizer, input_ids, stream, **generate_kwargs)]
-    stops = _stop_tokens(generate_kwargs["eos_token_id"])  # generate pads only after a row's <EOS>
-    return [prompt + tokenizer.decode(_until(row, stops)) for row in rows]
-
-
-def _stop_tokens(eos_token_id: int | Sequence[int] | None) -> set[int]:
-    return set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-
-
-def _until(ids: list[int], stops: set[int]) -> list[int]:
-    """ids up to (not including) the first stop token."""
-    for i, t in enumerate(ids):
-        if t in stops:
-            return ids[:i]
-    return ids
-
-
-@torch.no_grad()
-def _generate_streaming(
-    model,
-    tokenizer,
-    input_ids,
-    stream,
-    max_new_tokens=20,
-    do_sample=False,
-    temperature=1.0,
-    top_k=50,
-    top_p=1.0,
-    repetition_penalty=1.0,
-    eos_token_id=None,
-    pad_token_id=None,
-    generator=None,
-) -> list[int]:
-    """The new token ids for input_ids (1, T), one forward of one token per step on the KV cache.
-
-    Each piece of decoded text goes to `stream` as its token arrives. The text is decoded
-    whole each step and only its growth is sent, so a byte-level BPE character split over
-    two tokens comes out once complete (held back while it ends in U+FFFD). The sequence
-    ends at <EOS>, so `pad_token_id` (taken for symmetry with `generate`) is never used.
-    """
-    total = input_ids.shape[1] + max_new_tokens
-    if total > _context_length(model):
-        raise ValueError(
-            f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
-            f"n_positions={_context_length(model)}"
-        )
-    stops = _stop_tokens(eos_token_id)
-    seen = seen_tokens(input_ids, model.config.vocab_size) if repetition_penalty != 1.0 else None
-    cache = model.new_cache(1, total)
-    tokens, new, sent = input_ids, [], ""
-    for _ in range(max_new_tokens):
-        logits = model(tokens, past_key_values=cache, use_cache=True).logits[:, -1].float()
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        if do_sample:
-            next_token = ops.sample(logits, temperature, top_k, top_p, generator)
-        else:
-            next_token = logits.argmax(dim=-1)
-        token = int(next_token)
-        if token in stops:
-            break
-        new.append(token)
-        if seen is not None:
-            seen[0, token] = True
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd") and len(text) > len(sent):
-            stream(text[len(sent) :])
-            sent = text
-        tokens = next_token[:, None]
-    text = tokenizer.decode(new)
-    if len(text) > len(sent):  # what was held back: an incomplete character at the very end
-        stream(text[len(sent) :])
-    return new
 
 
 # ----------------------------------------------------------------------------- scoring

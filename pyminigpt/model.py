@@ -13,7 +13,8 @@ kernel's contract does not reach: padding in `attention_mask`, attention dropout
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +22,31 @@ from torch import nn
 
 from . import ops
 from .config import ACTIVATIONS, GPTConfig
-from .generation import generate
+from .generation import GenerationConfig, generate
+from .loss import deferred_lm_head, next_token_targets
 
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 @dataclass
 class GPTOutput:
-    """What `GPT.forward` returns. Optional fields are None unless asked for."""
+    """What `GPT.forward` returns. Optional fields are None unless asked for.
 
-    logits: torch.Tensor  # (B, T, V), or (B, logits_to_keep, V)
+    `logits` (B, T, V), or (B, logits_to_keep, V). With labels the loss does not need them
+    (`ops.linear_cross_entropy`), so they are computed on first access (`pyminigpt.loss`).
+    """
+
+    _logits: torch.Tensor | Callable[[], torch.Tensor] = field(repr=False)  # the logits, or what computes them
     loss: torch.Tensor | None = None  # mean next-token cross entropy over labels != -100
     past_key_values: KVCache | None = None  # with use_cache=True
     hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layer + 1 of (B, T, C); the last after ln_f
     attentions: tuple[torch.Tensor, ...] | None = None  # n_layer of (B, H, T, Tk)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if not isinstance(self._logits, torch.Tensor):
+            self._logits = self._logits()
+        return self._logits
 
 
 class KVCache:
@@ -87,6 +99,23 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on (assisted decoding drops the rejected draft tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes row rows[i] (beam search), in place: the buffers keep their storage.
+
+        Only the written positions move (one gather into a temporary, copied back), so the
+        attention kernels and a captured CUDA graph keep reading the same buffers.
+        """
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                written = buffer[:, :, : self.length]
+                written.copy_(written.index_select(0, rows))
 
     def _grow(self, capacity: int) -> None:
         for buffers in (self.keys, self.values):
@@ -221,6 +250,11 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        # generate's settings (transformers' `model.generation_config`): the special tokens of the config,
+        # replaced by generation_config.json in `from_pretrained`, written by `save_pretrained`
+        self.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(config.vocab_size, config.n_embd),
@@ -275,16 +309,25 @@ class GPT(nn.Module):
         output_hidden_states: bool = False,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        shift_labels: torch.Tensor | None = None,
     ) -> GPTOutput:
         """Logits (B, T, V) for input_ids (B, T); like `GPT2LMHeadModel.forward`.
 
         attention_mask (B, past + T): 1 for tokens, 0 for padding. labels (B, T): the loss is the
-        mean cross entropy of logits[:, :-1] against labels[:, 1:], ignoring -100.
+        mean cross entropy of logits[:, :-1] against labels[:, 1:], ignoring -100; shift_labels
+        (B, T), as in transformers, are the next tokens already (logits[:, t] against shift_labels[:, t]).
+        The loss runs on `ops.linear_cross_entropy` (never the full logits); `out.logits` is then
+        computed on first access (`pyminigpt.loss`).
         past_key_values: a `KVCache` to continue from (written in place); `use_cache=True` returns
         the cache (a new one if none was given). position_ids (B or 1, T) default to
         past + arange(T). logits_to_keep > 0 computes the LM head for the last that many positions only.
         """
         self._check_inputs(input_ids, attention_mask, labels, past_key_values, position_ids, logits_to_keep)
+        if shift_labels is not None and tuple(shift_labels.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"shift_labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(shift_labels.shape)}"
+            )
+        labels = next_token_targets(labels, shift_labels)
         # no padding: the causal kernel path (a host read; compiled, the mask path serves all-ones masks too)
         if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
             attention_mask = None
@@ -343,7 +386,8 @@ class GPT(nn.Module):
         self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=False,
         output_attentions=False, output_hidden_states=False, position_ids=None, logits_to_keep=0,
     ) -> GPTOutput:  # fmt: skip
-        """`forward` without the argument checks; attention_mask, if given, is taken to have padding."""
+        """`forward` without the argument checks; attention_mask, if given, is taken to have padding, and
+        labels are the next token of each position (`loss.next_token_targets`), -100 for none."""
         B, T = input_ids.shape
         if use_cache and cache is None:
             cache = self.new_cache(B, T)
@@ -351,32 +395,42 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
         allowed = allowed_keys(T, past + T, input_ids.device, attention_mask) if attention_mask is not None else None
-
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
-        hidden_states, attentions = [], []
-        for layer, block in enumerate(self.transformer.h):
-            hidden_states.append(x)
-            x, weights = block(x, allowed, cache, layer, output_attentions)
-            attentions.append(weights)
-        x = self.transformer.ln_f(x)
-        hidden_states.append(x)
+        x, hidden_states, attentions = self._trunk(input_ids, position_ids, allowed, cache, output_attentions)
         if cache is not None:
             cache.advance(T)
 
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None
-        if labels is not None:
-            # Position t predicts labels[t + 1]. Shift the labels, not the logits (as transformers does):
-            # logits[:, :-1] would copy the (B, T, V) logits, and its backward zero-fill and copy them again.
-            targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)  # the last position predicts nothing
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        if labels is None:
+            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        elif torch.compiler.is_compiling():  # a compiled graph returns tensors, not a function to call later
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(x.device), ignore_index=-100)
+        else:  # labels: the next token of each position (-100: none), see forward
+            logits = deferred_lm_head(self.lm_head, x)
+            loss = ops.linear_cross_entropy(x, self.lm_head.weight, labels.to(x.device), self.lm_head.bias)
         return GPTOutput(
-            logits=logits,
+            logits,
             loss=loss,
             past_key_values=cache if use_cache else None,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
+
+    def _trunk(self, input_ids, position_ids, allowed=None, cache=None, need_weights=False):
+        """Embeddings -> every block -> ln_f: (x (B, T, C) after ln_f, hidden states, attention weights).
+
+        The one trunk of the model: `_forward` and the static decode step (`generation.StaticDecoder`,
+        the CUDA-graph step) both run it. allowed: None (causal) or a (B, 1, T, Tk) bool mask.
+        """
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+        hidden_states, attentions = [], []
+        for layer, block in enumerate(self.transformer.h):
+            hidden_states.append(x)
+            x, weights = block(x, allowed, cache, layer, need_weights)
+            attentions.append(weights)
+        x = self.transformer.ln_f(x)
+        hidden_states.append(x)
+        return x, hidden_states, attentions
 
     generate = generate
 

@@ -47,6 +47,10 @@ constexpr int kQuantizedLinearMaxRows = 8;
   /* quantized_linear.cpp */                                                                                           \
   at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,                \
                               const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias);        \
+  /* linear_cross_entropy.cpp */                                                                                       \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(                                 \
+      const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,  \
+      int64_t ignore_index, bool reduce_sum, bool compute_grad, int64_t chunk_rows);                                   \
   }
 
 PYMINIGPT_DECLARE_CPU_KERNELS(DEFAULT)

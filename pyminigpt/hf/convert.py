@@ -46,10 +46,24 @@ def config_to_hf_dict(config: GPTConfig) -> dict:
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **config.to_dict()}
 
 
-def generation_config_dict(config: GPTConfig) -> dict:
-    """The generation_config.json contents: the special token ids transformers' `generate` uses."""
+def generation_config_dict(config: GPTConfig, generation_config=None) -> dict:
+    """The generation_config.json contents: the model's `generation_config` (the special token ids
+    transformers' `generate` uses, and any setting the user gave it)."""
     ids = {name: getattr(config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return {"_from_model_config": True, **{name: value for name, value in ids.items() if value is not None}}
+    ids = {name: value for name, value in ids.items() if value is not None}
+    settings = generation_config.to_dict() if generation_config is not None else ids
+    return {"_from_model_config": True, **ids} if settings == ids else settings
+
+
+def load_generation_config(model, source) -> None:
+    """model.generation_config from a directory's generation_config.json or a transformers GenerationConfig."""
+    from ..generation.config import GenerationConfig
+
+    if isinstance(source, Path):
+        if (source / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source)
+    elif source is not None:
+        model.generation_config = GenerationConfig.from_any(source)
 
 
 def state_dict_from_hf(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,6 +101,7 @@ def from_hf(cls: type[nn.Module], hf_model) -> nn.Module:
     """A `cls` (GPT) with the config, weights, device, dtype and train/eval mode of a GPT2LMHeadModel."""
     model = cls(config_from_hf(hf_model.config))
     load_hf_state_dict(model, hf_model.state_dict())
+    load_generation_config(model, getattr(hf_model, "generation_config", None))
     return model.to(device=hf_model.device, dtype=hf_model.dtype).train(hf_model.training)
 
 
@@ -105,6 +120,7 @@ def from_pretrained(
 
         model = cls(config_from_hf(json.loads((path / "config.json").read_text())))
         load_hf_state_dict(model, load_file(path / "model.safetensors"))
+        load_generation_config(model, path)
     else:
         import transformers
 
@@ -127,6 +143,6 @@ def save_pretrained(model: nn.Module, directory) -> None:
     atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     for name, contents in (
         ("config.json", config_to_hf_dict(model.config)),
-        ("generation_config.json", generation_config_dict(model.config)),
+        ("generation_config.json", generation_config_dict(model.config, model.generation_config)),
     ):
         atomic_write(directory / name, json.dumps(contents, indent=2, sort_keys=True) + "\n")

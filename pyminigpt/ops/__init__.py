@@ -14,6 +14,11 @@ and its 8-bit / 4-bit weight form (`pyminigpt.quantize` has the format; `cpu` an
 
     quantized_linear(x, qweight, scales, offsets=None, bias=None)   x (..., K) -> (..., N)
 
+and the LM head with the loss, for training (`cpu` and `triton` kernels):
+
+    linear_cross_entropy(x, weight, labels, bias=None, ignore_index=-100, reduction="mean", chunk_rows=None)
+                                                                x (..., K), weight (V, K), labels (...) -> ()
+
 Backends: 'reference' (plain PyTorch, the oracle), 'cpu' (C++ kernels), 'triton',
 'cuda' (CUDA C++ kernels). See `dispatch` for how one is chosen.
 """
@@ -33,6 +38,7 @@ __all__ = [
     "causal_attention",
     "layer_norm",
     "linear",
+    "linear_cross_entropy",
     "quantized_linear",
     "reference",
     "sample",
@@ -162,3 +168,75 @@ def quantized_linear(
         if bias.shape[0] != qweight.shape[0]:
             raise ValueError(f"bias must have shape ({qweight.shape[0]},), got {tuple(bias.shape)}")
     return dispatch.call("quantized_linear", x, qweight, scales, offsets, bias)
+
+
+REDUCTIONS = ("mean", "sum")
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """cross_entropy(x weight^T + bias, labels) without ever holding the (N, V) logits.
+
+    x (..., K), weight (V, K), bias (V,) or None, labels (...) integer, each in [0, V) or
+    ignore_index (rows that count for nothing). reduction "mean" averages over the counted rows
+    (NaN when every row is ignored, with zero gradients, as F.cross_entropy), "sum" adds them.
+    Returns a scalar, fp32 (fp64 for fp64 inputs), differentiable in x, weight and bias.
+
+    The kernels compute the LM head and the loss over chunks of `chunk_rows` rows (None: the
+    backend's choice, a few tens of MiB of logits on the CPU) and the gradients in the same
+    pass, so memory grows with the chunk, not with rows x V. Under autocast, x, weight and
+    bias are cast as F.linear would cast them.
+    """
+    validate.tensor("x", x, min_ndim=1)
+    validate.tensor("weight", weight, ndim=2)
+    if bias is not None:
+        validate.tensor("bias", bias, ndim=1)
+    validate.tensor("labels", labels, floating=False)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    vocab, width = weight.shape
+    if x.shape[-1] != width or vocab == 0 or (bias is not None and bias.shape[0] != vocab):
+        raise ValueError(
+            f"linear_cross_entropy: x {tuple(x.shape)} needs weight (V, {x.shape[-1]}) with V >= 1 and bias (V,), "
+            f"got weight {tuple(weight.shape)} and bias {None if bias is None else tuple(bias.shape)}"
+        )
+    if labels.shape != x.shape[:-1]:
+        raise ValueError(
+            f"labels must have shape {tuple(x.shape[:-1])} (x's without the last dim), got {tuple(labels.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias), ("labels", labels)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be an int >= 1 or None, got {chunk_rows!r}")
+    labels = labels.reshape(-1).long()
+    if not torch.compiler.is_compiling():
+        out_of_range = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(out_of_range.any()):
+            bad = labels[out_of_range][0].item()
+            raise ValueError(f"labels must be in [0, V={vocab}) or ignore_index={ignore_index}, got {bad}")
+    x = x.reshape(-1, width)
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return dispatch.call("linear_cross_entropy", x, weight, labels, bias, ignore_index, reduction, chunk_rows or 0)
+    # a custom op is not autocast: cast as F.linear would, then run with autocast off
+    dtype = torch.get_autocast_dtype(device_type)
+    x, weight, bias = (_autocast_to(t, dtype) for t in (x, weight, bias))
+    with torch.autocast(device_type, enabled=False):
+        return dispatch.call("linear_cross_entropy", x, weight, labels, bias, ignore_index, reduction, chunk_rows or 0)
+
+
+def _autocast_to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """t cast to autocast's dtype as autocast casts a matmul's inputs (fp64 stays fp64)."""
+    return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t

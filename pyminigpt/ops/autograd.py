@@ -93,3 +93,41 @@ def register(namespace: str, backward_ops: dict) -> None:
     for op, backward_op in backward_ops.items():
         setup, backward = FORMULAS[op](backward_op)
         torch.library.register_autograd(f"{namespace}::{op}_fwd", backward, setup_context=setup)
+
+
+# ---- linear cross entropy: the gradients come out of the forward ------------------------
+
+
+def wants_grad(*tensors) -> bool:
+    """Whether autograd will ask for a gradient of any of these tensors (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def register_linear_cross_entropy(namespace: str) -> None:
+    """Make `namespace::linear_cross_entropy_fwd` differentiable.
+
+    linear_cross_entropy_fwd(x, w, b, labels, ignore_index, reduce_sum, compute_grad, chunk_rows)
+    -> (loss, dx, dw, db): with compute_grad the forward already computed d loss / d (x, w, b)
+    chunk by chunk (a scalar loss needs nothing else), so the backward only scales them by the
+    incoming gradient of the loss.
+    """
+
+    def setup(ctx, inputs, output):
+        _x, _weight, bias, _labels, _ignore_index, _reduce_sum, compute_grad, _chunk_rows = inputs
+        _loss, grad_x, grad_weight, grad_bias = output
+        ctx.has_bias, ctx.computed = bias is not None, compute_grad
+        ctx.save_for_backward(grad_x, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(grad_x, grad_weight, grad_bias)
+
+    def backward(ctx, grad_loss, _grad_x, _grad_weight, _grad_bias):
+        if not ctx.computed:
+            raise RuntimeError("linear_cross_entropy_fwd ran with compute_grad=False: it has no gradients to give")
+        grad_x, grad_weight, grad_bias = ctx.saved_tensors
+        return (
+            grad_x * grad_loss,
+            grad_weight * grad_loss,
+            grad_bias * grad_loss if ctx.has_bias else None,
+            None, None, None, None, None,
+        )  # fmt: skip
+
+    torch.library.register_autograd(f"{namespace}::linear_cross_entropy_fwd", backward, setup_context=setup)

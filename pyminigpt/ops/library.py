@@ -118,3 +118,21 @@ autograd.register(
     "pyminigpt",
     {"softmax": ops.softmax_bwd, "layer_norm": ops.layer_norm_bwd, "causal_attention": ops.causal_attention_bwd},
 )
+
+
+# ---- linear cross entropy (CPU) ---------------------------------------------------------
+
+
+@torch.library.register_fake("pyminigpt::linear_cross_entropy_fwd")
+def _(x, weight, bias, labels, ignore_index, reduce_sum, compute_grad, chunk_rows):
+    rows, vocab = (x.shape[0], weight.shape[0]) if compute_grad else (0, 0)
+    grad_bias = x.new_empty((vocab if bias is not None else 0,))
+    return (
+        x.new_empty((), dtype=torch.float32),
+        x.new_empty((rows, x.shape[1])),
+        weight.new_empty((vocab, x.shape[1])),
+        grad_bias,
+    )
+
+
+autograd.register_linear_cross_entropy("pyminigpt")

@@ -132,3 +132,27 @@ def quantized_linear(
     weight = dequantize(qweight, scales, offsets)
     y = torch.nn.functional.linear(x.to(torch.float32), weight, None if bias is None else bias.to(torch.float32))
     return y.to(x.dtype)
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_rows: int = 0,
+) -> torch.Tensor:
+    """cross_entropy(x weight^T + bias, labels), with the (N, V) logits materialised.
+
+    x (N, K), weight (V, K), bias (V,) or None, labels (N,) int64; rows whose label is
+    ignore_index count for nothing. reduction "mean" divides by the number of counted rows
+    (NaN when there are none, as F.cross_entropy), "sum" does not. The logits are computed in
+    x's dtype (nn.Linear's op) and the cross entropy in at least fp32. chunk_rows is the
+    kernels' knob; the reference ignores it.
+    """
+    logits = torch.nn.functional.linear(x, weight, bias)
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.nn.functional.cross_entropy(
+        logits.to(compute_dtype), labels, ignore_index=ignore_index, reduction=reduction
+    )

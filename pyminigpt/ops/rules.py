@@ -118,6 +118,20 @@ def _triton_attention(q, k, v, scale) -> bool:
     )
 
 
+def _linear_cross_entropy_operands(x, weight, labels, bias, *_) -> bool:
+    # one dtype for x, weight and bias (the public op applies autocast's casts), one device for all
+    return (
+        weight.dtype == x.dtype
+        and weight.device == x.device
+        and labels.device == x.device
+        and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
+    )
+
+
+def _triton_linear_cross_entropy(x, weight, labels, bias, *rest) -> bool:
+    return _on_triton_device(x) and _linear_cross_entropy_operands(x, weight, labels, bias)
+
+
 # (op, backend) -> what its kernel takes. A backend registers a kernel only for an entry here.
 RULES: dict[tuple[str, str], Rule] = {
     ("layer_norm", "cpu"): Rule(("cpu",), CPU_DTYPES, _norm_params, "weight and bias of one dtype, x's or fp32"),
@@ -153,4 +167,15 @@ RULES: dict[tuple[str, str], Rule] = {
         "kernels/causal_attention.py takes head dims up to MAX_HEAD_DIM (128) and batch * heads up to 65535",
     ),
     ("quantized_linear", "triton"): Rule(TRITON_DEVICES, TRITON_DTYPES, _triton_quantized_linear, "bias of x's dtype"),
+}
+RULES |= {
+    ("linear_cross_entropy", "cpu"): Rule(
+        ("cpu",), CPU_DTYPES, _linear_cross_entropy_operands, "x, weight and bias of one dtype, all on x's device"
+    ),
+    ("linear_cross_entropy", "triton"): Rule(
+        TRITON_DEVICES,
+        TRITON_DTYPES,
+        _triton_linear_cross_entropy,
+        "x, weight and bias of one dtype, all on x's device",
+    ),
 }

@@ -20,6 +20,7 @@ from torch.library import triton_op, wrap_triton
 from pyminigpt.kernels import INTERPRET, sampling
 from pyminigpt.kernels import causal_attention as attention_kernels
 from pyminigpt.kernels import layer_norm as layer_norm_kernels
+from pyminigpt.kernels import linear_cross_entropy as linear_cross_entropy_kernels
 from pyminigpt.kernels import quantized_linear as quantized_linear_kernels
 from pyminigpt.kernels import softmax as softmax_kernels
 
@@ -165,6 +166,39 @@ def quantized_linear(x, qweight, scales, offsets, bias):
 rules.LIMITS["triton_layer_norm_max_cols"] = layer_norm_kernels.MAX_COLS
 rules.LIMITS["triton_attention_max_head_dim"] = attention_kernels.MAX_HEAD_DIM
 rules.LIMITS["triton_attention_max_batch_heads"] = attention_kernels.MAX_BATCH_HEADS
+
+# ---- linear cross entropy ---------------------------------------------------------------
+
+# Rows per chunk: about 256 MiB of logits at 4 bytes (1335 rows of GPT-2's 50257 words), enough
+# rows for cuBLAS to run near its peak while the chunk stays a small part of a GPU's memory.
+TRITON_CHUNK_BYTES = 256 << 20
+
+
+@triton_op("pyminigpt_triton::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    reduce_sum: bool,
+    compute_grad: bool,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return linear_cross_entropy_kernels.linear_cross_entropy_fwd(
+        x, weight, bias, labels, ignore_index, reduce_sum, compute_grad, chunk_rows, wrap=_wrap
+    )
+
+
+autograd.register_linear_cross_entropy("pyminigpt_triton")
+
+
+def linear_cross_entropy(x, weight, labels, bias, ignore_index, reduction, chunk_rows):
+    chunk_rows = chunk_rows or max(1, TRITON_CHUNK_BYTES // (4 * weight.shape[0]))
+    compute_grad = autograd.wants_grad(x, weight, bias)
+    args = (x, weight, bias, labels.contiguous(), ignore_index, reduction == "sum", compute_grad, chunk_rows)
+    return below_autograd(linear_cross_entropy_fwd, *args)[0]
+
 
 # every op with a ("op", "triton") rule is the function of the op's name above
 for _op, _backend in rules.RULES:

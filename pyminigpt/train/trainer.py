@@ -47,7 +47,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -184,10 +183,15 @@ class Trainer:
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         mask = batch.get("attention_mask")
+        # the model's fused LM head + loss (ops.linear_cross_entropy): the (B, T, V) logits are never built
         with self._autocast():
-            logits = model(input_ids, attention_mask=None if mask is None else mask.to(self.device)).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
-        return loss, (labels != -100).sum()
+            mean = model(
+                input_ids, attention_mask=None if mask is None else mask.to(self.device), shift_labels=labels
+            ).loss
+        count = (labels != -100).sum()
+        if reduction == "mean":
+            return mean, count
+        return torch.where(count > 0, mean * count, 0.0), count  # the sum; 0 (not NaN) for a batch with no labels
 
     # ------------------------------------------------------------------ training
 

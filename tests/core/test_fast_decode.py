@@ -30,8 +30,8 @@ def _prompts(batch=3, length=6, seed=1):
 
 def _generate(model, monkeypatch, static=False, check_every=1, **kwargs):
     with monkeypatch.context() as m:
-        m.setattr(generation, "_static_decoding", lambda device: static)
-        m.setattr(generation, "_eos_check_interval", lambda device: check_every)
+        m.setattr(generation.steps, "static_decoding", lambda device: static)
+        m.setattr(generation.steps, "eos_check_interval", lambda device: check_every)
         return model.generate(**kwargs, return_dict_in_generate=True, output_logits=True, output_scores=True)
 
 
@@ -113,5 +113,5 @@ def test_cuda_graph_decode_equals_the_eager_loop(model, monkeypatch, do_sample):
     }
     eager = _generate(cuda_model, monkeypatch, False, generator=torch.Generator("cuda").manual_seed(5), **kwargs)
     graphed = cuda_model.generate(**kwargs, generator=torch.Generator("cuda").manual_seed(5))
-    assert generation._static_decoding(input_ids.device)
+    assert generation.steps.static_decoding(input_ids.device)
     assert torch.equal(graphed, eager.sequences)
