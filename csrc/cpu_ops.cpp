@@ -42,6 +42,8 @@ TORCH_LIBRARY_IMPL(pyminigpt, CPU, m) {
   m.impl("causal_attention_bwd", PYMINIGPT_CPU_KERNEL(causal_attention_bwd));
   // linear.cpp (CPU only: on a GPU, cuBLAS already streams the weights at full bandwidth)
   m.impl("linear", PYMINIGPT_CPU_KERNEL(linear));
+  // quantized_linear.cpp (int8 / int4 weights; CUDA tensors go to the Triton kernel)
+  m.impl("quantized_linear", PYMINIGPT_CPU_KERNEL(quantized_linear));
   // linear_cross_entropy.cpp
   m.impl("linear_cross_entropy_fwd", PYMINIGPT_CPU_KERNEL(linear_cross_entropy_fwd));
 }

@@ -23,6 +23,9 @@ TORCH_LIBRARY(pyminigpt, m) {
       " -> (Tensor, Tensor, Tensor)");
   // y = x weight^T + bias for x (M, K), weight (N, K); a few rows (decoding) read the weights once.
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // y = x dequantize(qweight, scales, offsets)^T + bias: int8 (N, K) or int4 packed in uint8 (N, K / 2) weights,
+  // fp32 scales / offsets (N, groups); the format is pyminigpt/quantize.py's (inference only: no backward).
+  m.def("quantized_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor? bias) -> Tensor");
 
   // The LM head and the cross entropy in chunks of rows (csrc/cpu/linear_cross_entropy.cpp):
   // loss of x weight^T + bias against labels (ignore_index rows count for nothing), mean or sum;
@@ -43,7 +46,9 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "pyminigpt's C++/CUDA operators (torch.ops.pyminigpt)", -1,
                                nullptr};
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddIntConstant(m, "LINEAR_MAX_ROWS", pyminigpt::cpu::kLinearMaxRows) < 0) {
+  if (m != nullptr &&
+      (PyModule_AddIntConstant(m, "LINEAR_MAX_ROWS", pyminigpt::cpu::kLinearMaxRows) < 0 ||
+       PyModule_AddIntConstant(m, "QUANTIZED_LINEAR_MAX_ROWS", pyminigpt::cpu::kQuantizedLinearMaxRows) < 0)) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -435,11 +435,25 @@ class GPT(nn.Module):
     generate = generate
 
     @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs) -> GPT:
-        """Load a GPT-2 checkpoint: a local directory (config.json + model.safetensors) or a hub name."""
-        from .hf.convert import from_pretrained
+    def from_pretrained(cls, name_or_path, weights: str | None = None, **kwargs) -> GPT:
+        """Load a GPT-2 checkpoint: a local directory (config.json + model.safetensors) or a hub name.
 
-        return from_pretrained(cls, name_or_path, **kwargs)
+        weights: None keeps the checkpoint's; "fp32" / "bf16" set the dtype; "int8" / "int4" quantize
+        the projections (`quantize_`). A directory saved quantized loads as saved, without requantizing.
+        """
+        from .quantize import load_pretrained
+
+        return load_pretrained(cls, name_or_path, weights, **kwargs)
+
+    def quantize_(self, weights: str, group_size: int | None = None) -> GPT:
+        """Replace every projection (attention, MLP, the tied LM head) by 8-bit or 4-bit weights, in place.
+
+        weights: "int8" (default: one scale per output channel) or "int4" (groups of 32, 64 or 128
+        weights, default 64). For inference: a quantized model refuses `train()`. See `pyminigpt.quantize`.
+        """
+        from .quantize import quantize_
+
+        return quantize_(self, weights, group_size)
 
     @classmethod
     def from_hf(cls, hf_model) -> GPT:
@@ -451,7 +465,11 @@ class GPT(nn.Module):
     def save_pretrained(self, directory) -> None:
         """Write config.json + model.safetensors that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
         from .hf.convert import save_pretrained
+        from .quantize import quantization_of, save_quantized
 
+        if quantization_of(self) is not None:  # a quantized model keeps its format (pyminigpt reads it back)
+            save_quantized(self, directory)
+            return
         save_pretrained(self, directory)
 
     def can_generate(self):

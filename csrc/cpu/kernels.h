@@ -15,6 +15,9 @@ namespace pyminigpt::cpu {
 // The most rows of x that linear.cpp is compiled for; more fall back to at::linear. Exported to
 // Python as pyminigpt._C.LINEAR_MAX_ROWS (csrc/ops.cpp), which pyminigpt/ops/native.py reads.
 constexpr int kLinearMaxRows = 8;
+// The most rows of x that quantized_linear.cpp's decode kernel is compiled for; more rows dequantize tiles
+// of the weight for ATen's GEMM. Exported as pyminigpt._C.QUANTIZED_LINEAR_MAX_ROWS.
+constexpr int kQuantizedLinearMaxRows = 8;
 }  // namespace pyminigpt::cpu
 
 #define PYMINIGPT_DECLARE_CPU_KERNELS(CAPABILITY)                                                                      \
@@ -41,6 +44,9 @@ constexpr int kLinearMaxRows = 8;
                                                                       double scale);                                   \
   /* linear.cpp */                                                                                                     \
   at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);             \
+  /* quantized_linear.cpp */                                                                                           \
+  at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,                \
+                              const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias);        \
   /* linear_cross_entropy.cpp */                                                                                       \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(                                 \
       const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,  \

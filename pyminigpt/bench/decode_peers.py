@@ -42,6 +42,10 @@ MEMBERS = [
     "llama.cpp-q4_0",
     "pyminigpt",
     "pyminigpt-bf16",
+    "pyminigpt-int8",
+    "pyminigpt-int4",
+    "torchao-int8",
+    "torchao-int4",
 ]
 PEERS = (
     "transformers",
@@ -52,6 +56,8 @@ PEERS = (
     "llama.cpp-f16",
     "llama.cpp-q8_0",
     "llama.cpp-q4_0",
+    "torchao-int8",
+    "torchao-int4",
 )
 NOT_INSTALLED = "not installed"
 
@@ -66,6 +72,11 @@ def member_status(member: str) -> str:
         return NOT_INSTALLED
     if member.startswith("llama.cpp") and not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
         return NOT_INSTALLED
+    if member.startswith("torchao") and importlib.util.find_spec("torchao") is None:
+        return NOT_INSTALLED
+    if member == "torchao-int4" and not torch.cuda.is_available():
+        # torchao 0.18's Int4WeightOnlyConfig: "Requires mslk >= 1.0.0" (its GPU kernels); no CPU packing is accepted
+        return "needs CUDA (torchao 0.18)"
     return "ok"
 
 
@@ -79,9 +90,39 @@ def random_gpt2(model: dict | None = None, device: str = "cpu") -> transformers.
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes (pyminigpt's GPT or transformers' GPT2LMHeadModel) of weights one decode step reads:
-    every parameter once, but a single row of the position table."""
+    every parameter once, but a single row of the position table. A quantized pyminigpt model reads
+    its projections' quantized buffers (the LM head's included) and one row of the token table."""
     positions = model.transformer.wpe.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters()) - positions.numel() * positions.element_size()
+    nbytes = (
+        sum(p.numel() * p.element_size() for p in model.parameters()) - positions.numel() * positions.element_size()
+    )
+    if getattr(model, "quantization", None) is not None:
+        tokens = model.transformer.wte.weight
+        nbytes -= tokens.numel() * tokens.element_size()
+        nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    return nbytes
+
+
+def torchao_quantized(hf: transformers.GPT2LMHeadModel, bits: int) -> transformers.GPT2LMHeadModel:
+    """transformers' GPT-2 with torchao's weight-only int8 / int4 quantization: what a PyTorch user tries first.
+
+    GPT-2's projections are Conv1D, which torchao's quantize_ skips: they become nn.Linear first
+    (the same weights, transposed), and the tied LM head is quantized as the nn.Linear it is.
+    """
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    from transformers.pytorch_utils import Conv1D
+
+    for module in list(hf.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                linear.weight.data = child.weight.data.t().contiguous()
+                linear.bias.data = child.bias.data
+                setattr(module, name, linear)
+    hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())  # untie: the embedding stays fp32
+    config = Int8WeightOnlyConfig() if bits == 8 else Int4WeightOnlyConfig(group_size=64)
+    quantize_(hf, config)
+    return hf
 
 
 # ---- CTranslate2 -----------------------------------------------------------------------------
@@ -214,6 +255,14 @@ def build_member(member: str, model_kwargs: dict | None = None, device: str = "c
 
         engine = LlamaCppMember(hf, member.removeprefix("llama.cpp-"), model_kwargs)
         return engine.generate, engine.weight_bytes, engine.close
+    if member.startswith("torchao"):
+        hf = torchao_quantized(hf, 8 if member == "torchao-int8" else 4)
+
+        def generate(input_ids, **settings):
+            with torch.no_grad():
+                return hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), **settings)
+
+        return generate, weight_bytes(random_gpt2(model_kwargs)) // (4 if member == "torchao-int8" else 7), lambda: None
     if member.startswith("transformers"):
         if member == "transformers+patch":
             import pyminigpt
@@ -231,6 +280,8 @@ def build_member(member: str, model_kwargs: dict | None = None, device: str = "c
     model = GPT.from_hf(hf).eval()
     if member == "pyminigpt-bf16":
         model = model.to(torch.bfloat16)
+    if member in ("pyminigpt-int8", "pyminigpt-int4"):
+        model.quantize_(member.removeprefix("pyminigpt-"))
     return (lambda input_ids, **settings: model.generate(input_ids, **settings)), weight_bytes(model), lambda: None
 
 

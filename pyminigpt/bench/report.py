@@ -213,6 +213,8 @@ DESCRIPTION = "Run the benchmarks; write the pytest-benchmark JSON, a Markdown r
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `pyminigpt bench` (this module's `main` and the `pyminigpt` command share them)."""
+    from ..quantize import WEIGHT_CHOICES
+
     parser.add_argument("--ops", action="store_true", help="the op benchmarks (every test_bench_*.py but e2e)")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end generate / train-step benchmarks")
     quick = "a few representative groups (an op size each, a tiny end-to-end model), few rounds: under a minute"
@@ -231,6 +233,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-json", type=Path, default=None, help="decode groups from a bench/interleaved_decode.py --json summary"
     )
     parser.add_argument("--group-charts", action="store_true", help="also one PNG per group")
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHT_CHOICES,
+        default=None,
+        help="the end-to-end suite's pyminigpt member runs with these weights only (default: every one)",
+    )
 
 
 def main(argv=None) -> int:
@@ -312,6 +320,8 @@ def _run_suites(args: argparse.Namespace) -> tuple[dict | None, int]:
     # added: a checkout's root there would shadow the `kernels` package with the Triton kernels' folder
     if args.quick:
         env["PYMINIGPT_BENCH_QUICK"] = "1"
+    if args.weights:  # test_bench_e2e.py keeps the pyminigpt member with these weights
+        env["PYMINIGPT_BENCH_WEIGHTS"] = args.weights
     # `python -m` puts its working directory first on sys.path: run in the output folder, not in a
     # checkout's root, whose pyminigpt/ source folder (without the built extension) would shadow this one.
     load_before = load_average()

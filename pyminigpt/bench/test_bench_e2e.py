@@ -52,6 +52,11 @@ else:
     PROMPT, NEW_TOKENS, TRAIN_BATCH, TRAIN_T, ROUNDS = 32, 128, 4, 256, 2
 SAMPLING = {"greedy": {"do_sample": False}, "sample": {"do_sample": True, "top_k": 50, "top_p": 0.9}}
 GENERATE_MEMBERS = ["eager", *MEMBERS]
+# `pyminigpt bench --weights W` keeps one pyminigpt member, with those weights (the peers all stay)
+WEIGHTS = os.environ.get("PYMINIGPT_BENCH_WEIGHTS")
+if WEIGHTS:
+    OWN = {"fp32": "pyminigpt", "bf16": "pyminigpt-bf16", "int8": "pyminigpt-int8", "int4": "pyminigpt-int4"}
+    GENERATE_MEMBERS = [m for m in GENERATE_MEMBERS if not m.startswith("pyminigpt") or m == OWN[WEIGHTS]]
 if DEVICE == "cuda":  # on a GPU both libraries are usually run in bf16: compare them there too
     GENERATE_MEMBERS += ["transformers-bf16", "transformers+patch-bf16"]
 TRAIN_MEMBERS = ["eager", "transformers", "transformers+patch", "pyminigpt"]
@@ -109,7 +114,9 @@ def _decode_member(request, member: str, settings: dict):
         pytest.skip(f"{member}: its worker runs on the CPU only")
     generate, nbytes, close = build_member(member, MODEL, DEVICE)
     request.addfinalizer(close)
-    dtype = {"ctranslate2-int8": "int8", "pyminigpt-bf16": "bfloat16"}.get(member, "float32")
+    quantized = {"ctranslate2-int8": "int8", "pyminigpt-int8": "int8", "pyminigpt-int4": "int4"}
+    quantized.update({"torchao-int8": "int8", "torchao-int4": "int4"})
+    dtype = {**quantized, "pyminigpt-bf16": "bfloat16"}.get(member, "float32")
     return lambda ids: generate(ids, max_new_tokens=NEW_TOKENS, **settings), nbytes, dtype
 
 

@@ -13,6 +13,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..quantize import add_weights_argument
 from .runs import (
     RUN_FILE,
     UsageError,
@@ -139,7 +140,11 @@ def run(args) -> int:
 
     out = Path(args.out)
     check_sampling(args)
-    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
+    if args.feedback and args.weights in ("int8", "int4"):
+        raise UsageError(
+            f"--weights {args.weights} is for inference: --feedback fine-tunes the model, give fp32 or bf16"
+        )
+    loaded = load_model(args.model, pick_device(args.device), args.tokenizer, weights=args.weights)
     earlier = _check_out(out, loaded) if args.feedback else None
     trainer = None
     if args.feedback:
@@ -223,4 +228,5 @@ def add_parser(subparsers) -> None:
         "--out", default="pyminigpt-feedback", help="where the tuned model goes (default ./pyminigpt-feedback)"
     )
     add_sampling_args(p)
+    add_weights_argument(p)
     p.set_defaults(run=run)

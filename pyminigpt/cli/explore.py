@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..quantize import add_weights_argument
 from .explore_report import TABLE_ROWS, Exploration, build_page, format_report
 from .runs import add_tokenizer_file_arg
 
@@ -76,6 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the seed of every generation (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     add_tokenizer_file_arg(p)
+    add_weights_argument(p)
     p.set_defaults(run=run)
     return p
 
@@ -97,7 +99,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} exists and is not a directory")
-    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
+    loaded = load_model(args.model, pick_device(args.device), args.tokenizer, weights=args.weights)
     encode_check(loaded, prompt, "--prompt" if given else "the default prompt (pass --prompt)")
     n_layer = loaded.model.config.n_layer
     layer = n_layer - 1 if args.layer is None else args.layer

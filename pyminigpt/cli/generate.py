@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..quantize import add_weights_argument
 from .runs import UsageError, add_sampling_args, check_sampling, encode_check, load_model, pick_device, sampling_kwargs
 
 
@@ -11,7 +12,7 @@ def run(args) -> int:
     check_sampling(args)
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
+    loaded = load_model(args.model, pick_device(args.device), args.tokenizer, weights=args.weights)
     encode_check(loaded, args.prompt, "prompt")
     kwargs = sampling_kwargs(args, loaded, args.prompt)
     if args.stream:
@@ -47,4 +48,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=5, help="how many continuations (default 5)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add_sampling_args(p)
+    add_weights_argument(p)
     p.set_defaults(run=run)

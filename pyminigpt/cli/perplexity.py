@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from ..quantize import add_weights_argument
 from .runs import UsageError, encode_check, load_model, pick_device
 
 
 def run(args) -> int:
     from ..analysis import perplexity
 
-    loaded = load_model(args.model, pick_device(args.device), args.tokenizer)
+    loaded = load_model(args.model, pick_device(args.device), args.tokenizer, weights=args.weights)
     if (args.file is None) == (args.text is None):
         raise UsageError("give a FILE or --text (one of them)")
     if args.file is not None:
@@ -58,4 +59,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=None, help="window length in tokens (default: the context)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the run's tokenizer.json)")
+    add_weights_argument(p)
     p.set_defaults(run=run)

@@ -147,7 +147,13 @@ def find_run_dir(weights: Path) -> Path | None:
     return None
 
 
-def load_model(path: str, device: torch.device, tokenizer_path: str | None = None, argument: str = "MODEL") -> Loaded:
+def load_model(
+    path: str,
+    device: torch.device,
+    tokenizer_path: str | None = None,
+    argument: str = "MODEL",
+    weights: str | None = None,
+) -> Loaded:
     """Load MODEL (a run directory, a checkpoint, or a GPT-2 directory) with its tokenizer.
 
     Trainer checkpoints are verified (sizes, SHA-256, config) before any weight is used.
@@ -157,10 +163,11 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
 
     from ..hf.convert import config_from_hf
     from ..model import GPT
+    from ..quantize import with_weights
     from ..tokenizer import BPETokenizer, load_tokenizer
     from ..train.checkpoint import load_checkpoint
 
-    weights = Path(path)
+    weights_format, weights = weights, Path(path)
     if weights.is_file():
         raise UsageError(
             f"{argument}: {str(weights)!r} is a file; {argument} is a directory: a run, a checkpoint, or a GPT-2 "
@@ -223,6 +230,10 @@ def load_model(path: str, device: torch.device, tokenizer_path: str | None = Non
             f"{argument}: tokenizer {tokenizer_path!r} has {tokenizer.vocab_size} tokens but the model in {str(weights)!r} "
             f"has vocab_size={model.config.vocab_size}: they were not made for each other"
         )
+    try:  # --weights: fp32 / bf16 / int8 / int4 (pyminigpt.quantize)
+        model = with_weights(model, weights_format)
+    except ValueError as err:
+        raise UsageError(f"--weights: {err}") from None
     return Loaded(model.to(device).eval(), tokenizer, run.get("format") == "lines", weights, tokenizer_path)
 
 

@@ -10,6 +10,10 @@ and nn.Linear's op, for the model's decoding steps (a `cpu` kernel only):
 
     linear(x, weight, bias=None)                                x (..., K), weight (N, K) -> (..., N)
 
+and its 8-bit / 4-bit weight form (`pyminigpt.quantize` has the format; `cpu` and `triton` kernels):
+
+    quantized_linear(x, qweight, scales, offsets=None, bias=None)   x (..., K) -> (..., N)
+
 and the LM head with the loss, for training (`cpu` and `triton` kernels):
 
     linear_cross_entropy(x, weight, labels, bias=None, ignore_index=-100, reduction="mean", chunk_rows=None)
@@ -35,6 +39,7 @@ __all__ = [
     "layer_norm",
     "linear",
     "linear_cross_entropy",
+    "quantized_linear",
     "reference",
     "sample",
     "softmax",
@@ -140,6 +145,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             f"{tuple(weight.shape)} and bias {None if bias is None else tuple(bias.shape)}"
         )
     return dispatch.call("linear", x, weight, bias)
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x W^T + bias for W stored in 8 or 4 bits (`pyminigpt.quantize`); y has x's dtype.
+
+    qweight: int8 (N, K), w = q * scale; or uint8 (N, K / 2), two 4-bit weights per byte,
+    w = q * scale + offset. scales, offsets: fp32 (N, groups), groups dividing K. For inference
+    (no gradient). On the CPU, up to 8 rows stream each weight byte once (csrc/cpu/quantized_linear.cpp),
+    more rows dequantize tiles for a GEMM; CUDA tensors run kernels/quantized_linear.py.
+    """
+    validate.tensor("x", x, min_ndim=1)
+    validate.quantized_weight(x, qweight, scales, offsets)
+    if bias is not None:
+        validate.tensor("bias", bias, ndim=1)
+        if bias.shape[0] != qweight.shape[0]:
+            raise ValueError(f"bias must have shape ({qweight.shape[0]},), got {tuple(bias.shape)}")
+    return dispatch.call("quantized_linear", x, qweight, scales, offsets, bias)
 
 
 REDUCTIONS = ("mean", "sum")

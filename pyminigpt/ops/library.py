@@ -106,6 +106,14 @@ def _linear_backward(ctx, grad_y):
 
 torch.library.register_autograd("pyminigpt::linear", _linear_backward, setup_context=_linear_setup)
 
+# ---- quantized linear (inference only: no autograd formula) ------------------------------
+
+
+@torch.library.register_fake("pyminigpt::quantized_linear")
+def _(x, qweight, scales, offsets, bias):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
 autograd.register(
     "pyminigpt",
     {"softmax": ops.softmax_bwd, "layer_norm": ops.layer_norm_bwd, "causal_attention": ops.causal_attention_bwd},

@@ -60,6 +60,13 @@ def linear(x, weight, bias):
     return below_autograd(ops.linear.default, x.reshape(-1, shape[-1]), weight, bias).view(*shape[:-1], weight.shape[0])
 
 
+def quantized_linear(x, qweight, scales, offsets, bias):
+    if x.dim() == 2:
+        return ops.quantized_linear.default(x, qweight, scales, offsets, bias)
+    y = ops.quantized_linear.default(x.reshape(-1, x.shape[-1]), qweight, scales, offsets, bias)
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
 # ---- linear cross entropy ---------------------------------------------------------------
 
 # Rows per chunk of csrc/cpu/linear_cross_entropy.cpp: about 256 MiB of fp32 logits (1335 rows of
@@ -84,6 +91,7 @@ _OPS = {
     "sample": (sample, ("sample",)),
     "causal_attention": (causal_attention, ("causal_attention_fwd", "causal_attention_bwd")),
     "linear": (linear, ("linear",)),
+    "quantized_linear": (quantized_linear, ("quantized_linear",)),
     "linear_cross_entropy": (linear_cross_entropy, ("linear_cross_entropy_fwd",)),
 }
 

@@ -102,6 +102,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 (N, K) weight of 8-bit or 4-bit storage (the format of `pyminigpt.quantize`).
+
+    int8 qweight (N, K): w = qweight * scale. uint8 qweight (N, K / 2), two 4-bit weights per byte
+    (in each run of 32 weights, byte i holds weight i in its low nibble and weight 16 + i in its high
+    one): w = q * scale + offset. scales, offsets: fp32 (N, K / group_size), one per group of weights.
+    """
+    n, groups = scales.shape
+    if qweight.dtype == torch.int8:
+        q = qweight.to(torch.float32)
+    else:
+        packed = qweight.reshape(n, -1, 1, 16)
+        q = torch.cat([packed & 15, packed >> 4], dim=2).reshape(n, -1).to(torch.float32)
+    w = q.reshape(n, groups, -1) * scales.to(torch.float32).unsqueeze(-1)
+    if offsets is not None:
+        w = w + offsets.to(torch.float32).unsqueeze(-1)
+    return w.reshape(n, -1)
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x dequantize(qweight, scales, offsets)^T + bias, computed in fp32; y has x's dtype."""
+    weight = dequantize(qweight, scales, offsets)
+    y = torch.nn.functional.linear(x.to(torch.float32), weight, None if bias is None else bias.to(torch.float32))
+    return y.to(x.dtype)
+
+
 def linear_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -75,6 +75,14 @@ def _cpu_linear(x, weight, bias) -> bool:
     )
 
 
+def _cpu_quantized_linear(x, qweight, scales, offsets, bias) -> bool:
+    return bias is None or bias.dtype == x.dtype
+
+
+def _triton_quantized_linear(x, qweight, scales, offsets, bias) -> bool:
+    return _on_triton_device(x) and (bias is None or bias.dtype == x.dtype)
+
+
 def _cuda_attention(q, k, v, scale) -> bool:
     return (
         q.shape[-1] in CUDA_ATTENTION_HEAD_DIMS and q.numel() > 0 and k.shape[-2] <= LIMITS["cuda_attention_max_kv_len"]
@@ -132,6 +140,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("sample", "cpu"): Rule(("cpu",), CPU_DTYPES),
     ("causal_attention", "cpu"): Rule(("cpu",), CPU_DTYPES),
     ("linear", "cpu"): Rule(("cpu",), CPU_DTYPES, _cpu_linear, "x, weight and bias of one dtype, no autocast"),
+    ("quantized_linear", "cpu"): Rule(("cpu",), CPU_DTYPES, _cpu_quantized_linear, "bias of x's dtype"),
     ("layer_norm", "cuda"): Rule(("cuda",), CUDA_DTYPES, _norm_params, "weight and bias of one dtype, x's or fp32"),
     ("softmax", "cuda"): Rule(("cuda",), CUDA_DTYPES),
     ("top_k_top_p_filter", "cuda"): Rule(("cuda",), CUDA_DTYPES),
@@ -157,6 +166,7 @@ RULES: dict[tuple[str, str], Rule] = {
         _triton_attention,
         "kernels/causal_attention.py takes head dims up to MAX_HEAD_DIM (128) and batch * heads up to 65535",
     ),
+    ("quantized_linear", "triton"): Rule(TRITON_DEVICES, TRITON_DTYPES, _triton_quantized_linear, "bias of x's dtype"),
 }
 RULES |= {
     ("linear_cross_entropy", "cpu"): Rule(

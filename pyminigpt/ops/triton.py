@@ -21,6 +21,7 @@ from pyminigpt.kernels import INTERPRET, sampling
 from pyminigpt.kernels import causal_attention as attention_kernels
 from pyminigpt.kernels import layer_norm as layer_norm_kernels
 from pyminigpt.kernels import linear_cross_entropy as linear_cross_entropy_kernels
+from pyminigpt.kernels import quantized_linear as quantized_linear_kernels
 from pyminigpt.kernels import softmax as softmax_kernels
 
 from . import autograd, dispatch, rules
@@ -111,6 +112,20 @@ def causal_attention_bwd(
     return attention_kernels.attention_bwd(grad_out, q, k, v, out, lse, scale, wrap=_wrap)
 
 
+# ---- quantized linear (inference only) ----------------------------------------------------
+
+
+@triton_op("pyminigpt_triton::quantized_linear", mutates_args=())
+def quantized_linear_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return quantized_linear_kernels.quantized_linear(x, qweight, scales, offsets, bias, wrap=_wrap)
+
+
 autograd.register(
     "pyminigpt_triton",
     {"softmax": softmax_bwd, "layer_norm": layer_norm_bwd, "causal_attention": causal_attention_bwd},
@@ -141,6 +156,11 @@ def causal_attention(q, k, v, scale):
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     out, _lse = below_autograd(causal_attention_fwd, q, k, v, scale)
     return out
+
+
+def quantized_linear(x, qweight, scales, offsets, bias):
+    y = quantized_linear_op(_rows(x), qweight, scales, offsets, bias)
+    return y.view(*x.shape[:-1], qweight.shape[0])
 
 
 rules.LIMITS["triton_layer_norm_max_cols"] = layer_norm_kernels.MAX_COLS

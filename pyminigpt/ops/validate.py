@@ -103,3 +103,37 @@ def attention_inputs(q, k, v) -> None:
         raise ValueError(f"k must be (B, H, Tk, D) matching q {tuple(q.shape)}, got {tuple(k.shape)}")
     if k.shape[2] < tq:
         raise ValueError(f"causal attention needs Tk >= Tq, got Tq={tq} and Tk={k.shape[2]}")
+
+
+def quantized_weight(x: torch.Tensor, qweight, scales, offsets) -> None:
+    """The 8-bit / 4-bit weight of `quantized_linear` for x (..., K) (pyminigpt.quantize's format)."""
+    k = x.shape[-1]
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype not in (torch.int8, torch.uint8):
+        raise TypeError(
+            f"qweight must be an int8 or uint8 (packed int4) tensor, got {getattr(qweight, 'dtype', qweight)}"
+        )
+    int4 = qweight.dtype == torch.uint8
+    width = k // 2 if int4 else k
+    if qweight.dim() != 2 or qweight.shape[1] != width or (int4 and k % 32):
+        raise ValueError(
+            f"qweight must be (N, {width}) for x {tuple(x.shape)}"
+            + (" (int4: K a multiple of 32)" if int4 else "")
+            + f", got {tuple(qweight.shape)}"
+        )
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
+        raise TypeError(f"scales must be a float32 tensor, got {getattr(scales, 'dtype', scales)}")
+    n = qweight.shape[0]
+    if scales.dim() != 2 or scales.shape[0] != n or scales.shape[1] == 0 or k % scales.shape[1]:
+        raise ValueError(f"scales must be ({n}, groups) with groups dividing K={k}, got {tuple(scales.shape)}")
+    group = k // scales.shape[1]
+    if scales.shape[1] > 1 and group % 32:
+        raise ValueError(f"groups of {group} weights: a group must be a whole row or a multiple of 32")
+    if int4 != (offsets is not None):
+        raise ValueError("offsets: int4 (uint8) weights need offsets, int8 weights take none")
+    if offsets is not None and (
+        not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.float32 or offsets.shape != scales.shape
+    ):
+        raise ValueError(f"offsets must be a float32 tensor of shape {tuple(scales.shape)}, got {offsets!r:.80}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
