@@ -183,7 +183,7 @@ def quantize_(model, weights: str, group_size: int | None = None):
     widths = [getattr(parent, name).in_features for parent, name in projections(model)]
     if asked is None and weights == "int4" and any(w % group_size for w in widths):
         group_size = INT4_GROUP_SIZES[0]  # the default group does not fit this model's widths: the smallest
-    for (parent, name), width in zip(projections(model), widths):  # check every width before changing anything
+    for (_parent, name), width in zip(projections(model), widths):  # check every width before changing anything
         if group_size is not None and width % group_size:
             raise ValueError(f"group_size={group_size} does not divide the input width {width} of {name}")
     for parent, name in projections(model):
