@@ -32,7 +32,15 @@ from triton.compiler import ASTSource
 from pyminigpt import kernels
 
 ARCHS = (80, 90)
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
+_DTYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
