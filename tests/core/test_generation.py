@@ -5,6 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from generation_pair import VOCAB, hf_and_gpt, left_padded_prompts
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -16,25 +17,17 @@ from transformers.generation.logits_process import (
 from pyminigpt.generation import GenerateOutput, process_scores, seen_tokens
 from pyminigpt.model import GPT
 
-VOCAB = 97
 NEW = 32
 
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=2, n_head=3,
-                                     bos_token_id=1, eos_token_id=2, initializer_range=0.3)  # fmt: skip
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    return hf, GPT.from_hf(hf)
+    return hf_and_gpt()
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    """Three left-padded prompts of lengths 7, 4 and 1 (pad id 0) and their attention mask."""
-    mask = (torch.arange(7) >= 7 - torch.tensor([[7], [4], [1]])).long()
-    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1)).masked_fill(mask == 0, 0)
-    return ids, mask
+    return left_padded_prompts()
 
 
 def hf_generate(hf, ids, mask=None, **kwargs):
