@@ -11,7 +11,7 @@ text.py        generate_text(model, tokenizer, prompt, stream=callback) and its 
 
 from .config import GenerationConfig
 from .loop import GenerateOutput, generate
-from .processors import apply_repetition_penalty, process_scores, seen_tokens, warp_scores
+from .processors import apply_repetition_penalty, seen_tokens, warp_scores
 from .steps import CUDA_EOS_CHECK_INTERVAL, StaticDecoder
 from .text import TextCallbackStreamer, generate_text
 
@@ -24,7 +24,6 @@ __all__ = [
     "apply_repetition_penalty",
     "generate",
     "generate_text",
-    "process_scores",
     "seen_tokens",
     "warp_scores",
 ]

@@ -42,21 +42,6 @@ def warp_scores(scores: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return ops.top_k_top_p_filter(scores / temperature, top_k, top_p, min_tokens_to_keep)
 
 
-def process_scores(
-    logits: torch.Tensor,
-    seen: torch.Tensor,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    min_tokens_to_keep: int = 1,
-) -> torch.Tensor:
-    """The scores (B, V) that transformers' repetition penalty and warpers make of logits (B, V)."""
-    scores = apply_repetition_penalty(logits, seen, repetition_penalty)
-    return warp_scores(scores, temperature, top_k, top_p, min_tokens_to_keep) if do_sample else scores
-
-
 def no_repeat_ngram(sequences: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
     """-inf for every token that would complete an n-gram already in the row (padding included, as transformers)."""
     length = sequences.shape[1]

@@ -393,12 +393,9 @@ class Trainer:
         path = Path(name_or_path)
         if self.out_dir is not None and path.parent == Path("."):
             path = self.out_dir / path
-        rng_json, rng_tensors = rng_state()
+        gathered = [rng_state()] * self.world_size  # (json, tensors) of every rank
         if self.world_size > 1:
-            gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, (rng_json, rng_tensors))
-        else:
-            gathered = [(rng_json, rng_tensors)]
+            dist.all_gather_object(gathered, gathered[self.rank])
         if self.is_main:
             opt = self.optimizer.state_dict()
             tensors = {f"optimizer.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
@@ -446,7 +443,6 @@ class Trainer:
         self.best_eval_loss = math.inf if state["best_eval_loss"] is None else state["best_eval_loss"]
         self.history = state["history"]
         prefix = f"rng.rank{self.rank}."
-        set_rng_state(
-            state["rng"][self.rank], {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        )
+        rng_tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        set_rng_state(state["rng"][self.rank], rng_tensors)
         return state

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from pyminigpt.generation import GenerateOutput, process_scores, seen_tokens
+from pyminigpt.generation import GenerateOutput, apply_repetition_penalty, seen_tokens, warp_scores
 from pyminigpt.model import GPT
 
 NEW = 32
@@ -174,32 +174,32 @@ def test_greedy_scores_are_penalized_logits(pair, prompts):
         assert torch.equal(out.sequences[:, 7 + step], scores.argmax(-1))
 
 
-def check_process_scores(logits, top_k, top_p, min_tokens_to_keep):
+def check_penalty_and_warpers(logits, top_k, top_p, min_tokens_to_keep):
     gen = torch.Generator().manual_seed(6)
     input_ids = torch.randint(0, logits.shape[1], (logits.shape[0], 9), generator=gen)
     mask = (torch.arange(9) >= torch.randint(0, 9, (logits.shape[0], 1), generator=gen)).long()
     expected = hf_processors(mask, 0.8, top_k, top_p, 1.25, min_tokens_to_keep)(input_ids, logits.clone())
-    got = process_scores(logits, seen_tokens(input_ids, logits.shape[1], mask), do_sample=True, temperature=0.8,
-                         top_k=top_k, top_p=top_p, repetition_penalty=1.25, min_tokens_to_keep=min_tokens_to_keep)  # fmt: skip
+    penalized = apply_repetition_penalty(logits, seen_tokens(input_ids, logits.shape[1], mask), 1.25)
+    got = warp_scores(penalized, 0.8, top_k, top_p, min_tokens_to_keep)
     assert_same_scores(got, expected)
     assert (torch.isfinite(got).sum(-1) >= min_tokens_to_keep).all()
 
 
 @pytest.mark.parametrize("top_k, min_tokens_to_keep", [(1, 1), (4, 1), (2, 3), (7, 2), (40, 1)])
-def test_process_scores_top_k_ties_match_hf(top_k, min_tokens_to_keep):
+def test_penalty_and_warpers_top_k_ties_match_hf(top_k, min_tokens_to_keep):
     """Top-k keeps every logit tied with the k-th largest, exactly like TopKLogitsWarper."""
     logits = torch.randint(-6, 7, (4, 40), generator=torch.Generator().manual_seed(5)).float() / 2  # many ties
     logits[0, :10] = 4.0  # ten-way tie at the top
-    check_process_scores(logits, top_k, 1.0, min_tokens_to_keep)
+    check_penalty_and_warpers(logits, top_k, 1.0, min_tokens_to_keep)
 
 
 @pytest.mark.parametrize(
     "top_k, top_p, min_tokens_to_keep", [(0, 0.6, 1), (5, 0.3, 1), (0, 0.05, 4), (8, 0.9, 2), (0, 0.999, 1)]
 )
-def test_process_scores_top_p_matches_hf(top_k, top_p, min_tokens_to_keep):
+def test_penalty_and_warpers_top_p_matches_hf(top_k, top_p, min_tokens_to_keep):
     """Distinct logits: where ties straddle the top-p cut, which of them stay depends on the sort's tie order."""
     logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(5)) * 3
-    check_process_scores(logits, top_k, top_p, min_tokens_to_keep)
+    check_penalty_and_warpers(logits, top_k, top_p, min_tokens_to_keep)
 
 
 def test_sampling_is_reproducible_with_a_generator(pair, prompts):

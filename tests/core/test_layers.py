@@ -1,6 +1,6 @@
 """The package's layers, read from the source: who may import whom, and no two modules that import each other.
 
-    core    config, model, loss, generation, tokenizer, files, ops/, kernels/, hf/   (what the drop-in user
+    core    config, cache, model, loss, quantize, generation, tokenizer, files, ops/, kernels/, hf/   (what the drop-in user
             imports; hf/ is its bridge to transformers: GPT.from_pretrained reads weights through it)
     lib     analysis, plots               (the text API and its pictures)
     train   train/
@@ -25,7 +25,7 @@ KERNELS = PACKAGE / "kernels"  # an editable install maps pyminigpt.kernels to t
 if not KERNELS.is_dir():
     KERNELS = PACKAGE.parent / "kernels"
 
-CORE = ("config", "model", "loss", "generation", "tokenizer", "files", "ops", "kernels", "hf")
+CORE = ("config", "cache", "model", "loss", "quantize", "generation", "tokenizer", "files", "ops", "kernels", "hf")
 LIB = ("analysis", "plots")
 LAYERS = {**dict.fromkeys(CORE, 0), **dict.fromkeys(LIB, 1), "train": 2, "cli": 3, "bench": 3}
 
