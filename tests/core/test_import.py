@@ -7,8 +7,10 @@ would bring it), matplotlib, tokenizers or transformers."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +43,12 @@ def test_the_model_loads_no_triton_plotting_or_transformers():
     heavy = set(loaded["heavy"]) - {"tqdm", "torch.distributed", "numpy"}  # `import torch` loads these itself
     assert not heavy, heavy
     assert not [m for m in loaded["pyminigpt"] if m.split(".")[1:2] in (["train"], ["cli"], ["bench"], ["hf"])]
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages a regular install copies: a folder missing there imports
+    from a checkout (and an editable install) but not from the installed wheel."""
+    root = Path(__file__).resolve().parents[2]
+    listed = set(re.findall(r'"(pyminigpt(?:\.\w+)*)"', (root / "pyproject.toml").read_text().split("packages = [")[1]))
+    folders = {".".join(init.parent.relative_to(root).parts) for init in (root / "pyminigpt").rglob("__init__.py")}
+    assert folders <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(folders - listed)}"
