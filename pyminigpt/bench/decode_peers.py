@@ -47,18 +47,8 @@ MEMBERS = [
     "torchao-int8",
     "torchao-int4",
 ]
-PEERS = (
-    "transformers",
-    "transformers+compile",
-    "ctranslate2-float32",
-    "ctranslate2-int8",
-    "llama.cpp-f32",
-    "llama.cpp-f16",
-    "llama.cpp-q8_0",
-    "llama.cpp-q4_0",
-    "torchao-int8",
-    "torchao-int4",
-)
+# the outside implementations: every member but pyminigpt's own (its model and its patch of transformers)
+PEERS = tuple(m for m in MEMBERS if not m.startswith("pyminigpt") and m != "transformers+patch")
 NOT_INSTALLED = "not installed"
 
 

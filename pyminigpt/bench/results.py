@@ -11,6 +11,7 @@ from dataclasses import dataclass
 # Member names that are the outside implementation a kernel is measured against.
 PEERS = ("transformers", "transformers+compile", "ctranslate2-float32", "ctranslate2-int8", "sdpa", "torch", "compile")
 PEERS += tuple(f"llama.cpp-{dtype}" for dtype in ("f32", "f16", "q8_0", "q4_0"))
+PEERS += ("torchao-int8", "torchao-int4")
 # Members that need an optional package; missing from a decode group without it, they are
 # reported as "not installed" rather than left out.
 OPTIONAL_MEMBERS = {"ctranslate2-float32": "ctranslate2", "ctranslate2-int8": "ctranslate2"}

@@ -222,3 +222,11 @@ def test_quick_selects_a_few_representative_groups(tmp_path):
     files = {line.split("::")[0] for line in selected}
     for name in ("layer_norm", "softmax", "sampling", "causal_attention", "linear", "e2e"):
         assert any(name in f for f in files), (name, files)
+
+
+def test_every_decode_peer_is_reported_as_a_peer():
+    """results.PEERS (the report's roles, kept free of the heavy decode imports) names every outside member."""
+    from pyminigpt.bench import decode_peers, results
+
+    assert set(decode_peers.PEERS) <= set(results.PEERS)
+    assert not {m for m in results.PEERS if m.startswith("pyminigpt")}
