@@ -18,3 +18,12 @@ def assert_usage_error(capsys, argv, *needles):
     for needle in needles:
         assert str(needle) in err, err
     return err
+
+
+def write_names(tmp_path_factory, count: int, seed: int, name: str = "names.txt"):
+    """A text file of `count` built-in fantasy names, one per line (what `train --lines` reads)."""
+    from pyminigpt.train.data import names_corpus
+
+    path = tmp_path_factory.mktemp("data") / name
+    path.write_text("\n".join(names_corpus(count, seed=seed)) + "\n", encoding="utf-8")
+    return path

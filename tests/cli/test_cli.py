@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_testing import assert_usage_error, run
+from cli_testing import assert_usage_error, run, write_names
 
 from pyminigpt.cli import main
 from pyminigpt.train.data import names_corpus
@@ -31,9 +31,7 @@ def digests(directory: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def names_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "names.txt"
-    path.write_text("\n".join(names_corpus(60, seed=3)) + "\n", encoding="utf-8")
-    return path
+    return write_names(tmp_path_factory, 60, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_testing import assert_usage_error, run
+from cli_testing import assert_usage_error, run, write_names
 
 from pyminigpt.cli import build_parser, main
 from pyminigpt.cli import chat as chat_module
 from pyminigpt.cli.demo import DEMO_TRAIN_SECONDS
 from pyminigpt.tokenizer import CharTokenizer
-from pyminigpt.train.data import names_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 FLAGS = ["--size", "tiny", "--warmup", "1", "--eval-interval", "2", "--no-progress"]
@@ -22,17 +21,13 @@ FLAGS = ["--size", "tiny", "--warmup", "1", "--eval-interval", "2", "--no-progre
 
 @pytest.fixture(scope="module")
 def names_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "names.txt"
-    path.write_text("\n".join(names_corpus(40, seed=5)) + "\n", encoding="utf-8")
-    return path
+    return write_names(tmp_path_factory, 40, seed=5)
 
 
 @pytest.fixture(scope="module")
 def few_names(tmp_path_factory):
     """Five names: too few to hold out an evaluation slice (10% of 5 is 0)."""
-    path = tmp_path_factory.mktemp("data") / "five.txt"
-    path.write_text("\n".join(names_corpus(5, seed=1)) + "\n", encoding="utf-8")
-    return path
+    return write_names(tmp_path_factory, 5, seed=1, name="five.txt")
 
 
 @pytest.fixture(scope="module")
